@@ -1,0 +1,197 @@
+"""The tiny default model: an exactly invertible DCT codec, a fixed-vocabulary text encoder and
+a small SAM-Audio-architecture DiT (DESIGN.md section 5).
+
+``build_tiny_model(config_dict)`` builds the model described by the shipped
+``latentflow_fast/assets/tiny/config.json``; ``load_model("tiny")`` then loads the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import numpy as np
+import torch
+from torch import nn
+
+from .codecs import AudioCodec
+from .text import TextEncoder
+
+TINY_VOCABULARY: tuple[str, ...] = (
+    "sine", "tone", "square", "wave", "white", "noise", "click", "train", "chirp", "bursts",
+)
+
+
+def dct_matrix(n: int) -> torch.Tensor:
+    """Orthonormal DCT-II matrix ``M`` [n, n] (float64): coefficients = M @ frame, frame = M.T @ coefficients."""
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    m = np.cos(np.pi * (i + 0.5) * k / n) * math.sqrt(2.0 / n)
+    m[0] /= math.sqrt(2.0)
+    return torch.from_numpy(m)
+
+
+class TinyCodec(AudioCodec, nn.Module):
+    """Non-overlapping frames of ``hop`` samples, each mapped by an orthonormal DCT-II and scaled.
+
+    latent[b, t, :] = scale * DCT(wave[b, t*hop:(t+1)*hop]); decode is the exact inverse
+    (an orthogonal matrix), so ``decode(encode(x)) == x`` up to float32 rounding for any
+    ``x`` whose length is a multiple of ``hop`` (shorter tails are zero-padded by ``encode``).
+    ``scale`` (default 10) brings sources at RMS ~0.1 to latents of ~unit variance.
+    The DCT matrix is a non-persistent buffer: the codec adds no state-dict keys.
+    """
+
+    def __init__(self, sample_rate: int = 16_000, hop: int = 64, scale: float = 10.0):
+        nn.Module.__init__(self)
+        if not isinstance(hop, int) or hop < 1:
+            raise ValueError(f"hop must be a positive int, got {hop!r}")
+        if not isinstance(sample_rate, int) or sample_rate < 1:
+            raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        self.hop = hop
+        self.scale = float(scale)
+        self._sample_rate = sample_rate
+        self.register_buffer("basis", dct_matrix(hop).to(torch.float32), persistent=False)
+
+    @property
+    def sample_rate(self) -> int:
+        return self._sample_rate
+
+    @property
+    def frame_rate(self) -> float:
+        return self._sample_rate / self.hop
+
+    @property
+    def latent_dim(self) -> int:
+        return self.hop
+
+    @property
+    def hop_length(self) -> int:
+        return self.hop
+
+    def encode(self, wave: torch.Tensor) -> torch.Tensor:
+        """wave [B, S] (or [S]) -> latent [B, ceil(S / hop), hop]."""
+        if not isinstance(wave, torch.Tensor):
+            raise TypeError(f"wave must be a torch.Tensor, got {type(wave).__name__}")
+        if wave.dim() == 1:
+            wave = wave.unsqueeze(0)
+        if wave.dim() != 2 or wave.shape[-1] == 0:
+            raise ValueError(f"wave must be [B, S] with S > 0, got shape {tuple(wave.shape)}")
+        if not wave.is_floating_point():
+            raise TypeError(f"wave must be a floating tensor, got {wave.dtype}")
+        pad = (-wave.shape[-1]) % self.hop
+        if pad:
+            wave = torch.nn.functional.pad(wave, (0, pad))
+        frames = wave.reshape(wave.shape[0], -1, self.hop)
+        basis = self.basis.to(device=wave.device, dtype=wave.dtype)
+        return (frames @ basis.T) * self.scale
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent [B, T, hop] -> wave [B, T * hop]."""
+        if not isinstance(latent, torch.Tensor):
+            raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
+        if latent.dim() != 3 or latent.shape[-1] != self.hop:
+            raise ValueError(f"latent must be [B, T, {self.hop}], got shape {tuple(latent.shape)}")
+        basis = self.basis.to(device=latent.device, dtype=latent.dtype)
+        frames = (latent / self.scale) @ basis
+        return frames.reshape(latent.shape[0], -1)
+
+
+class TinyTextEncoder(TextEncoder, nn.Module):
+    """Prompts over a fixed vocabulary: lowercase, whitespace tokens, a learned embedding per word
+    plus a learned embedding per position. Weights live in the model state dict (``text_encoder.*``).
+    """
+
+    def __init__(self, vocabulary=TINY_VOCABULARY, dim: int = 64, max_tokens: int = 4):
+        nn.Module.__init__(self)
+        vocabulary = tuple(vocabulary)
+        if not vocabulary or len(set(vocabulary)) != len(vocabulary):
+            raise ValueError("vocabulary must be a non-empty list of distinct words")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        self.vocabulary = vocabulary
+        self.max_tokens = max_tokens
+        self._index = {w: i for i, w in enumerate(vocabulary)}
+        self.token_embedding = nn.Embedding(len(vocabulary), dim)
+        self.position_embedding = nn.Parameter(torch.zeros(max_tokens, dim))
+        nn.init.normal_(self.token_embedding.weight, std=1.0)
+        nn.init.normal_(self.position_embedding, std=0.1)
+
+    @property
+    def dim(self) -> int:
+        return self.token_embedding.embedding_dim
+
+    def tokenize(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        words = re.split(r"\s+", prompt.strip().lower())
+        words = [w for w in words if w]
+        if not words:
+            raise ValueError("prompt must contain at least one word")
+        unknown = [w for w in words if w not in self._index]
+        if unknown:
+            raise ValueError(
+                f"prompt {prompt!r} has words outside the tiny model's vocabulary {unknown}; "
+                f"known words: {', '.join(self.vocabulary)}"
+            )
+        if len(words) > self.max_tokens:
+            raise ValueError(f"prompt {prompt!r} has {len(words)} words, at most {self.max_tokens} allowed")
+        return [self._index[w] for w in words]
+
+    def forward(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts (str or list[str]) -> (features [B, L, dim] float32, mask [B, L] bool, True = token)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError("prompts must be a non-empty list of strings")
+        ids = [self.tokenize(p) for p in prompts]
+        length = max(len(t) for t in ids)
+        device = self.token_embedding.weight.device
+        tokens = torch.zeros(len(ids), length, dtype=torch.long, device=device)
+        mask = torch.zeros(len(ids), length, dtype=torch.bool, device=device)
+        for b, t in enumerate(ids):
+            tokens[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[b, : len(t)] = True
+        features = self.token_embedding(tokens) + self.position_embedding[:length]
+        features = features * mask.unsqueeze(-1)
+        return features.float(), mask
+
+
+# Sizes of the shipped model; the DiT part is SAMAudioConfig's fields.
+DEFAULT_TINY_CONFIG: dict = {
+    "name": "tiny",
+    "codec": {"type": "tiny_dct", "sample_rate": 16_000, "hop": 64, "scale": 10.0},
+    "text_encoder": {"type": "tiny_vocab", "vocabulary": list(TINY_VOCABULARY), "dim": 64, "max_tokens": 4},
+    "model": {},
+}
+
+
+def build_tiny_model(config_dict: dict | None = None):
+    """SAMAudio with the tiny codec and text encoder attached, from a config dict like
+    ``DEFAULT_TINY_CONFIG`` (keys ``codec``, ``text_encoder``, ``model``). Weights are random."""
+    from .config import SAMAudioConfig
+    from .sam_audio import SAMAudio
+
+    cfg = copy.deepcopy(DEFAULT_TINY_CONFIG if config_dict is None else config_dict)
+    if not isinstance(cfg, dict):
+        raise TypeError(f"config_dict must be a dict, got {type(cfg).__name__}")
+    for key in ("codec", "text_encoder", "model"):
+        if key not in cfg:
+            raise ValueError(f"config_dict is missing the {key!r} section")
+    codec_cfg = {k: v for k, v in cfg["codec"].items() if k != "type"}
+    text_cfg = {k: v for k, v in cfg["text_encoder"].items() if k != "type"}
+    codec = TinyCodec(**codec_cfg)
+    text_encoder = TinyTextEncoder(**text_cfg)
+    model_cfg = dict(cfg["model"])
+    model_cfg.setdefault("latent_dim", codec.latent_dim)
+    model_cfg.setdefault("text_dim", text_encoder.dim)
+    if model_cfg["latent_dim"] != codec.latent_dim:
+        raise ValueError(f"model.latent_dim ({model_cfg['latent_dim']}) must equal codec hop ({codec.latent_dim})")
+    if model_cfg["text_dim"] != text_encoder.dim:
+        raise ValueError(f"model.text_dim ({model_cfg['text_dim']}) must equal text_encoder.dim ({text_encoder.dim})")
+    config = SAMAudioConfig(**model_cfg)
+    return SAMAudio(config, audio_codec=codec, text_encoder=text_encoder)

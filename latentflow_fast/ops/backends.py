@@ -1,0 +1,88 @@
+"""Backend registry: which implementations of probed attention exist, and which one "auto" picks.
+
+Each backend module exposes `unavailable_reason() -> Optional[str]` (None when usable here) and
+`run(plan) -> (out, captures)`. Modules are imported lazily so a CPU-only install never imports
+Triton or CUDA code paths it cannot use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import torch
+
+from .plan import AttentionPlan
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+_MODULES = {
+    "reference": "latentflow_fast.ops.backend_reference",
+    "cpu": "latentflow_fast.ops.backend_cpu",
+    "triton": "latentflow_fast.ops.backend_triton",
+    "cuda": "latentflow_fast.ops.backend_cuda",
+}
+# Devices each backend computes on.
+_DEVICES = {"reference": ("cpu", "cuda"), "cpu": ("cpu",), "triton": ("cuda",), "cuda": ("cuda",)}
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as exc:  # a backend whose module or dependencies are missing is just unavailable
+        return exc
+
+
+def unavailable_reason(name: str, device_type: Optional[str] = None) -> Optional[str]:
+    """Why backend `name` cannot run (on `device_type`, if given), or None when it can."""
+    if name not in BACKEND_NAMES:
+        return f"unknown backend {name!r}; known: {', '.join(BACKEND_NAMES)}"
+    if device_type is not None and device_type not in _DEVICES[name]:
+        return f"backend {name!r} runs on {'/'.join(_DEVICES[name])} tensors, not {device_type}"
+    module = _module(name)
+    if isinstance(module, ImportError):
+        return f"backend {name!r} is not available: {module}"
+    return module.unavailable_reason()
+
+
+def available_backends(device_type: Optional[str] = None) -> list[str]:
+    """Names of the backends usable in this installation (optionally for one device type)."""
+    return [n for n in BACKEND_NAMES if unavailable_reason(n, device_type) is None]
+
+
+def choose_backend(plan: AttentionPlan) -> str:
+    """The "auto" rule: the fastest available kernel for the tensors' device.
+
+    CPU tensors use the fused C++ kernel; CUDA tensors use the backend module's own shape rule
+    (`latentflow_fast.ops.backend_cuda.prefer` when both GPU kernels exist); float64 and anything
+    no kernel supports fall back to the reference.
+    """
+    device_type = plan.q.device.type
+    if plan.q.dtype == torch.float64:
+        return "reference"
+    if device_type == "cpu":
+        return "cpu" if unavailable_reason("cpu") is None else "reference"
+    if device_type == "cuda":
+        triton_ok = unavailable_reason("triton") is None
+        cuda_ok = unavailable_reason("cuda") is None and _module("cuda").supports(plan)
+        if triton_ok and cuda_ok:
+            return _module("cuda").prefer(plan)
+        if cuda_ok:
+            return "cuda"
+        if triton_ok:
+            return "triton"
+    return "reference"
+
+
+def resolve(backend: str, plan: AttentionPlan) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        return choose_backend(plan)
+    reason = unavailable_reason(backend, plan.q.device.type)
+    if reason is not None:
+        raise ValueError(f"backend: {reason}")
+    return backend
+
+
+def runner(name: str) -> Callable:
+    return _module(name).run

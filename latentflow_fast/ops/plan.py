@@ -1,0 +1,292 @@
+"""Argument validation and normalisation for probed attention.
+
+Every backend consumes the same `AttentionPlan`: the user's arguments checked once here, with every
+per-row parameter expanded to a contiguous float32 tensor of its full shape ([B, H], [B, H, G],
+[B, H, Dv]). Backends therefore never broadcast, never guess defaults and never validate again, and
+"what a row gets" is decided in exactly one place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+CAPTURE_NAMES = ("lse", "max", "entropy", "segment_mass", "key_mass")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+RowParam = Union[None, float, int, torch.Tensor]
+
+
+@dataclass
+class AttentionPlan:
+    """Validated, normalised arguments of one probed-attention call.
+
+    Shapes: q [B,H,Nq,D], k [B,Hkv,Nk,D], v [B,Hkv,Nk,Dv] (any strides). Optional tensors are either
+    None (intervention inactive) or contiguous, on q's device, of the exact shapes below.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    key_padding_mask: Optional[torch.Tensor]  # bool [B, Nk]
+    segments: Optional[torch.Tensor]          # int64 [G+1]
+    logit_scale: Optional[torch.Tensor]       # f32 [B, H]
+    segment_bias: Optional[torch.Tensor]      # f32 [B, H, G]
+    head_gate: Optional[torch.Tensor]         # f32 [B, H]
+    out_bias: Optional[torch.Tensor]          # f32 [B, H, Dv]
+    out_patch: Optional[torch.Tensor]         # q.dtype [B, H, Nq, Dv] (any strides)
+    patch_mask: Optional[torch.Tensor]        # bool [B, H]
+    capture: tuple                            # subset of CAPTURE_NAMES, in canonical order
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_queries(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def num_keys(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def value_dim(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def num_segments(self) -> int:
+        return 0 if self.segments is None else self.segments.shape[0] - 1
+
+    def wants(self, name: str) -> bool:
+        return name in self.capture
+
+
+def _is_tracing() -> bool:
+    """True while torch.compile traces or a CUDA graph captures: data-dependent checks must be skipped."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_tensor(name: str, t, rank: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    return t
+
+
+def _row_param(name: str, value: RowParam, shape: tuple, device: torch.device) -> Optional[torch.Tensor]:
+    """Broadcast a float or tensor parameter to a contiguous float32 tensor of `shape`."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a tensor, got bool")
+    if isinstance(value, (int, float)):
+        if math.isnan(value):
+            raise ValueError(f"{name} is NaN")
+        return torch.full(shape, float(value), dtype=torch.float32, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q is on {device}")
+    try:
+        expanded = torch.broadcast_to(value, shape)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(value.shape)} is not broadcastable to {shape}") from None
+    return expanded.to(torch.float32).contiguous()
+
+
+def _bool_param(name: str, value, shape: tuple, device: torch.device) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return torch.full(shape, value, dtype=torch.bool, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a bool tensor, got {type(value).__name__}")
+    if value.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q is on {device}")
+    try:
+        return torch.broadcast_to(value, shape).contiguous()
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(value.shape)} is not broadcastable to {shape}") from None
+
+
+def _segments(value, num_keys: int, device: torch.device) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dtype in (torch.bool,) or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"segments must be an integer tensor, got {value.dtype}")
+        if value.dim() != 1:
+            raise ValueError(f"segments must be 1-D [G+1], got shape {tuple(value.shape)}")
+        bounds = value.to(device=device, dtype=torch.int64).contiguous()
+        host = None if _is_tracing() else bounds.tolist()
+    else:
+        try:
+            host = [int(x) for x in value]
+        except (TypeError, ValueError):
+            raise TypeError("segments must be an integer tensor or a sequence of ints") from None
+        if any(isinstance(x, float) and not float(x).is_integer() for x in value):
+            raise TypeError("segments must hold integers")
+        bounds = torch.tensor(host, dtype=torch.int64, device=device)
+    if bounds.shape[0] < 2:
+        raise ValueError(f"segments must hold G+1 >= 2 boundaries (G >= 1 segments), got {bounds.shape[0]}")
+    if host is not None:
+        if host[0] != 0:
+            raise ValueError(f"segments must start at 0, got {host[0]}")
+        if host[-1] != num_keys:
+            raise ValueError(f"segments must end at Nk={num_keys}, got {host[-1]}")
+        if any(b <= a for a, b in zip(host, host[1:])):
+            raise ValueError(f"segments must be strictly increasing, got {host}")
+    return bounds
+
+
+def _capture(value) -> tuple:
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        names = list(value)
+    except TypeError:
+        raise TypeError(f"capture must be a sequence of names from {CAPTURE_NAMES}") from None
+    for name in names:
+        if not isinstance(name, str) or name not in CAPTURE_NAMES:
+            raise ValueError(f"capture: unknown capture {name!r}; known: {', '.join(CAPTURE_NAMES)}")
+    return tuple(n for n in CAPTURE_NAMES if n in names)
+
+
+def build_plan(
+    q,
+    k,
+    v,
+    *,
+    key_padding_mask=None,
+    scale: Optional[float] = None,
+    segments=None,
+    logit_scale: RowParam = None,
+    segment_bias: RowParam = None,
+    head_gate: RowParam = None,
+    out_bias: RowParam = None,
+    out_patch=None,
+    patch_mask=None,
+    capture: Sequence[str] = (),
+    allowed_dtypes: tuple = REFERENCE_DTYPES,
+) -> AttentionPlan:
+    """Check every argument of `probed_attention` and return the normalised plan."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    device = q.device
+    _check_tensor("q", q, 4, device)
+    _check_tensor("k", k, 4, device)
+    _check_tensor("v", v, 4, device)
+    if q.dtype not in allowed_dtypes:
+        raise TypeError(f"q has dtype {q.dtype}; supported: {', '.join(str(d) for d in allowed_dtypes)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; all of q, k, v must share one dtype")
+
+    B, H, Nq, D = q.shape
+    Bk, Hkv, Nk, Dk = k.shape
+    Bv, Hv, Nv, Dv = v.shape
+    if Bk != B or Bv != B:
+        raise ValueError(f"batch size mismatch: q has B={B}, k has {Bk}, v has {Bv}")
+    if Hv != Hkv:
+        raise ValueError(f"k and v must have the same number of heads, got {Hkv} and {Hv}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"q heads H={H} must be a multiple of k/v heads Hkv={Hkv}")
+    if Dk != D:
+        raise ValueError(f"head dim mismatch: q has D={D}, k has {Dk}")
+    if Nv != Nk:
+        raise ValueError(f"k has Nk={Nk} keys but v has {Nv}")
+    if Nk == 0:
+        raise ValueError("k must hold at least one key (Nk >= 1)")
+    if D == 0 or Dv == 0:
+        raise ValueError(f"head dims must be positive, got D={D}, Dv={Dv}")
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+    if key_padding_mask is not None:
+        _check_tensor("key_padding_mask", key_padding_mask, 2, device)
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must have dtype torch.bool (True = attend), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, Nk):
+            raise ValueError(f"key_padding_mask must have shape [B, Nk] = {(B, Nk)}, got {tuple(key_padding_mask.shape)}")
+        key_padding_mask = key_padding_mask.contiguous()
+
+    seg = _segments(segments, Nk, device)
+    G = 0 if seg is None else seg.shape[0] - 1
+    names = _capture(capture)
+    if "segment_mass" in names and seg is None:
+        raise ValueError("capture: 'segment_mass' needs segments")
+    if segment_bias is not None and seg is None:
+        raise ValueError("segment_bias needs segments")
+
+    if out_patch is not None:
+        _check_tensor("out_patch", out_patch, 4, device)
+        if tuple(out_patch.shape) != (B, H, Nq, Dv):
+            raise ValueError(f"out_patch must have shape [B, H, Nq, Dv] = {(B, H, Nq, Dv)}, got {tuple(out_patch.shape)}")
+        if out_patch.dtype != q.dtype:
+            raise TypeError(f"out_patch has dtype {out_patch.dtype} but q has {q.dtype}")
+        if patch_mask is None:
+            patch_mask = True
+    elif patch_mask is not None:
+        raise ValueError("patch_mask given without out_patch")
+
+    return AttentionPlan(
+        q=q,
+        k=k,
+        v=v,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        segments=seg,
+        logit_scale=_row_param("logit_scale", logit_scale, (B, H), device),
+        segment_bias=_row_param("segment_bias", segment_bias, (B, H, G), device) if seg is not None else None,
+        head_gate=_row_param("head_gate", head_gate, (B, H), device),
+        out_bias=_row_param("out_bias", out_bias, (B, H, Dv), device),
+        out_patch=out_patch,
+        patch_mask=_bool_param("patch_mask", patch_mask, (B, H), device),
+        capture=names,
+    )
+
+
+def capture_shapes(plan: AttentionPlan) -> dict:
+    """Shapes of the requested captures (all float32)."""
+    B, H, Nq, Nk, G = plan.batch, plan.heads, plan.num_queries, plan.num_keys, plan.num_segments
+    shapes = {
+        "lse": (B, H, Nq),
+        "max": (B, H, Nq),
+        "entropy": (B, H, Nq),
+        "segment_mass": (B, H, Nq, G),
+        "key_mass": (B, H, Nk),
+    }
+    return {name: shapes[name] for name in plan.capture}
