@@ -8,6 +8,7 @@ Triton or CUDA code paths it cannot use.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable, Optional
 
 import torch
@@ -25,6 +26,13 @@ _MODULES = {
 _DEVICES = {"reference": ("cpu", "cuda"), "cpu": ("cpu",), "triton": ("cuda",), "cuda": ("cuda",)}
 
 
+def _devices(name: str) -> tuple:
+    # Triton's interpreter (TRITON_INTERPRET=1) runs its kernels on CPU tensors: tests without a GPU.
+    if name == "triton" and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        return _DEVICES[name] + ("cpu",)
+    return _DEVICES[name]
+
+
 def _module(name: str):
     try:
         return importlib.import_module(_MODULES[name])
@@ -36,8 +44,8 @@ def unavailable_reason(name: str, device_type: Optional[str] = None) -> Optional
     """Why backend `name` cannot run (on `device_type`, if given), or None when it can."""
     if name not in BACKEND_NAMES:
         return f"unknown backend {name!r}; known: {', '.join(BACKEND_NAMES)}"
-    if device_type is not None and device_type not in _DEVICES[name]:
-        return f"backend {name!r} runs on {'/'.join(_DEVICES[name])} tensors, not {device_type}"
+    if device_type is not None and device_type not in _devices(name):
+        return f"backend {name!r} runs on {'/'.join(_devices(name))} tensors, not {device_type}"
     module = _module(name)
     if isinstance(module, ImportError):
         return f"backend {name!r} is not available: {module}"

@@ -1,0 +1,198 @@
+"""Backend "triton": launches the Triton kernels of `latentflow_fast.kernels.triton_probed_attention`.
+
+The launcher allocates the outputs, picks pinned block sizes per (padded head dim, dtype) and passes
+strides, so q/k/v/out_patch may have any layout. No host synchronisation and no data-dependent host
+logic: a call can be captured in a CUDA graph (outputs come from torch's allocator, which serves graph
+pools) and traced by torch.compile through the custom op.
+
+Determinism: block sizes are a fixed function of (head dims, dtype, interpreter or not), never
+autotuned at run time, so the reduction order -- hence every bit of the result -- is the same on every
+run and for every batch composition.
+
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors (numpy; slow, for tests only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .plan import AttentionPlan
+
+LOG2E = 1.4426950408889634
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its numpy interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def unavailable_reason() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    if interpreter_enabled():
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run it, slowly, on CPU tensors)"
+    return None
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    block_m: int      # queries per tile
+    block_n: int      # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+# Pinned per padded head dim (chosen for sm_80/sm_90 shared memory; 16-bit vs 32-bit operands).
+# Keys: largest padded head dim the row serves.
+_FWD_16BIT = ((64, BlockConfig(128, 64, 4, 3)), (128, BlockConfig(128, 64, 8, 3)), (256, BlockConfig(64, 32, 8, 2)))
+_FWD_32BIT = ((64, BlockConfig(64, 32, 4, 2)), (128, BlockConfig(64, 32, 4, 2)), (256, BlockConfig(32, 32, 4, 1)))
+# key_mass pass: block_n keys stay resident, block_m queries stream.
+_KM_16BIT = ((64, BlockConfig(64, 128, 4, 3)), (128, BlockConfig(64, 128, 8, 3)), (256, BlockConfig(32, 64, 8, 2)))
+_KM_32BIT = ((64, BlockConfig(32, 64, 4, 2)), (128, BlockConfig(32, 64, 4, 2)), (256, BlockConfig(32, 32, 4, 1)))
+_FALLBACK = BlockConfig(32, 32, 4, 1)  # head dims above 256: correct, not tuned
+# Under the interpreter (numpy) small tiles keep several blocks per row in the small test shapes.
+INTERPRETER_CONFIG = BlockConfig(32, 32, 1, 1)
+
+
+def _pick(table, d_pad: int) -> BlockConfig:
+    for limit, config in table:
+        if d_pad <= limit:
+            return config
+    return _FALLBACK
+
+
+def forward_config(d_pad: int, dv_pad: int, dtype: torch.dtype) -> BlockConfig:
+    if interpreter_enabled():
+        return INTERPRETER_CONFIG
+    return _pick(_FWD_32BIT if dtype == torch.float32 else _FWD_16BIT, max(d_pad, dv_pad))
+
+
+def key_mass_config(d_pad: int, dtype: torch.dtype) -> BlockConfig:
+    if interpreter_enabled():
+        return INTERPRETER_CONFIG
+    return _pick(_KM_32BIT if dtype == torch.float32 else _KM_16BIT, d_pad)
+
+
+def _patch_interpreter_scalars() -> None:
+    """Let Triton 3.6's interpreter use runtime scalars as loop bounds under numpy >= 2.3.
+
+    The interpreter stores scalars as 1-element arrays and converts them with int(array), which newer
+    numpy rejects ("only 0-dimensional arrays can be converted"). We wrap its tensor patching so that
+    __index__ reads the single element. Only ever applied when TRITON_INTERPRET=1.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_latentflow_patched", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor._latentflow_patched = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+def _kernels():
+    if interpreter_enabled():
+        _patch_interpreter_scalars()
+    from latentflow_fast.kernels import triton_probed_attention
+
+    return triton_probed_attention
+
+
+def _device_scope(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def run(plan: AttentionPlan, fwd_config: Optional[BlockConfig] = None,
+        km_config: Optional[BlockConfig] = None) -> tuple[torch.Tensor, dict]:
+    """Run the plan; `fwd_config`/`km_config` override the pinned block sizes (tests, tuning)."""
+    kernels = _kernels()
+    q, k, v = plan.q, plan.k, plan.v
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = plan.num_segments
+    device = q.device
+    d_pad, dv_pad, g_pad = _pow2(D), _pow2(Dv), _pow2(max(G, 1))
+    fwd = fwd_config or forward_config(d_pad, dv_pad, q.dtype)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 needs exact products; 16-bit ignores it
+
+    out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=device)
+    wants = plan.wants
+    f32 = dict(dtype=torch.float32, device=device)
+    lse = torch.empty((B, H, Nq), **f32) if (wants("lse") or wants("key_mass")) else None
+    mx = torch.empty((B, H, Nq), **f32) if wants("max") else None
+    ent = torch.empty((B, H, Nq), **f32) if wants("entropy") else None
+    seg_mass = torch.empty((B, H, Nq, G), **f32) if wants("segment_mass") else None
+    key_mass = torch.empty((B, H, Nk), **f32) if wants("key_mass") else None
+
+    def ptr(t: Optional[torch.Tensor], dummy: torch.Tensor = out) -> torch.Tensor:
+        return dummy if t is None else t
+
+    # Bool tensors travel as uint8 views (zero-copy): one byte per flag, no i1 pointer corner cases.
+    mask = None if plan.key_padding_mask is None else plan.key_padding_mask.view(torch.uint8)
+    patch_mask = None if plan.patch_mask is None else plan.patch_mask.view(torch.uint8)
+    segments = plan.segments if plan.segments is not None else torch.zeros(1, dtype=torch.int64, device=device)
+    patch = plan.out_patch
+    patch_strides = patch.stride() if patch is not None else (0, 0, 0, 0)
+    captures_any = any(wants(n) for n in ("lse", "max", "entropy", "segment_mass", "key_mass"))
+    store_lse = lse is not None
+    qk_scale2 = plan.scale * LOG2E
+    group = H // Hkv
+
+    num_m_blocks = triton_cdiv(Nq, fwd.block_m)
+    with _device_scope(device):
+        kernels.latentflow_probed_attn_fwd[(B * H * num_m_blocks,)](
+            q, k, v, out,
+            ptr(mask), segments, ptr(plan.logit_scale), ptr(plan.segment_bias), ptr(plan.head_gate),
+            ptr(plan.out_bias), ptr(patch), ptr(patch_mask),
+            ptr(lse), ptr(mx), ptr(ent), ptr(seg_mass),
+            *q.stride(), *k.stride(), *v.stride(), *patch_strides,
+            H, group, Nq, Nk, D, Dv, max(G, 1), num_m_blocks, qk_scale2,
+            BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, D_PAD=d_pad, DV_PAD=dv_pad, G_PAD=g_pad,
+            EVEN_D=D == d_pad, EVEN_DV=Dv == dv_pad,
+            HAS_MASK=mask is not None, HAS_LOGIT_SCALE=plan.logit_scale is not None,
+            HAS_SEG_BIAS=plan.segment_bias is not None, HAS_GATE=plan.head_gate is not None,
+            HAS_OUT_BIAS=plan.out_bias is not None, HAS_PATCH=patch is not None,
+            STORE_LSE=store_lse, STORE_MAX=mx is not None, STORE_ENT=ent is not None,
+            STORE_SEG=seg_mass is not None,
+            SKIP_PATCHED=patch is not None and not captures_any, DOT_PRECISION=precision,
+            num_warps=fwd.num_warps, num_stages=fwd.num_stages,
+        )
+        if key_mass is not None:
+            km = km_config or key_mass_config(d_pad, q.dtype)
+            num_n_blocks = triton_cdiv(Nk, km.block_n)
+            kernels.latentflow_probed_attn_key_mass[(B * H * num_n_blocks,)](
+                q, k, lse, key_mass,
+                ptr(mask), segments, ptr(plan.logit_scale), ptr(plan.segment_bias),
+                *q.stride(), *k.stride(),
+                H, group, Nq, Nk, D, max(G, 1), num_n_blocks, qk_scale2,
+                BLOCK_N=km.block_n, BLOCK_M=km.block_m, D_PAD=d_pad, G_PAD=g_pad, EVEN_D=D == d_pad,
+                HAS_MASK=mask is not None, HAS_LOGIT_SCALE=plan.logit_scale is not None,
+                HAS_SEG_BIAS=plan.segment_bias is not None, DOT_PRECISION=precision,
+                num_warps=km.num_warps, num_stages=km.num_stages,
+            )
+    captures = {"lse": lse, "max": mx, "entropy": ent, "segment_mass": seg_mass, "key_mass": key_mass}
+    return out, {name: captures[name] for name in plan.capture}
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
