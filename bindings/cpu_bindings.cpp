@@ -1,6 +1,87 @@
-// Bindings of the fused CPU kernel (filled in by the CPU kernel work).
+// Bindings of the fused CPU kernel: `_C.probed_attention_cpu(**fields)` takes raw pointers (Python ints
+// from tensor.data_ptr(), 0 = absent), shapes and strides in elements, and runs with the GIL released.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <functional>
+#include <map>
+#include <string>
+
+#include "probed_attention_cpu.h"
 
 namespace py = pybind11;
+using latentflow::ProbedAttentionCpuArgs;
 
-void register_cpu_bindings(py::module_& m) {}
+namespace {
+
+template <typename T>
+T* as_pointer(const py::handle& value) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(value.cast<uint64_t>()));
+}
+
+std::array<int64_t, 4> as_strides(const py::handle& value, const char* name) {
+  auto list = value.cast<std::vector<int64_t>>();
+  if (list.size() != 4) throw py::value_error(std::string(name) + " must hold 4 strides");
+  return {list[0], list[1], list[2], list[3]};
+}
+
+using Setter = std::function<void(ProbedAttentionCpuArgs&, const py::handle&)>;
+
+const std::map<std::string, Setter>& setters() {
+  static const std::map<std::string, Setter> table = {
+      {"dtype", [](auto& a, auto v) { a.dtype = static_cast<latentflow::ScalarType>(v.template cast<int>()); }},
+      {"batch", [](auto& a, auto v) { a.batch = v.template cast<int64_t>(); }},
+      {"heads", [](auto& a, auto v) { a.heads = v.template cast<int64_t>(); }},
+      {"kv_heads", [](auto& a, auto v) { a.kv_heads = v.template cast<int64_t>(); }},
+      {"num_queries", [](auto& a, auto v) { a.num_queries = v.template cast<int64_t>(); }},
+      {"num_keys", [](auto& a, auto v) { a.num_keys = v.template cast<int64_t>(); }},
+      {"head_dim", [](auto& a, auto v) { a.head_dim = v.template cast<int64_t>(); }},
+      {"value_dim", [](auto& a, auto v) { a.value_dim = v.template cast<int64_t>(); }},
+      {"num_segments", [](auto& a, auto v) { a.num_segments = v.template cast<int64_t>(); }},
+      {"q", [](auto& a, auto v) { a.q = as_pointer<const void>(v); }},
+      {"q_strides", [](auto& a, auto v) { a.q_strides = as_strides(v, "q_strides"); }},
+      {"k", [](auto& a, auto v) { a.k = as_pointer<const void>(v); }},
+      {"k_strides", [](auto& a, auto v) { a.k_strides = as_strides(v, "k_strides"); }},
+      {"v", [](auto& a, auto v) { a.v = as_pointer<const void>(v); }},
+      {"v_strides", [](auto& a, auto v) { a.v_strides = as_strides(v, "v_strides"); }},
+      {"scale", [](auto& a, auto v) { a.scale = v.template cast<float>(); }},
+      {"key_padding_mask", [](auto& a, auto v) { a.key_padding_mask = as_pointer<const bool>(v); }},
+      {"segments", [](auto& a, auto v) { a.segments = as_pointer<const int64_t>(v); }},
+      {"logit_scale", [](auto& a, auto v) { a.logit_scale = as_pointer<const float>(v); }},
+      {"segment_bias", [](auto& a, auto v) { a.segment_bias = as_pointer<const float>(v); }},
+      {"head_gate", [](auto& a, auto v) { a.head_gate = as_pointer<const float>(v); }},
+      {"out_bias", [](auto& a, auto v) { a.out_bias = as_pointer<const float>(v); }},
+      {"out_patch", [](auto& a, auto v) { a.out_patch = as_pointer<const void>(v); }},
+      {"out_patch_strides", [](auto& a, auto v) { a.out_patch_strides = as_strides(v, "out_patch_strides"); }},
+      {"patch_mask", [](auto& a, auto v) { a.patch_mask = as_pointer<const bool>(v); }},
+      {"out", [](auto& a, auto v) { a.out = as_pointer<void>(v); }},
+      {"lse", [](auto& a, auto v) { a.lse = as_pointer<float>(v); }},
+      {"max", [](auto& a, auto v) { a.max = as_pointer<float>(v); }},
+      {"entropy", [](auto& a, auto v) { a.entropy = as_pointer<float>(v); }},
+      {"segment_mass", [](auto& a, auto v) { a.segment_mass = as_pointer<float>(v); }},
+      {"key_mass", [](auto& a, auto v) { a.key_mass = as_pointer<float>(v); }},
+      {"num_threads", [](auto& a, auto v) { a.num_threads = v.template cast<int>(); }},
+      {"isa", [](auto& a, auto v) { a.isa = static_cast<latentflow::CpuIsa>(v.template cast<int>()); }},
+  };
+  return table;
+}
+
+void probed_attention_cpu_py(const py::kwargs& fields) {
+  ProbedAttentionCpuArgs args;
+  for (auto item : fields) {
+    const auto name = item.first.cast<std::string>();
+    auto it = setters().find(name);
+    if (it == setters().end()) throw py::value_error("probed_attention_cpu: unknown field " + name);
+    it->second(args, item.second);
+  }
+  py::gil_scoped_release release;  // the kernel touches no Python object
+  latentflow::probed_attention_cpu(args);
+}
+
+}  // namespace
+
+void register_cpu_bindings(py::module_& m) {
+  m.def("probed_attention_cpu", &probed_attention_cpu_py,
+        "Fused CPU probed attention on raw pointers (see latentflow_fast/ops/backend_cpu.py).");
+  m.def("cpu_has_avx512", &latentflow::cpu_has_avx512, "True when the AVX-512 micro-kernels can run here.");
+}

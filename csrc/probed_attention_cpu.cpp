@@ -1,0 +1,350 @@
+// Driver of the fused CPU probed-attention kernel.
+//
+// Phases (each a parallel_for over fixed-size tiles, so results never depend on the batch or thread count):
+//   1. pack K (transposed, [D][64] per key tile) and V ([64][Dv padded to 16]) once per kv head, as float32;
+//   2. forward: per (b, h, 64-query tile) an online softmax over 64-key tiles, with every capture and
+//      intervention applied inside the tile loop (no Nq x Nk map);
+//   3. key_mass (only when asked): per (b, h, 64-key tile) recompute q.k with the final lse and sum p over
+//      the query tiles in order (a split-then-fixed-order reduction: no atomics).
+#include "probed_attention_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_dtype.h"
+#include "cpu_microkernels.h"
+#include "cpu_parallel.h"
+
+namespace latentflow {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct F32 {
+  using Storage = float;
+  static float load(Storage x) { return x; }
+  static Storage store(float x) { return x; }
+};
+struct BF16 {
+  using Storage = uint16_t;
+  static float load(Storage x) { return bf16_to_float(x); }
+  static Storage store(float x) { return float_to_bf16(x); }
+};
+struct F16 {
+  using Storage = uint16_t;
+  static float load(Storage x) { return fp16_to_float(x); }
+  static Storage store(float x) { return float_to_fp16(x); }
+};
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
+
+// 64-byte aligned, zero-initialised float buffer.
+FloatBuffer aligned_floats(int64_t count) {
+  const size_t bytes = static_cast<size_t>(((std::max<int64_t>(count, 1) * 4 + 63) / 64) * 64);
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  std::fill(static_cast<char*>(p), static_cast<char*>(p) + bytes, 0);
+  return FloatBuffer(static_cast<float*>(p));
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Per-call constants and packed operands shared by all tasks.
+struct Layout {
+  int64_t B, H, Hkv, Nq, Nk, D, Dv, G, group;
+  int64_t q_tiles, k_tiles, dv_padded;
+  int64_t kt_tile_floats, v_tile_floats;
+};
+
+// Per-worker scratch of the forward and key_mass phases.
+struct Scratch {
+  FloatBuffer q, s, o, key_bias, row_max, row_norm, row_ent, row_alpha, row_seg, acc;
+  std::unique_ptr<SegmentPiece[]> pieces;
+  explicit Scratch(const Layout& L)
+      : q(aligned_floats(kQueryTile * L.D)),
+        s(aligned_floats(kQueryTile * kKeyTile)),
+        o(aligned_floats(kQueryTile * L.dv_padded)),
+        key_bias(aligned_floats(kKeyTile)),
+        row_max(aligned_floats(kQueryTile)),
+        row_norm(aligned_floats(kQueryTile)),
+        row_ent(aligned_floats(kQueryTile)),
+        row_alpha(aligned_floats(kQueryTile)),
+        row_seg(aligned_floats(kQueryTile * std::max<int64_t>(L.G, 1))),
+        acc(aligned_floats(kKeyTile)),
+        pieces(new SegmentPiece[kKeyTile]) {}
+};
+
+template <typename T>
+class Runner {
+ public:
+  using Storage = typename T::Storage;
+
+  Runner(const ProbedAttentionCpuArgs& a, const MicroKernels& mk) : a_(a), mk_(mk) {
+    L_.B = a.batch; L_.H = a.heads; L_.Hkv = a.kv_heads; L_.Nq = a.num_queries; L_.Nk = a.num_keys;
+    L_.D = a.head_dim; L_.Dv = a.value_dim; L_.G = a.segments ? a.num_segments : 0;
+    L_.group = L_.H / L_.Hkv;
+    L_.q_tiles = ceil_div(L_.Nq, kQueryTile);
+    L_.k_tiles = ceil_div(L_.Nk, kKeyTile);
+    L_.dv_padded = ceil_div(L_.Dv, kLanes) * kLanes;
+    L_.kt_tile_floats = L_.D * kKeyTile;
+    L_.v_tile_floats = kKeyTile * L_.dv_padded;
+    want_stats_ = a.lse || a.max || a.entropy || a.segment_mass || a.key_mass;
+  }
+
+  void run() {
+    const int threads = std::max(1, a_.num_threads);
+    k_packed_ = aligned_floats(L_.B * L_.Hkv * L_.k_tiles * L_.kt_tile_floats);
+    v_packed_ = aligned_floats(L_.B * L_.Hkv * L_.k_tiles * L_.v_tile_floats);
+    parallel_for(L_.B * L_.Hkv * L_.k_tiles, threads, [&](int, int64_t t) { pack_kv(t); });
+
+    if (a_.key_mass) {  // the second pass re-reads the scaled queries and the base-2 lse of every row
+      q_packed_ = aligned_floats(L_.B * L_.H * L_.q_tiles * kQueryTile * L_.D);
+      lse2_ = aligned_floats(L_.B * L_.H * L_.Nq);
+    }
+    std::vector<std::unique_ptr<Scratch>> scratch(threads);
+    auto scratch_of = [&](int worker) -> Scratch& {
+      if (!scratch[worker]) scratch[worker] = std::make_unique<Scratch>(L_);
+      return *scratch[worker];
+    };
+    parallel_for(L_.B * L_.H * L_.q_tiles, threads, [&](int w, int64_t t) { forward_tile(scratch_of(w), t); });
+    if (a_.key_mass)
+      parallel_for(L_.B * L_.H * L_.k_tiles, threads, [&](int w, int64_t t) { key_mass_tile(scratch_of(w), t); });
+  }
+
+ private:
+  const ProbedAttentionCpuArgs& a_;
+  const MicroKernels& mk_;
+  Layout L_{};
+  bool want_stats_ = false;
+  FloatBuffer k_packed_, v_packed_, q_packed_, lse2_;
+
+  static float load(const void* base, int64_t offset) { return T::load(static_cast<const Storage*>(base)[offset]); }
+
+  const float* kt_tile(int64_t bk, int64_t kt) const { return k_packed_.get() + (bk * L_.k_tiles + kt) * L_.kt_tile_floats; }
+  const float* v_tile(int64_t bk, int64_t kt) const { return v_packed_.get() + (bk * L_.k_tiles + kt) * L_.v_tile_floats; }
+
+  // Phase 1: one key tile of one kv head, converted to float32; padding keys and lanes are zero.
+  void pack_kv(int64_t task) {
+    const int64_t bk = task / L_.k_tiles, kt = task % L_.k_tiles;
+    const int64_t b = bk / L_.Hkv, hk = bk % L_.Hkv;
+    const int64_t k0 = kt * kKeyTile, keys = std::min<int64_t>(kKeyTile, L_.Nk - k0);
+    float* kd = k_packed_.get() + (bk * L_.k_tiles + kt) * L_.kt_tile_floats;
+    float* vd = v_packed_.get() + (bk * L_.k_tiles + kt) * L_.v_tile_floats;
+    const auto& ks = a_.k_strides;
+    const auto& vs = a_.v_strides;
+    for (int64_t j = 0; j < keys; ++j) {
+      const int64_t kbase = b * ks[0] + hk * ks[1] + (k0 + j) * ks[2];
+      for (int64_t d = 0; d < L_.D; ++d) kd[d * kKeyTile + j] = load(a_.k, kbase + d * ks[3]);
+      const int64_t vbase = b * vs[0] + hk * vs[1] + (k0 + j) * vs[2];
+      float* vrow = vd + j * L_.dv_padded;
+      for (int64_t c = 0; c < L_.Dv; ++c) vrow[c] = load(a_.v, vbase + c * vs[3]);
+    }
+  }
+
+  // Bias of every key of tile kt for row (b, h) in base-2 units (segment bias, -inf for masked and padding
+  // keys) and the segments the tile covers. Returns false when no key of the tile is live.
+  bool key_tile_bias(int64_t b, int64_t bh, int64_t kt, float* bias, SegmentPiece* pieces, int* num_pieces) const {
+    const int64_t k0 = kt * kKeyTile;
+    const int keys = static_cast<int>(std::min<int64_t>(kKeyTile, L_.Nk - k0));
+    std::fill(bias, bias + kKeyTile, kNegInf);
+    *num_pieces = 0;
+    if (L_.G > 0) {
+      const int64_t* seg = a_.segments;
+      int64_t g = std::upper_bound(seg, seg + L_.G + 1, k0) - seg - 1;  // segment holding key k0
+      for (; g < L_.G && seg[g] < k0 + keys; ++g) {
+        const int lo = static_cast<int>(std::max<int64_t>(seg[g], k0) - k0);
+        const int hi = static_cast<int>(std::min<int64_t>(seg[g + 1], k0 + keys) - k0);
+        pieces[(*num_pieces)++] = SegmentPiece{static_cast<int>(g), lo, hi};
+        const float value = a_.segment_bias ? a_.segment_bias[bh * L_.G + g] * kLog2e : 0.0f;
+        std::fill(bias + lo, bias + hi, value);
+      }
+    } else {
+      std::fill(bias, bias + keys, 0.0f);
+    }
+    if (a_.key_padding_mask) {
+      const bool* mask = a_.key_padding_mask + b * L_.Nk + k0;
+      for (int j = 0; j < keys; ++j)
+        if (!mask[j]) bias[j] = kNegInf;
+    }
+    for (int j = 0; j < keys; ++j)
+      if (bias[j] != kNegInf) return true;
+    return false;
+  }
+
+  // Scaled base-2 query rows of one tile; rows past Nq (up to a multiple of kRowBlock) are zero.
+  void pack_queries(int64_t b, int64_t h, int64_t q0, int64_t rows, int64_t rows4, float qscale, float* dst) const {
+    const auto& qs = a_.q_strides;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t base = b * qs[0] + h * qs[1] + (q0 + r) * qs[2];
+      float* row = dst + r * L_.D;
+      for (int64_t d = 0; d < L_.D; ++d) row[d] = load(a_.q, base + d * qs[3]) * qscale;
+    }
+    std::fill(dst + rows * L_.D, dst + rows4 * L_.D, 0.0f);
+  }
+
+  // Phase 2: one (b, h, query tile).
+  void forward_tile(Scratch& sc, int64_t task) {
+    const int64_t bh = task / L_.q_tiles, qt = task % L_.q_tiles;
+    const int64_t b = bh / L_.H, h = bh % L_.H;
+    const int64_t bk = b * L_.Hkv + h / L_.group;
+    const int64_t q0 = qt * kQueryTile;
+    const int64_t rows = std::min<int64_t>(kQueryTile, L_.Nq - q0);
+    const int rows4 = static_cast<int>(ceil_div(rows, kRowBlock) * kRowBlock);
+    const bool patched = a_.patch_mask && a_.patch_mask[bh];
+    const float gate = a_.head_gate ? a_.head_gate[bh] : 1.0f;
+    // A patched or fully gated head needs no attention unless a capture describes its distribution.
+    const bool attend = want_stats_ || !(patched || gate == 0.0f);
+
+    RowState st{sc.row_max.get(), sc.row_norm.get(), sc.row_ent.get(), sc.row_seg.get(), sc.row_alpha.get(),
+                static_cast<int>(L_.G)};
+    std::fill(st.max, st.max + kQueryTile, kNegInf);
+    std::fill(st.norm, st.norm + kQueryTile, 0.0f);
+    std::fill(st.ent, st.ent + kQueryTile, 0.0f);
+    std::fill(st.seg, st.seg + kQueryTile * std::max<int64_t>(L_.G, 1), 0.0f);
+    float* o = sc.o.get();
+    if (attend) {
+      const float qscale = a_.scale * (a_.logit_scale ? a_.logit_scale[bh] : 1.0f) * kLog2e;
+      float* qtile = a_.key_mass ? q_packed_.get() + (bh * L_.q_tiles + qt) * kQueryTile * L_.D : sc.q.get();
+      pack_queries(b, h, q0, rows, rows4, qscale, qtile);
+      std::fill(o, o + rows4 * L_.dv_padded, 0.0f);
+      TileOptions opt{a_.entropy != nullptr, a_.segment_mass != nullptr, sc.pieces.get(), 0};
+      for (int64_t kt = 0; kt < L_.k_tiles; ++kt) {
+        if (!key_tile_bias(b, bh, kt, sc.key_bias.get(), sc.pieces.get(), &opt.num_pieces)) continue;
+        mk_.qk_tile(qtile, kt_tile(bk, kt), static_cast<int>(L_.D), rows4, sc.s.get());
+        mk_.softmax_tile(sc.s.get(), rows4, sc.key_bias.get(), st, opt);
+        mk_.pv_tile(sc.s.get(), v_tile(bk, kt), st.alpha, rows4, static_cast<int>(L_.dv_padded), o);
+      }
+    }
+    finish_rows(sc, st, b, h, bh, q0, rows, patched, gate, attend);
+  }
+
+  // Normalise, apply patch / gate / bias, write the output rows and the captures of one query tile.
+  void finish_rows(Scratch& sc, const RowState& st, int64_t b, int64_t h, int64_t bh, int64_t q0, int64_t rows,
+                   bool patched, float gate, bool attend) {
+    Storage* out = static_cast<Storage*>(a_.out);
+    const float* bias = a_.out_bias ? a_.out_bias + bh * L_.Dv : nullptr;
+    const auto& ps = a_.out_patch_strides;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = q0 + r;
+      const float norm = attend ? st.norm[r] : 0.0f;
+      const float inv = norm > 0.0f ? 1.0f / norm : 0.0f;
+      const float* orow = sc.o.get() + r * L_.dv_padded;
+      Storage* dst = out + (bh * L_.Nq + i) * L_.Dv;
+      const int64_t pbase = b * ps[0] + h * ps[1] + i * ps[2];
+      for (int64_t c = 0; c < L_.Dv; ++c) {
+        float value = patched ? load(a_.out_patch, pbase + c * ps[3]) : orow[c] * inv;
+        if (a_.head_gate) value *= gate;
+        if (bias) value += bias[c];
+        dst[c] = T::store(value);
+      }
+      if (!want_stats_) continue;
+      const int64_t row = bh * L_.Nq + i;
+      const bool alive = norm > 0.0f;
+      const float log2_norm = alive ? std::log2(norm) : 0.0f;
+      const float lse2 = alive ? st.max[r] + log2_norm : kNegInf;
+      if (a_.lse) a_.lse[row] = lse2 * kLn2;
+      if (a_.max) a_.max[row] = st.max[r] * kLn2;
+      if (a_.entropy) a_.entropy[row] = alive ? kLn2 * (log2_norm - st.ent[r] * inv) : 0.0f;
+      if (a_.segment_mass) {
+        const float* seg = st.seg + r * L_.G;
+        float* dst_seg = a_.segment_mass + row * L_.G;
+        for (int64_t g = 0; g < L_.G; ++g) dst_seg[g] = seg[g] * inv;
+      }
+      if (a_.key_mass) lse2_[row] = lse2;
+    }
+  }
+
+  // Phase 3: attention received by one key tile of row (b, h), summed over query tiles in order.
+  void key_mass_tile(Scratch& sc, int64_t task) {
+    const int64_t bh = task / L_.k_tiles, kt = task % L_.k_tiles;
+    const int64_t b = bh / L_.H, h = bh % L_.H;
+    const int64_t bk = b * L_.Hkv + h / L_.group;
+    float* acc = sc.acc.get();
+    std::fill(acc, acc + kKeyTile, 0.0f);
+    int num_pieces = 0;
+    if (key_tile_bias(b, bh, kt, sc.key_bias.get(), sc.pieces.get(), &num_pieces)) {
+      for (int64_t qt = 0; qt < L_.q_tiles; ++qt) {
+        const int64_t q0 = qt * kQueryTile;
+        const int64_t rows = std::min<int64_t>(kQueryTile, L_.Nq - q0);
+        const int rows4 = static_cast<int>(ceil_div(rows, kRowBlock) * kRowBlock);
+        const float* lse2 = lse2_.get() + bh * L_.Nq + q0;
+        const float* qtile = q_packed_.get() + (bh * L_.q_tiles + qt) * kQueryTile * L_.D;
+        mk_.qk_tile(qtile, kt_tile(bk, kt), static_cast<int>(L_.D), rows4, sc.s.get());
+        for (int64_t r = 0; r < rows; ++r)
+          if (lse2[r] != kNegInf) mk_.key_mass_row(sc.s.get() + r * kKeyTile, sc.key_bias.get(), lse2[r], acc);
+      }
+    }
+    const int64_t k0 = kt * kKeyTile;
+    const int64_t keys = std::min<int64_t>(kKeyTile, L_.Nk - k0);
+    std::copy(acc, acc + keys, a_.key_mass + bh * L_.Nk + k0);
+  }
+};
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument(message);
+}
+
+}  // namespace
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+void check_args(const ProbedAttentionCpuArgs& a) {
+  require(a.batch >= 1, "batch must be >= 1");
+  require(a.heads >= 1 && a.kv_heads >= 1, "heads and kv_heads must be >= 1");
+  require(a.heads % a.kv_heads == 0, "heads must be a multiple of kv_heads");
+  require(a.num_queries >= 1, "num_queries must be >= 1");
+  require(a.num_keys >= 1, "num_keys must be >= 1");
+  require(a.head_dim >= 1 && a.value_dim >= 1, "head_dim and value_dim must be >= 1");
+  require(a.head_dim <= (1 << 20) && a.value_dim <= (1 << 20), "head_dim/value_dim too large");
+  require(a.q && a.k && a.v, "q, k and v must not be null");
+  require(a.out, "out must not be null");
+  const int dtype = static_cast<int>(a.dtype);
+  require(dtype >= 0 && dtype <= 2, "dtype must be float32, bfloat16 or float16");
+  if (a.segments) {
+    require(a.num_segments >= 1, "segments: G must be >= 1");
+    require(a.segments[0] == 0, "segments must start at 0");
+    for (int64_t g = 0; g < a.num_segments; ++g)
+      require(a.segments[g + 1] > a.segments[g], "segments must be strictly increasing");
+    require(a.segments[a.num_segments] == a.num_keys, "segments must end at num_keys");
+  }
+  require(!a.segment_bias || a.segments, "segment_bias needs segments");
+  require(!a.segment_mass || a.segments, "segment_mass needs segments");
+  require(!a.out_patch || a.patch_mask, "out_patch needs patch_mask");
+  require(!a.patch_mask || a.out_patch, "patch_mask needs out_patch");
+  const int isa = static_cast<int>(a.isa);
+  require(isa >= 0 && isa <= 2, "isa must be auto, avx512 or generic");
+  require(a.isa != CpuIsa::Avx512 || cpu_has_avx512(), "isa: this CPU has no AVX-512");
+}
+
+void probed_attention_cpu(const ProbedAttentionCpuArgs& args) {
+  check_args(args);
+  const bool avx512 = args.isa == CpuIsa::Avx512 || (args.isa == CpuIsa::Auto && cpu_has_avx512());
+  const MicroKernels& mk = avx512 ? avx512_kernels() : generic_kernels();
+  switch (args.dtype) {
+    case ScalarType::Float32: Runner<F32>(args, mk).run(); break;
+    case ScalarType::BFloat16: Runner<BF16>(args, mk).run(); break;
+    case ScalarType::Float16: Runner<F16>(args, mk).run(); break;
+  }
+}
+
+}  // namespace latentflow

@@ -1,0 +1,62 @@
+// The fused CPU probed-attention kernel (DESIGN.md section 3): raw pointers, shapes and strides in,
+// no libtorch. The Python side (latentflow_fast/ops/backend_cpu.py) allocates every output and passes
+// already validated, normalised arguments; `check_args` re-checks what would otherwise crash.
+#pragma once
+
+#include <array>
+#include <cstdint>
+
+namespace latentflow {
+
+enum class ScalarType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+
+// Which micro-kernels run: auto = AVX-512 where the CPU has it, else the portable version.
+enum class CpuIsa : int { Auto = 0, Avx512 = 1, Generic = 2 };
+
+struct ProbedAttentionCpuArgs {
+  ScalarType dtype = ScalarType::Float32;  // of q, k, v, out_patch and out
+  int64_t batch = 0, heads = 0, kv_heads = 0, num_queries = 0, num_keys = 0, head_dim = 0, value_dim = 0;
+  int64_t num_segments = 0;  // G (0 = no segments)
+
+  // Inputs in any strides (elements), dims ordered [B, H, N, D].
+  const void* q = nullptr;
+  std::array<int64_t, 4> q_strides{};
+  const void* k = nullptr;
+  std::array<int64_t, 4> k_strides{};
+  const void* v = nullptr;
+  std::array<int64_t, 4> v_strides{};
+  float scale = 1.0f;
+
+  // Optional, contiguous (null = inactive).
+  const bool* key_padding_mask = nullptr;  // [B, Nk], true = attend
+  const int64_t* segments = nullptr;       // [G + 1]
+  const float* logit_scale = nullptr;      // [B, H]
+  const float* segment_bias = nullptr;     // [B, H, G]
+  const float* head_gate = nullptr;        // [B, H]
+  const float* out_bias = nullptr;         // [B, H, Dv]
+  const void* out_patch = nullptr;         // [B, H, Nq, Dv], any strides, dtype
+  std::array<int64_t, 4> out_patch_strides{};
+  const bool* patch_mask = nullptr;        // [B, H]
+
+  // Outputs: out is contiguous [B, H, Nq, Dv] in dtype; captures contiguous float32, null = not wanted.
+  void* out = nullptr;
+  float* lse = nullptr;           // [B, H, Nq]
+  float* max = nullptr;           // [B, H, Nq]
+  float* entropy = nullptr;       // [B, H, Nq]
+  float* segment_mass = nullptr;  // [B, H, Nq, G]
+  float* key_mass = nullptr;      // [B, H, Nk]
+
+  int num_threads = 1;
+  CpuIsa isa = CpuIsa::Auto;
+};
+
+// Throws std::invalid_argument naming the offending argument.
+void check_args(const ProbedAttentionCpuArgs& args);
+
+// Runs the kernel (calls check_args first). Safe to call without the GIL and from several threads.
+void probed_attention_cpu(const ProbedAttentionCpuArgs& args);
+
+// True when this CPU can run the AVX-512 micro-kernels.
+bool cpu_has_avx512();
+
+}  // namespace latentflow

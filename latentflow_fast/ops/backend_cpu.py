@@ -1,0 +1,103 @@
+"""Backend "cpu": the fused C++ kernel (csrc/probed_attention_cpu.cpp) on CPU tensors.
+
+Outputs are allocated here with torch (out contiguous [B, H, Nq, Dv] in q's dtype, captures float32);
+the kernel gets raw pointers, shapes and strides and runs with the GIL released on
+`torch.get_num_threads()` threads.
+
+`LATENTFLOW_CPU_ISA` = "auto" (default) | "avx512" | "generic" picks the micro-kernels; "generic" forces
+the portable path so it can be tested on AVX-512 machines too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .plan import AttentionPlan, capture_shapes
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ISA_CODES = {"auto": 0, "avx512": 1, "generic": 2}
+ISA_ENV = "LATENTFLOW_CPU_ISA"
+
+
+def _native():
+    from latentflow_fast import _C  # noqa: PLC0415 (imported lazily: a missing build is "unavailable")
+
+    return _C
+
+
+def unavailable_reason() -> Optional[str]:
+    try:
+        native = _native()
+    except ImportError as exc:
+        return f"the native extension latentflow_fast._C is not built ({exc})"
+    if not hasattr(native, "probed_attention_cpu"):
+        return "latentflow_fast._C was built without the CPU kernel"
+    return None
+
+
+def has_avx512() -> bool:
+    """True when this CPU runs the AVX-512 micro-kernels (else the portable ones run)."""
+    return bool(_native().cpu_has_avx512())
+
+
+def _isa() -> int:
+    name = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    if name not in _ISA_CODES:
+        raise ValueError(f"{ISA_ENV}={name!r}; expected one of {', '.join(_ISA_CODES)}")
+    if name == "avx512" and not has_avx512():
+        raise ValueError(f"{ISA_ENV}=avx512 but this CPU has no AVX-512")
+    return _ISA_CODES[name]
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _dense(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The plan already holds these contiguous in `dtype`; this only guards direct calls of the custom op."""
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def run(plan: AttentionPlan):
+    q, k, v = plan.q, plan.k, plan.v
+    if q.device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, q is on {q.device}")
+    if q.dtype not in _DTYPE_CODES:
+        raise TypeError(f"backend 'cpu' supports float32, bfloat16 and float16, not {q.dtype}")
+    B, H, Nq, Dv = plan.batch, plan.heads, plan.num_queries, plan.value_dim
+    out = torch.empty((B, H, Nq, Dv), dtype=q.dtype)
+    captures = {name: torch.empty(shape, dtype=torch.float32) for name, shape in capture_shapes(plan).items()}
+    if out.numel() == 0:
+        return out, {name: t.zero_() for name, t in captures.items()}
+
+    patch = plan.out_patch
+    mask, segments = _dense(plan.key_padding_mask, torch.bool), _dense(plan.segments, torch.int64)
+    logit_scale, segment_bias = _dense(plan.logit_scale, torch.float32), _dense(plan.segment_bias, torch.float32)
+    head_gate, out_bias = _dense(plan.head_gate, torch.float32), _dense(plan.out_bias, torch.float32)
+    patch_mask = _dense(plan.patch_mask, torch.bool) if patch is not None else None
+    _native().probed_attention_cpu(
+        dtype=_DTYPE_CODES[q.dtype],
+        batch=B, heads=H, kv_heads=plan.kv_heads, num_queries=Nq, num_keys=plan.num_keys,
+        head_dim=plan.head_dim, value_dim=Dv, num_segments=plan.num_segments,
+        q=q.data_ptr(), q_strides=list(q.stride()),
+        k=k.data_ptr(), k_strides=list(k.stride()),
+        v=v.data_ptr(), v_strides=list(v.stride()),
+        scale=plan.scale,
+        key_padding_mask=_ptr(mask),
+        segments=_ptr(segments),
+        logit_scale=_ptr(logit_scale),
+        segment_bias=_ptr(segment_bias),
+        head_gate=_ptr(head_gate),
+        out_bias=_ptr(out_bias),
+        out_patch=_ptr(patch),
+        out_patch_strides=list(patch.stride()) if patch is not None else [0, 0, 0, 0],
+        patch_mask=_ptr(patch_mask),
+        out=out.data_ptr(),
+        **{name: t.data_ptr() for name, t in captures.items()},
+        num_threads=torch.get_num_threads(),
+        isa=_isa(),
+    )
+    return out, captures
