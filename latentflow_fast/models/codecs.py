@@ -42,3 +42,11 @@ class AudioCodec(nn.Module, abc.ABC):
 
     def num_frames(self, num_samples: int) -> int:
         return -(-num_samples // self.hop_length)
+
+
+def __getattr__(name):  # DACVAE lives in its own module; keep `from .codecs import DACVAE` working lazily
+    if name == "DACVAE":
+        from .dacvae import DACVAE
+
+        return DACVAE
+    raise AttributeError(name)
