@@ -1,0 +1,53 @@
+"""The `latentflow` command line: one subcommand per module in this package.
+
+    latentflow separate --demo            separate a synthetic mixture with the embedded tiny model
+    latentflow probe                      run the causal probing protocol and write a report
+    latentflow profile -- <command...>    run a probing command under Nsight Systems or the torch profiler
+
+Also runnable as `python -m latentflow_fast.cli ...` (which is what torchrun launches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand name -> module (each exposes add_parser(subparsers) and run(args) -> int | None).
+SUBCOMMANDS = {
+    "separate": "latentflow_fast.cli.separate",
+    "probe": "latentflow_fast.cli.probe",
+    "profile": "latentflow_fast.cli.profile",
+    "demo": "latentflow_fast.cli.demo",
+}
+
+
+def _load(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:  # subcommand not part of this build
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentflow", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module_name in SUBCOMMANDS.values():
+        module = _load(module_name)
+        if module is not None:
+            module.add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    status = _load(SUBCOMMANDS[args.command]).run(args)
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

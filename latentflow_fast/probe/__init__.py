@@ -1,0 +1,30 @@
+"""Probing: declarative probes, the batched sweep engine, and hook-style tracing for any module."""
+
+from .engine import Clip, ProbeEngine, Trajectory, model_sites, shard_of, time_bins
+from .probes import INTERVENTIONS, MapRequest, Probe, expand_sites, per_head, probe_grid
+from .store import ResultStore
+
+__all__ = [
+    "INTERVENTIONS",
+    "Clip",
+    "MapRequest",
+    "Probe",
+    "ProbeEngine",
+    "ResultStore",
+    "Trajectory",
+    "expand_sites",
+    "model_sites",
+    "per_head",
+    "probe_grid",
+    "shard_of",
+    "time_bins",
+]
+
+# Hook-style API (trace, run_with_cache, run_with_hooks) for any nn.Module.
+try:
+    from .hooks import *  # noqa: F401,F403
+    from .hooks import __all__ as _hooks_all
+
+    __all__ += list(_hooks_all)
+except ImportError:  # pragma: no cover - while hooks.py is being written
+    pass

@@ -1,0 +1,493 @@
+"""The probe engine: one clean trajectory, then thousands of probes branched from it as batch rows.
+
+1. `trajectory(clip)` runs the clean sampling once, every attention site going through the probed
+   operator (with neutral arguments), and caches the state and velocity of every evaluation, the
+   requested captures, and the per-head outputs that patching needs.
+2. `sweep(trajectory, probes)` groups probes by the evaluation they branch at; each group runs as the
+   rows of one batch, every row carrying its own intervention through the operator's per-row arguments
+   (head_gate, logit_scale, segment_bias, out_patch/patch_mask, out_bias). The local effect is the change
+   of the predicted velocity; with `end_effect=True` the batch is integrated on to t=1, decoded and
+   compared with the clean output and the reference stems.
+
+Clean and probed runs share one numerical path (the operator is batch invariant), so a probe that changes
+nothing has effects that are exactly zero, and results do not depend on how probes were batched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import pandas as pd
+import torch
+
+from ..ops import probed_attention
+from ..ops.profiling import nvtx_range
+from ..sampler import METHODS, evaluation_schedule
+from .batching import BatchSizer, is_out_of_memory
+from .invariance import batch_invariant
+from .probes import MapRequest, Probe, expand_sites
+from .store import ResultStore
+
+
+@dataclass
+class Clip:
+    """One separation to probe: a mono mixture, its prompt and (optionally) the reference stems."""
+
+    clip_id: str
+    mixture: torch.Tensor  # [S]
+    sample_rate: int
+    prompt: str
+    target: Optional[torch.Tensor] = None  # [S] reference stem of the prompted source
+    residual: Optional[torch.Tensor] = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Trajectory:
+    """The cached clean run of one clip (batch size 1 everywhere)."""
+
+    clip: Clip
+    inputs: object  # SeparationInputs
+    steps: int
+    method: str
+    seed: int
+    schedule: list  # [(evaluation, t)]
+    states: list  # state at every evaluation, [1, T, 2C]
+    velocities: list  # velocity at every evaluation, [1, T, 2C]
+    step_starts: list  # state at the start of every step, [1, T, 2C]
+    final: torch.Tensor  # [1, T, 2C]
+    target: torch.Tensor  # clean decoded target wave [S]
+    residual: torch.Tensor
+    captures: dict  # site -> capture name -> [E, H, ...] float32 (CPU)
+    head_outputs: dict  # site -> [E, H, Nq, hd] (model dtype, model device)
+    maps: dict  # (site, evaluation) -> [h, q, Nk] exact attention probabilities
+    segments: dict  # site -> list of key-segment boundaries used for captures and segment probes
+    wall_seconds: float = 0.0
+
+    @property
+    def num_evaluations(self) -> int:
+        return len(self.schedule)
+
+
+def model_sites(model) -> list[str]:
+    """Attention site names of a model with an attention router, in layer order."""
+    return [m.site for m in model.modules() if hasattr(m, "site") and hasattr(m, "router")]
+
+
+def time_bins(num_frames: int, bins: int) -> list[int]:
+    """Boundaries of `bins` near-equal contiguous time bins over `num_frames` frames (fewer if short)."""
+    bins = max(1, min(bins, num_frames))
+    return [round(i * num_frames / bins) for i in range(bins + 1)]
+
+
+@dataclass
+class _Context:
+    """What the site handler does during one forward pass."""
+
+    evaluation: int = 0
+    rows: Sequence = ()  # Probe (or None) per batch row
+    capture: dict = field(default_factory=dict)  # site -> capture names
+    cache_heads: frozenset = frozenset()  # sites whose head outputs are recorded
+    captured: dict = field(default_factory=dict)  # site -> {name: tensor}
+    head_outputs: dict = field(default_factory=dict)  # site -> tensor
+    trajectory: Optional[Trajectory] = None  # clean run being probed (None while recording it)
+    maps: dict = field(default_factory=dict)  # site -> MapRequest: exact map slices to materialise
+    map_results: dict = field(default_factory=dict)  # site -> [h, q, Nk] probabilities (row 0)
+    attention_calls: int = 0
+
+
+class ProbeEngine:
+    """Run probes on a SAM-Audio-architecture model (anything with an `attention_router`).
+
+    backend: operator backend ("auto" picks the fused kernel for the device).
+    time_bins: number of time bins = key segments of self-attention sites (captures and segment probes);
+        cross-attention segments are the text tokens.
+    """
+
+    def __init__(self, model, backend: str = "auto", time_bins: int = 16):
+        if not hasattr(model, "attention_router"):
+            raise TypeError("model must expose an `attention_router` (a SAM-Audio-architecture model); "
+                            "for other modules use latentflow_fast.probe.trace")
+        self.model = model.eval()
+        self.backend = backend
+        self.time_bins = int(time_bins)
+        self.sites = model_sites(model)
+        self.num_heads = model.config.n_heads
+        self.runs: dict = {}  # name -> Trajectory: sources for output patches and swaps
+        self.vectors: dict = {}  # name -> [H, hd] steering vectors
+        self._ctx = _Context()
+
+    # ------------------------------------------------------------------ site handler
+    @contextlib.contextmanager
+    def _installed(self, ctx: _Context):
+        router = self.model.attention_router
+        saved = dict(router.handlers)
+        self._ctx = ctx
+        for site in self.sites:
+            router.handlers[site] = self._handle
+        try:
+            yield ctx
+        finally:
+            router.handlers.clear()
+            router.handlers.update(saved)
+            self._ctx = _Context()
+
+    def _segments(self, site: str, num_keys: int) -> list[int]:
+        if site.endswith("cross_attn"):
+            return list(range(num_keys + 1))  # one segment per text token
+        return time_bins(num_keys, self.time_bins)
+
+    def _handle(self, site, q, k, v, key_padding_mask):
+        ctx = self._ctx
+        ctx.attention_calls += 1
+        segments = self._segments(site, k.shape[2])
+        kwargs, post = self._row_arguments(site, q, v, segments)
+        capture = ctx.capture.get(site, ())
+        with nvtx_range(f"latentflow.site.{site}"):
+            out, captured = probed_attention(q, k, v, key_padding_mask=key_padding_mask, segments=segments,
+                                             capture=capture, backend=self.backend, **kwargs)
+        if post is not None:
+            out = post(out)
+        if captured:
+            ctx.captured[site] = captured
+        if site in ctx.cache_heads:
+            ctx.head_outputs[site] = out
+        if site in ctx.maps:
+            ctx.map_results[site] = self._exact_map(ctx.maps[site], q, k, key_padding_mask, segments)
+        return out
+
+    def _exact_map(self, request: MapRequest, q, k, key_padding_mask, segments) -> torch.Tensor:
+        """The slice p[row 0, heads, queries, :] of the attention map, computed by the reference in float64."""
+        from ..ops import build_plan, reference_attention
+
+        heads = list(range(q.shape[1])) if request.heads is None else list(request.heads)
+        start, stop = (0, q.shape[2]) if request.queries is None else request.queries
+        qs = q[:1, heads, start:stop]
+        ks = k[:1].repeat_interleave(q.shape[1] // k.shape[1], dim=1)[:, heads]
+        mask = None if key_padding_mask is None else key_padding_mask[:1]
+        plan = build_plan(qs, ks, ks[..., :1], key_padding_mask=mask, segments=segments)
+        # Identity matrix as V turns the output into the attention probabilities themselves.
+        eye = torch.eye(ks.shape[2], dtype=ks.dtype, device=ks.device).expand(1, len(heads), -1, -1)
+        plan.v = eye
+        probs, _ = reference_attention(plan, torch.float64)
+        return probs[0].float().cpu()
+
+    def _source_output(self, probe: Probe, site: str, evaluation: int) -> torch.Tensor:
+        run = self.runs.get(probe.source)
+        if run is None:
+            raise KeyError(f"source run {probe.source!r} is not registered (engine.add_run)")
+        e = evaluation if probe.source_evaluation is None else probe.source_evaluation + (evaluation - probe.evaluation)
+        e = min(e, run.num_evaluations - 1)
+        return run.head_outputs[site][e]  # [H, Nq, hd]
+
+    def _row_arguments(self, site, q, v, segments):
+        """Per-row operator arguments (and a post-op for component swaps) for the rows active at `site`."""
+        ctx = self._ctx
+        active = [(r, p) for r, p in enumerate(ctx.rows)
+                  if p is not None and p.site == site and p.intervention != "none" and p.active_at(ctx.evaluation)]
+        if not active:
+            return {}, None
+        R, H, Nq = q.shape[0], q.shape[1], q.shape[2]
+        Dv = v.shape[3]
+        G = len(segments) - 1
+        dev = q.device
+        kwargs: dict = {}
+        swaps = []
+
+        def tensor(name, shape, fill, dtype=torch.float32):
+            if name not in kwargs:
+                kwargs[name] = torch.full(shape, fill, dtype=dtype, device=dev)
+            return kwargs[name]
+
+        for r, p in active:
+            heads = list(range(H)) if p.heads is None else list(p.heads)
+            kind = p.intervention
+            if kind == "head_ablation":
+                tensor("head_gate", (R, H), 1.0)[r, heads] = p.value
+            elif kind == "temperature":
+                tensor("logit_scale", (R, H), 1.0)[r, heads] = p.value
+            elif kind in ("segment_knockout", "segment_bias"):
+                bias = -math.inf if kind == "segment_knockout" else p.value
+                seg_bias = tensor("segment_bias", (R, H, G), 0.0)
+                for h in heads:
+                    seg_bias[r, h, list(p.segments)] = bias
+            elif kind in ("mean_ablation", "output_patch"):
+                if kind == "mean_ablation":
+                    clean = ctx.trajectory.head_outputs[site][ctx.evaluation]
+                    patch = clean.mean(dim=1, keepdim=True).expand_as(clean)
+                else:
+                    patch = self._source_output(p, site, ctx.evaluation)
+                tensor("out_patch", (R, H, Nq, Dv), 0.0, dtype=q.dtype)[r, heads] = patch[heads].to(q.dtype)
+                tensor("patch_mask", (R, H), False, dtype=torch.bool)[r, heads] = True
+            elif kind == "output_bias":
+                vector = self.vectors[p.source]
+                tensor("out_bias", (R, H, Dv), 0.0)[r, heads] = p.value * vector[heads].to(dev, torch.float32)
+            elif kind in ("additive_swap", "routing_swap"):
+                swaps.append((r, heads, kind, self._source_output(p, site, ctx.evaluation)))
+
+        post = None
+        if swaps:
+            def post(out):
+                # Swaps as deltas, out + (component_src - component_live): exactly out when src == live.
+                out = out.clone()
+                for r, heads, kind, src in swaps:
+                    live = out[r, heads]
+                    src = src[heads].to(out.dtype)
+                    live_mean, src_mean = live.mean(dim=1, keepdim=True), src.mean(dim=1, keepdim=True)
+                    if kind == "additive_swap":
+                        delta = src_mean - live_mean
+                    else:
+                        delta = (src - src_mean) - (live - live_mean)
+                    out[r, heads] = live + delta
+                return out
+        return kwargs, post
+
+    # ------------------------------------------------------------------ forward helpers
+    def _forward(self, ctx: _Context, inputs, state: torch.Tensor, evaluation: int, t: float) -> torch.Tensor:
+        ctx.evaluation = evaluation
+        with self._installed(ctx), batch_invariant(), nvtx_range(f"latentflow.evaluation.{evaluation}"):
+            time_ = torch.full((state.shape[0],), t, dtype=torch.float32, device=state.device)
+            return self.model(state, time_, inputs.mixture, inputs.text, inputs.text_mask)
+
+    @staticmethod
+    def _expand_inputs(inputs, rows: int):
+        def grow(x):
+            return None if x is None else x.expand(rows, *x.shape[1:]).contiguous()
+
+        return dataclasses.replace(inputs, mixture=grow(inputs.mixture), text=grow(inputs.text),
+                                   text_mask=grow(inputs.text_mask), noise=grow(inputs.noise),
+                                   prompts=list(inputs.prompts) * rows, squeeze=False)
+
+    # ------------------------------------------------------------------ clean trajectory
+    @torch.no_grad()
+    def trajectory(self, clip: Clip, steps: int = 16, method: str = "midpoint", seed: int = 0,
+                   capture: Sequence[str] = (), capture_sites="*", cache_heads="*",
+                   maps: Sequence[MapRequest] = (), prompt: Optional[str] = None,
+                   name: Optional[str] = None) -> Trajectory:
+        """Run and cache the clean trajectory of `clip` (with `prompt` overriding the clip's prompt).
+
+        capture: capture names recorded at `capture_sites` (glob patterns) at every evaluation.
+        cache_heads: sites (patterns) whose per-head outputs are cached (needed by patching / mean ablation).
+        maps: exact attention-map slices to materialise. `name` registers the run as a patch source.
+        """
+        started = time.perf_counter()
+        model = self.model
+        inputs = model.prepare(clip.mixture, clip.sample_rate, prompt or clip.prompt, seed=seed)
+        schedule = evaluation_schedule(steps, method)
+        capture_at = expand_sites(capture_sites, self.sites) if capture else []
+        heads_at = frozenset(expand_sites(cache_heads, self.sites)) if cache_heads else frozenset()
+        captures: dict = {s: {n: [] for n in capture} for s in capture_at}
+        head_outputs: dict = {s: [] for s in heads_at}
+        states, velocities, step_starts = [], [], []
+        map_results: dict = {}
+        h = 1.0 / steps
+
+        def evaluate(state, evaluation):
+            t = schedule[evaluation][1]
+            ctx = _Context(rows=[None], capture={s: tuple(capture) for s in capture_at}, cache_heads=heads_at)
+            ctx.maps = {m.site: m for m in maps if m.evaluations is None or evaluation in m.evaluations}
+            v = self._forward(ctx, inputs, state, evaluation, t)
+            states.append(state.clone())
+            velocities.append(v.clone())
+            for s in capture_at:
+                for n in capture:
+                    captures[s][n].append(ctx.captured[s][n][0].cpu())
+            for s in heads_at:
+                head_outputs[s].append(ctx.head_outputs[s][0])
+            for s, p in ctx.map_results.items():
+                map_results[(s, evaluation)] = p
+            return v
+
+        x = inputs.noise
+        evaluation = 0
+        for _ in range(steps):
+            step_starts.append(x.clone())
+            v = evaluate(x, evaluation)
+            evaluation += 1
+            if method == "midpoint":
+                v = evaluate(x + (0.5 * h) * v, evaluation)
+                evaluation += 1
+            x = x + h * v
+        step_starts.append(x.clone())
+        target, residual = model.decode(x, inputs)
+        traj = Trajectory(
+            clip=clip, inputs=inputs, steps=steps, method=method, seed=seed, schedule=schedule,
+            states=states, velocities=velocities, step_starts=step_starts, final=x,
+            target=target.reshape(-1), residual=residual.reshape(-1),
+            captures={s: {n: torch.stack(ts) for n, ts in d.items()} for s, d in captures.items()},
+            head_outputs={s: torch.stack(ts) for s, ts in head_outputs.items()},
+            maps=map_results,
+            segments={s: self._segments(s, inputs.text.shape[1] if s.endswith("cross_attn") else x.shape[1])
+                      for s in self.sites},
+            wall_seconds=time.perf_counter() - started,
+        )
+        if name is not None:
+            self.runs[name] = traj
+        return traj
+
+    def add_run(self, name: str, trajectory: Trajectory) -> None:
+        """Register a trajectory as a patch source (`Probe.source`)."""
+        self.runs[name] = trajectory
+
+    # ------------------------------------------------------------------ sweeps
+    def _check_probe(self, probe: Probe, traj: Trajectory) -> None:
+        if probe.site not in self.sites:
+            raise ValueError(f"probe {probe.probe_id}: unknown site {probe.site!r}")
+        if probe.evaluation >= traj.num_evaluations:
+            raise ValueError(f"probe {probe.probe_id}: evaluation {probe.evaluation} >= {traj.num_evaluations}")
+        if probe.heads is not None and max(probe.heads) >= self.num_heads:
+            raise ValueError(f"probe {probe.probe_id}: head {max(probe.heads)} >= {self.num_heads} heads")
+        if probe.segments is not None:
+            G = len(traj.segments[probe.site]) - 1
+            if max(probe.segments) >= G or min(probe.segments) < 0:
+                raise ValueError(f"probe {probe.probe_id}: segments {probe.segments} out of range 0..{G - 1}")
+        if probe.intervention == "output_bias" and probe.source not in self.vectors:
+            raise ValueError(f"probe {probe.probe_id}: steering vector {probe.source!r} not registered")
+        if probe.intervention in ("output_patch", "additive_swap", "routing_swap"):
+            run = self.runs.get(probe.source)
+            if run is None:
+                raise ValueError(f"probe {probe.probe_id}: source run {probe.source!r} not registered")
+            if probe.site not in run.head_outputs:
+                raise ValueError(f"probe {probe.probe_id}: source run {probe.source!r} did not cache {probe.site}")
+        if probe.intervention == "mean_ablation" and probe.site not in traj.head_outputs:
+            raise ValueError(f"probe {probe.probe_id}: the clean run did not cache head outputs of {probe.site}")
+
+    @torch.no_grad()
+    def run_batch(self, traj: Trajectory, evaluation: int, probes: Sequence[Probe],
+                  end_effect: bool = False, end_metrics: Optional[Callable] = None) -> list[dict]:
+        """Run probes branching at `evaluation` as the rows of one batch; one result dict per probe."""
+        R = len(probes)
+        inputs = self._expand_inputs(traj.inputs, R)
+        state = traj.states[evaluation].expand(R, *traj.states[evaluation].shape[1:]).contiguous()
+        t = traj.schedule[evaluation][1]
+        ctx = _Context(rows=list(probes), trajectory=traj)
+        with nvtx_range(f"latentflow.probe_batch.e{evaluation}.r{R}"):
+            v = self._forward(ctx, inputs, state, evaluation, t)
+        clean_v = traj.velocities[evaluation]
+        diff = (v - clean_v).float()
+        clean_norm = clean_v.float().norm()
+        local = (diff.flatten(1).norm(dim=1) / clean_norm).cpu()
+        frame = (diff.norm(dim=2) / clean_v.float().norm(dim=2).clamp_min(1e-12)).cpu()  # [R, T]
+        rows = []
+        for r, p in enumerate(probes):
+            row = {"clip_id": traj.clip.clip_id, **p.describe(), "t": t,
+                   "local_effect": float(local[r]), "local_effect_frames": frame[r].tolist()}
+            rows.append(row)
+        if end_effect:
+            final = self._continue(traj, evaluation, probes, v, inputs)
+            rows = self._end_metrics(traj, final, inputs, rows, end_metrics)
+        return rows
+
+    def _continue(self, traj, evaluation, probes, v, inputs):
+        """Integrate the branched rows from `evaluation` to t=1 with the same arithmetic as the sampler."""
+        per_step = METHODS[traj.method]
+        h = 1.0 / traj.steps
+        R = len(probes)
+        step, position = divmod(evaluation, per_step)
+        x = traj.step_starts[step].expand(R, *traj.step_starts[step].shape[1:])
+        ctx = _Context(rows=list(probes), trajectory=traj)
+        if traj.method == "midpoint" and position == 0:
+            mid = x + (0.5 * h) * v
+            v = self._forward(ctx, inputs, mid, evaluation + 1, traj.schedule[evaluation + 1][1])
+        x = x + h * v
+        e = (step + 1) * per_step
+        for _ in range(step + 1, traj.steps):
+            v = self._forward(ctx, inputs, x, e, traj.schedule[e][1])
+            if traj.method == "midpoint":
+                v = self._forward(ctx, inputs, x + (0.5 * h) * v, e + 1, traj.schedule[e + 1][1])
+            x = x + h * v
+            e += per_step
+        return x
+
+    def _end_metrics(self, traj, final, inputs, rows, end_metrics):
+        from .. import metrics
+
+        target, residual = self.model.decode(final, inputs)  # [R, S]
+        clean_target = traj.target[None]
+        latent_change = ((final - traj.final).flatten(1).norm(dim=1) / traj.final.norm()).cpu()
+        mrstft = metrics.multi_resolution_stft_distance(target, clean_target.expand_as(target))
+        logmel = metrics.log_mel_distance(target, clean_target.expand_as(target), sample_rate=traj.inputs.sample_rate)
+        ref = traj.clip.target
+        if ref is not None:
+            ref = torch.as_tensor(ref, dtype=torch.float32).reshape(1, -1)
+            clean_sdr = metrics.si_sdr(clean_target, ref)[0]
+            delta_sdr = metrics.si_sdr(target, ref.expand_as(target)) - clean_sdr
+        for r, row in enumerate(rows):
+            row["end_latent_change"] = float(latent_change[r])
+            row["end_mrstft_to_clean"] = float(mrstft[r])
+            row["end_logmel_to_clean"] = float(logmel[r])
+            if ref is not None:
+                row["end_delta_si_sdr"] = float(delta_sdr[r])
+        if end_metrics is not None:
+            extra = end_metrics(target, residual, traj)
+            for row, values in zip(rows, extra):
+                row.update(values)
+        return rows
+
+    def sweep(self, traj: Trajectory, probes: Sequence[Probe], *, end_effect: bool = False,
+              store: Optional[ResultStore] = None, batch_size: Optional[int] = None,
+              memory_budget: Optional[int] = None, progress: bool = True,
+              end_metrics: Optional[Callable] = None, shard: tuple = (0, 1)) -> pd.DataFrame:
+        """Run `probes` against the clean trajectory `traj`.
+
+        Results go to `store` (Parquet shards, resumable) if given, one batch at a time; already stored
+        (clip, probe) pairs are skipped. `shard=(rank, world)` keeps only this rank's share of the probes
+        (a deterministic function of clip and probe ids). Returns the results of this call's probes.
+        """
+        from tqdm.auto import tqdm
+
+        unique = list({p.probe_id: p for p in probes}.values())
+        for p in unique:
+            self._check_probe(p, traj)
+        rank, world = shard
+        clip_id = traj.clip.clip_id
+        mine = [p for p in unique if shard_of(clip_id, p.probe_id, world) == rank]
+        done = store.done_keys() if store is not None else set()
+        todo = [p for p in mine if (clip_id, p.probe_id) not in done]
+        sizer = BatchSizer(self.model, traj, batch_size=batch_size, memory_budget=memory_budget,
+                           end_effect=end_effect)
+        by_evaluation: dict = {}
+        for p in todo:
+            by_evaluation.setdefault(p.evaluation, []).append(p)
+        results = []
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="probe", disable=not progress,
+                   desc=f"probes {clip_id}", dynamic_ncols=True)
+        try:
+            for evaluation in sorted(by_evaluation):
+                pending = by_evaluation[evaluation]
+                while pending:
+                    size = sizer.size()
+                    batch = pending[:size]
+                    try:
+                        rows = self.run_batch(traj, evaluation, batch, end_effect, end_metrics)
+                    except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                        if not is_out_of_memory(exc) or size == 1:
+                            raise
+                        sizer.halve()
+                        continue
+                    sizer.observe(len(batch))
+                    if store is not None:
+                        store.write(rows)
+                    results.extend(rows)
+                    pending = pending[len(batch):]
+                    bar.update(len(batch))
+        finally:
+            bar.close()
+        if store is not None:
+            stored = store.load()
+            ids = {p.probe_id for p in mine}
+            return stored[(stored["clip_id"] == clip_id) & stored["probe_id"].isin(ids)].reset_index(drop=True)
+        return pd.DataFrame(results)
+
+
+def shard_of(clip_id: str, probe_id: str, world: int) -> int:
+    """The rank that owns a (clip, probe) pair: a stable hash, independent of probe order."""
+    import hashlib
+
+    digest = hashlib.sha1(f"{clip_id}/{probe_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % max(1, world)

@@ -1,0 +1,425 @@
+"""Interception of attention calls in arbitrary modules, without code changes.
+
+An `Interceptor` routes every attention call of a model to one `SiteHandler`, naming each call by a *site*:
+
+- models with an `attention_router` (SAM Audio, `latentflow_fast.models`): a handler is installed on every
+  router site, and the router's own names are used ("layers.3.self_attn", "layers.3.cross_attn");
+- `nn.MultiheadAttention` modules: their `forward` is swapped, while the interceptor is active, for a faithful
+  re-implementation that sends the core attention to the handler; site = the module's path
+  ("encoder.layers.0.self_attn");
+- everything else that calls `torch.nn.functional.scaled_dot_product_attention`: a `TorchFunctionMode` catches
+  the call, and forward pre/post hooks keep a stack of module paths; site = the calling module's path, with
+  "#1", "#2", ... for the second, third, ... call inside one forward of that module. A call made directly in
+  the root module's forward is named "root".
+
+The handler says per site whether it wants the call (`wants(site)`); a call nobody wants runs the original
+code (plain SDPA / the native MultiheadAttention forward), so an unprobed site costs a dict lookup. While the
+mode is active, `nn.TransformerEncoderLayer`'s fused eval fast path is bypassed (torch skips it whenever a
+torch-function mode is active), so its `self_attn` is reached.
+
+Argument conversion (SDPA -> operator): q/k/v [*batch, H, N, D] (leading dims flattened into B); a bool
+`attn_mask`, or a float one holding only 0 / -inf, that is constant over heads and queries becomes the
+operator's `key_padding_mask` [B, Nk]; `scale` and `enable_gqa` are honoured. Masks that vary over queries or
+heads, `is_causal=True`, and `dropout_p > 0` at a *probed* site raise `UnsupportedAttentionError` (the fused
+operator takes key padding only); at unprobed sites they run unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+_SDPA = torch._C._nn.scaled_dot_product_attention
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+ROOT_SITE = "root"
+
+
+class UnsupportedAttentionError(ValueError):
+    """A probed attention call uses a feature the probed operator cannot reproduce exactly."""
+
+
+@dataclass
+class AttentionCall:
+    """One attention call, in the operator's conventions.
+
+    q [B, H, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (head h reads kv head h // (H // Hkv));
+    key_padding_mask bool [B, Nk], True = attend; scale None = 1/sqrt(D). `need_weights`: the caller (an
+    `nn.MultiheadAttention` asked for `need_weights=True`) also needs the probabilities [B, H, Nq, Nk].
+    """
+
+    site: str
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    key_padding_mask: Optional[Tensor] = None
+    scale: Optional[float] = None
+    need_weights: bool = False
+
+
+class SiteHandler(Protocol):
+    def wants(self, site: str) -> bool:
+        """Whether calls at `site` go to `attend` (False: the original code runs)."""
+
+    def attend(self, call: AttentionCall) -> tuple[Tensor, Optional[Tensor]]:
+        """-> (out [B, H, Nq, Dv] in q's dtype, probabilities [B, H, Nq, Nk] if call.need_weights else None)."""
+
+
+# ---------------------------------------------------------------------------------------------- masks
+def _key_padding_from_sdpa_mask(site: str, mask: Tensor, batch_shape: tuple, heads: int, nq: int,
+                                nk: int) -> Tensor:
+    """An SDPA attn_mask that only depends on (batch, key) -> bool [B, Nk] True = attend; else refuse."""
+    full_rank = len(batch_shape) + 3
+    if mask.dim() > full_rank:
+        raise UnsupportedAttentionError(f"site {site!r}: attn_mask has more dims than the query")
+    m = mask.reshape((1,) * (full_rank - mask.dim()) + tuple(mask.shape))
+    if m.shape[-3] != 1 or m.shape[-2] != 1:
+        raise UnsupportedAttentionError(
+            f"site {site!r}: attn_mask of shape {tuple(mask.shape)} varies over heads or queries; the probed "
+            "operator supports key padding masks only (broadcastable to [B, 1, 1, Nk]). Causal and per-query "
+            "masks cannot be probed exactly: leave this site out of `sites`."
+        )
+    if m.dtype != torch.bool:
+        if not m.is_floating_point():
+            raise UnsupportedAttentionError(f"site {site!r}: attn_mask of dtype {m.dtype} is not supported")
+        blocked = m == float("-inf")
+        if not bool(((m == 0) | blocked).all()):
+            raise UnsupportedAttentionError(
+                f"site {site!r}: a float attn_mask with values other than 0 and -inf (an additive bias) is not "
+                "supported by the probed operator; only key padding (0 / -inf per key) is."
+            )
+        m = ~blocked
+    return torch.broadcast_to(m, batch_shape + (1, 1, nk)).reshape(-1, nk).contiguous()
+
+
+def sdpa_to_call(site: str, query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p=0.0,
+                 is_causal=False, scale=None, enable_gqa=False) -> tuple[AttentionCall, tuple]:
+    """Convert F.scaled_dot_product_attention arguments -> (AttentionCall, query batch shape)."""
+    if dropout_p and dropout_p > 0:
+        raise UnsupportedAttentionError(
+            f"site {site!r}: attention dropout (dropout_p={dropout_p}) cannot be probed; call model.eval()")
+    if is_causal:
+        raise UnsupportedAttentionError(
+            f"site {site!r}: is_causal=True is not supported by the probed operator (key padding masks only); "
+            "leave this site out of `sites`")
+    if query.dim() < 4 or key.dim() != query.dim() or value.dim() != query.dim():
+        raise UnsupportedAttentionError(
+            f"site {site!r}: probing needs q/k/v of shape [..., H, N, D] (rank >= 4, equal ranks); got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    batch_shape = tuple(query.shape[:-3])
+    H, Nq = query.shape[-3], query.shape[-2]
+    Hkv, Nk = key.shape[-3], key.shape[-2]
+    if Hkv != H and not (Hkv == 1 or (enable_gqa and H % Hkv == 0)):
+        raise ValueError(f"site {site!r}: q has {H} heads and k has {Hkv}; pass enable_gqa=True for grouped "
+                         "query attention (H % Hkv == 0)")
+    q = query.reshape((-1,) + tuple(query.shape[-3:]))
+    k = torch.broadcast_to(key, batch_shape + tuple(key.shape[-3:])).reshape((-1,) + tuple(key.shape[-3:]))
+    v = torch.broadcast_to(value, batch_shape + tuple(value.shape[-3:])).reshape((-1,) + tuple(value.shape[-3:]))
+    kpm = None
+    if attn_mask is not None:
+        kpm = _key_padding_from_sdpa_mask(site, attn_mask, batch_shape, H, Nq, Nk)
+    return AttentionCall(site, q, k, v, kpm, scale), batch_shape
+
+
+# ---------------------------------------------------------------------------------- module path stack
+@dataclass
+class _Frame:
+    path: str
+    calls: int = 0
+
+
+@dataclass
+class _State:
+    """Per-interceptor, per-thread bookkeeping."""
+
+    stack: list = field(default_factory=list)
+    suspended: int = 0
+
+
+class _SDPAMode(TorchFunctionMode):
+    def __init__(self, interceptor: "Interceptor"):
+        super().__init__()
+        self.interceptor = interceptor
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not _SDPA:  # the hot path: every other torch call passes straight through
+            return func(*args, **kwargs)
+        return self.interceptor._on_sdpa(func, args, kwargs)
+
+
+# ---------------------------------------------------------------------------------- MultiheadAttention
+def _mha_key_padding(site: str, mask: Optional[Tensor], batch: int, nk: int) -> Optional[Tensor]:
+    """nn.MultiheadAttention's key_padding_mask (bool True = IGNORE, or additive float) -> bool True = attend."""
+    if mask is None:
+        return None
+    if mask.shape != (batch, nk):
+        raise ValueError(f"site {site!r}: key_padding_mask must have shape {(batch, nk)}, got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return ~mask
+    blocked = mask == float("-inf")
+    if not bool(((mask == 0) | blocked).all()):
+        raise UnsupportedAttentionError(
+            f"site {site!r}: a float key_padding_mask with values other than 0 and -inf cannot be probed")
+    return ~blocked
+
+
+def probed_mha_forward(mha: nn.MultiheadAttention, site: str, handler: SiteHandler, query: Tensor, key: Tensor,
+                       value: Tensor, key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                       attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                       is_causal: bool = False):
+    """nn.MultiheadAttention.forward, with the core attention done by `handler` (same math as torch's)."""
+    if attn_mask is not None or is_causal:
+        raise UnsupportedAttentionError(
+            f"site {site!r}: nn.MultiheadAttention with attn_mask / is_causal cannot be probed (the probed "
+            "operator takes key padding masks only); leave this site out of `sites`")
+    if mha.training and mha.dropout > 0:
+        raise UnsupportedAttentionError(
+            f"site {site!r}: attention dropout ({mha.dropout}) cannot be probed in training mode; call model.eval()")
+    batched = query.dim() == 3
+    if not batched:  # unbatched [L, E]: add the batch dim where the layout expects it
+        query, key, value = (t.unsqueeze(0 if mha.batch_first else 1) for t in (query, key, value))
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    if not mha.batch_first:  # [L, B, E] -> [B, L, E]
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    B, L, E = query.shape
+    H, hd = mha.num_heads, mha.head_dim
+    if mha._qkv_same_embed_dim:
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    b_q, b_k, b_v = (None, None, None) if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)
+    q = F.linear(query, w_q, b_q)
+    k = F.linear(key, w_k, b_k)
+    v = F.linear(value, w_v, b_v)
+    kpm = _mha_key_padding(site, key_padding_mask, B, key.shape[1])
+    extra = 0
+    if mha.bias_k is not None:  # learned extra key/value, always attended
+        k = torch.cat([k, mha.bias_k.reshape(1, 1, E).expand(B, 1, E)], dim=1)
+        v = torch.cat([v, mha.bias_v.reshape(1, 1, E).expand(B, 1, E)], dim=1)
+        extra += 1
+    q = q.reshape(B, L, H, hd).transpose(1, 2)  # heads are contiguous channel blocks, as in torch
+    k = k.reshape(B, -1, H, hd).transpose(1, 2)
+    v = v.reshape(B, -1, H, hd).transpose(1, 2)
+    if mha.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(B, H, 1, hd)], dim=2)
+        v = torch.cat([v, v.new_zeros(B, H, 1, hd)], dim=2)
+        extra += 1
+    if kpm is not None and extra:
+        kpm = torch.cat([kpm, kpm.new_ones(B, extra)], dim=1)
+    out, weights = handler.attend(AttentionCall(site, q, k, v, kpm, None, need_weights))
+    out = F.linear(out.transpose(1, 2).reshape(B, L, E), mha.out_proj.weight, mha.out_proj.bias)
+    if not mha.batch_first:
+        out = out.transpose(0, 1)
+    if need_weights:
+        weights = weights.to(out.dtype)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+    else:
+        weights = None
+    if not batched:
+        out = out.squeeze(0 if mha.batch_first else 1)
+        weights = None if weights is None else weights.squeeze(0)
+    return out, weights
+
+
+# ---------------------------------------------------------------------------------- router models
+def find_router(model: nn.Module):
+    """The model's attention router (an object with a `handlers` dict), or None."""
+    router = getattr(model, "attention_router", None)
+    if router is None:
+        for module in model.modules():
+            router = getattr(module, "attention_router", None)
+            if router is not None:
+                break
+    return router if router is not None and isinstance(getattr(router, "handlers", None), dict) else None
+
+
+def router_sites(model: nn.Module, router) -> list[str]:
+    """Sites of the modules that call `router` (they carry `.site` and `.router`)."""
+    names = [m.site for m in model.modules() if getattr(m, "router", None) is router and isinstance(getattr(m, "site", None), str)]
+    return list(dict.fromkeys(names))
+
+
+def _plain_router_attention(q, k, v, key_padding_mask):
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def static_sites(model: nn.Module) -> list[str]:
+    """Sites known without running the model: router sites and nn.MultiheadAttention paths.
+
+    Sites of modules that call F.scaled_dot_product_attention are only known once the model has run
+    (see `Interceptor.seen`).
+    """
+    router = find_router(model)
+    names = router_sites(model, router) if router is not None else []
+    names += [p or ROOT_SITE for p, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    return names
+
+
+# ---------------------------------------------------------------------------------- the interceptor
+class Interceptor:
+    """Context manager: while active, attention calls of `model` that `handler.wants` go to `handler.attend`.
+
+    intercept_sdpa: catch F.scaled_dot_product_attention calls (None = yes, except for router models,
+    whose router already names every attention call).
+    """
+
+    def __init__(self, model: nn.Module, handler: SiteHandler, intercept_sdpa: Optional[bool] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.handler = handler
+        self.router = find_router(model)
+        self.intercept_sdpa = self.router is None if intercept_sdpa is None else bool(intercept_sdpa)
+        self.seen: dict[str, None] = {}  # every site called while active, in first-call order
+        self._local = threading.local()
+        self._undo: list[Callable[[], None]] = []
+        self._mode: Optional[_SDPAMode] = None
+
+    # -- bookkeeping
+    @property
+    def _state(self) -> _State:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _State()
+        return state
+
+    def _see(self, site: str) -> None:
+        if site not in self.seen:
+            self.seen[site] = None
+
+    @contextlib.contextmanager
+    def _suspended(self):
+        """SDPA calls made here (e.g. a router's plain path) are not intercepted again."""
+        state = self._state
+        state.suspended += 1
+        try:
+            yield
+        finally:
+            state.suspended -= 1
+
+    # -- install / remove
+    def __enter__(self) -> "Interceptor":
+        try:
+            if self.router is not None:
+                self._install_router()
+            self._install_mha()
+            if self.intercept_sdpa:
+                self._install_path_stack()
+                self._mode = _SDPAMode(self)
+                self._mode.__enter__()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+            self._mode = None
+        self._remove()
+
+    def _remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def _install_router(self) -> None:
+        router = self.router
+        for site in router_sites(self.model, router):
+            previous = router.handlers.get(site)
+            router.handlers[site] = self._router_handler(previous)
+            self._undo.append(lambda s=site, p=previous: router.handlers.__setitem__(s, p) if p is not None
+                              else router.handlers.pop(s, None))
+
+    def _router_handler(self, previous):
+        def handle(site, q, k, v, key_padding_mask=None):
+            self._see(site)
+            if not self.handler.wants(site):
+                with self._suspended():
+                    if previous is not None:
+                        return previous(site, q, k, v, key_padding_mask)
+                    return _plain_router_attention(q, k, v, key_padding_mask)
+            with self._suspended():
+                out, _ = self.handler.attend(AttentionCall(site, q, k, v, key_padding_mask))
+            return out
+
+        return handle
+
+    def _install_mha(self) -> None:
+        for path, module in self.model.named_modules():
+            if not isinstance(module, nn.MultiheadAttention):
+                continue
+            site = path or ROOT_SITE
+            had_own = "forward" in module.__dict__
+            own = module.__dict__.get("forward")
+            original = own if had_own else type(module).forward.__get__(module)
+            module.forward = self._mha_forward(module, site, original)
+            self._undo.append(lambda m=module, h=had_own, o=own: setattr(m, "forward", o) if h
+                              else m.__dict__.pop("forward", None))
+
+    def _mha_forward(self, module, site, original):
+        def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                    average_attn_weights=True, is_causal=False):
+            self._see(site)
+            if not self.handler.wants(site):
+                with self._suspended():
+                    return original(query, key, value, key_padding_mask=key_padding_mask,
+                                    need_weights=need_weights, attn_mask=attn_mask,
+                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
+            with self._suspended():
+                return probed_mha_forward(module, site, self.handler, query, key, value, key_padding_mask,
+                                          need_weights, attn_mask, average_attn_weights, is_causal)
+
+        return forward
+
+    def _install_path_stack(self) -> None:
+        def push(path):
+            def pre_hook(module, args):
+                self._state.stack.append(_Frame(path))
+
+            return pre_hook
+
+        def pop(module, args, output):
+            stack = self._state.stack
+            if stack:
+                stack.pop()
+
+        for path, module in self.model.named_modules():
+            handles = (module.register_forward_pre_hook(push(path or ROOT_SITE)),
+                       module.register_forward_hook(pop, always_call=True))
+            self._undo.extend(h.remove for h in handles)
+
+    # -- the SDPA path
+    def _on_sdpa(self, func, args, kwargs):
+        state = self._state
+        if state.suspended or not state.stack:
+            return func(*args, **kwargs)
+        frame = state.stack[-1]
+        site = frame.path if frame.calls == 0 else f"{frame.path}#{frame.calls}"
+        frame.calls += 1
+        self._see(site)
+        if not self.handler.wants(site):
+            return func(*args, **kwargs)
+        bound = dict(zip(_SDPA_ARGS, args))
+        for name, value in kwargs.items():
+            if name not in _SDPA_ARGS:
+                raise TypeError(f"scaled_dot_product_attention got an unexpected argument {name!r}")
+            bound[name] = value
+        call, batch_shape = sdpa_to_call(site, **bound)
+        out, _ = self.handler.attend(call)
+        return out.reshape(batch_shape + tuple(out.shape[1:]))
+
+
+def intercept(model: nn.Module, handler: SiteHandler, intercept_sdpa: Optional[bool] = None) -> Interceptor:
+    """`with intercept(model, handler): model(...)` routes the attention calls `handler` wants to it."""
+    return Interceptor(model, handler, intercept_sdpa)

@@ -1,0 +1,40 @@
+"""Batch-invariant execution of a model's linear layers.
+
+CPU (and GPU) GEMM libraries pick kernels by problem size, so row r of `x @ W.T` can change in its last
+bits with the number of rows in the batch, and even with its position among them. Probing compares
+branches with the clean run bit for bit (a probe that changes nothing must have an effect of exactly
+zero, and a sweep must give the same numbers however its probes were batched or sharded). Inside
+`batch_invariant()`, F.linear runs as a batched matmul with one [T, K] x [K, N] product per batch row:
+every row sees the same problem shape whatever the batch size, hence the same bits.
+The attention itself goes through the probed operator, whose kernels are batch invariant by design.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """F.linear whose result for x[b] does not depend on the other rows of x."""
+    if x.dim() < 2:
+        return F.linear(x, weight, bias)
+    rows, k = x.shape[0], x.shape[-1]
+    out = torch.bmm(x.reshape(rows, -1, k), weight.t().expand(rows, k, weight.shape[0]))
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _BatchInvariantMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return batch_invariant_linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def batch_invariant():
+    """Context manager: linear layers computed per batch row (see module docstring)."""
+    return _BatchInvariantMode()

@@ -1,0 +1,175 @@
+"""Declarative probes: where to intervene, on which heads, from which evaluation on, and how.
+
+A `Probe` is plain, hashable data; its `probe_id` (a hash of its fields) identifies its result row, so a
+sweep can be resumed or sharded without ever running a probe twice. `probe_grid` expands site patterns
+such as "layers.*.self_attn" against the sites of a model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterable, Optional, Sequence
+
+INTERVENTIONS = {
+    "none": "no change (a control row; its effects are exactly zero)",
+    "head_ablation": "head output multiplied by `value` (default 0): head_gate",
+    "mean_ablation": "head output replaced by its time-mean in the clean run at the same evaluation",
+    "temperature": "logits multiplied by `value` (0 = uniform attention over unmasked keys): logit_scale",
+    "segment_knockout": "keys of the listed `segments` get -inf logits (attention knockout)",
+    "segment_bias": "`value` added to the logits of the listed `segments`",
+    "output_patch": "head output replaced by the cached output of run `source` (at `source_evaluation` or the same evaluation)",
+    "output_bias": "`value` * steering vector `source` (registered on the engine) added to the head output",
+    "additive_swap": "time-mean of the head output replaced by that of run `source` (the 'additive injection')",
+    "routing_swap": "frame-varying part of the head output replaced by that of run `source` (the 'routing')",
+}
+NEEDS_SOURCE = {"output_patch", "output_bias", "additive_swap", "routing_swap"}
+NEEDS_SEGMENTS = {"segment_knockout", "segment_bias"}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One intervention at one attention site, starting at one sampling evaluation.
+
+    site: exact site name, e.g. "layers.3.cross_attn" (use `probe_grid` for patterns).
+    intervention: a key of INTERVENTIONS.
+    heads: affected heads (None = all heads of the site).
+    evaluation: evaluation index at which the sweep branches from the clean trajectory.
+    window: number of evaluations, from `evaluation` on, during which the intervention stays active when
+        the branch is continued to t=1 (None = until the end). The local effect only uses `evaluation`.
+    value: the intervention's scalar (gate, temperature, bias or steering scale).
+    segments: key-segment indices for knockout/bias (self-attention: time bins; cross-attention: text tokens).
+    source: name of a cached run (patch/swaps) or of a steering vector (output_bias).
+    source_evaluation: patch from this evaluation of `source` instead of the same evaluation.
+    label: free text carried into the results (e.g. the experiment name).
+    """
+
+    site: str
+    intervention: str = "none"
+    heads: Optional[tuple] = None
+    evaluation: int = 0
+    window: Optional[int] = 1
+    value: float = 0.0
+    segments: Optional[tuple] = None
+    source: Optional[str] = None
+    source_evaluation: Optional[int] = None
+    label: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.site, str) or not self.site:
+            raise ValueError(f"site must be a non-empty string, got {self.site!r}")
+        if any(ch in self.site for ch in "*?["):
+            raise ValueError(f"site {self.site!r} is a pattern: expand it with probe_grid(...)")
+        if self.intervention not in INTERVENTIONS:
+            raise ValueError(f"intervention must be one of {sorted(INTERVENTIONS)}, got {self.intervention!r}")
+        if self.heads is not None:
+            object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+            if not self.heads or min(self.heads) < 0:
+                raise ValueError(f"heads must be None or non-negative head indices, got {self.heads}")
+        if self.segments is not None:
+            object.__setattr__(self, "segments", tuple(int(s) for s in self.segments))
+        if self.intervention in NEEDS_SEGMENTS and not self.segments:
+            raise ValueError(f"intervention {self.intervention!r} needs segments")
+        if self.intervention in NEEDS_SOURCE and not self.source:
+            raise ValueError(f"intervention {self.intervention!r} needs a source")
+        if not isinstance(self.evaluation, int) or self.evaluation < 0:
+            raise ValueError(f"evaluation must be a non-negative int, got {self.evaluation!r}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"window must be None or a positive int, got {self.window!r}")
+        object.__setattr__(self, "value", float(self.value))
+
+    @property
+    def probe_id(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True, default=list)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    @property
+    def layer(self) -> Optional[int]:
+        parts = self.site.split(".")
+        return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else None
+
+    @property
+    def kind(self) -> str:
+        """"self_attn" / "cross_attn" (the last part of the site name)."""
+        return self.site.rsplit(".", 1)[-1]
+
+    def active_at(self, evaluation: int) -> bool:
+        if evaluation < self.evaluation:
+            return False
+        return self.window is None or evaluation < self.evaluation + self.window
+
+    def describe(self) -> dict:
+        """Flat columns for a results table."""
+        return {
+            "probe_id": self.probe_id,
+            "site": self.site,
+            "layer": self.layer,
+            "attention": self.kind,
+            "intervention": self.intervention,
+            "heads": "all" if self.heads is None else ",".join(map(str, self.heads)),
+            "evaluation": self.evaluation,
+            "window": -1 if self.window is None else self.window,
+            "value": self.value,
+            "segments": "" if self.segments is None else ",".join(map(str, self.segments)),
+            "source": self.source or "",
+            "source_evaluation": -1 if self.source_evaluation is None else self.source_evaluation,
+            "label": self.label,
+        }
+
+
+def expand_sites(patterns: Iterable[str] | str, sites: Sequence[str]) -> list[str]:
+    """Sites matching any of the glob patterns, in model order. A pattern matching nothing is an error."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen = []
+    for pattern in patterns:
+        matched = [s for s in sites if fnmatch.fnmatchcase(s, pattern)]
+        if not matched:
+            raise ValueError(f"site pattern {pattern!r} matches no site; sites look like {list(sites[:4])}")
+        chosen.extend(s for s in matched if s not in chosen)
+    return [s for s in sites if s in chosen]
+
+
+def probe_grid(
+    sites: Iterable[str] | str,
+    all_sites: Sequence[str],
+    interventions: Sequence[dict] | dict,
+    evaluations: Iterable[int],
+    heads: Sequence[Optional[Sequence[int]]] = (None,),
+    window: Optional[int] = 1,
+    label: str = "",
+) -> list[Probe]:
+    """Cartesian product of sites x heads x evaluations x interventions.
+
+    interventions: dicts of Probe fields, e.g. {"intervention": "head_ablation"} or
+    {"intervention": "temperature", "value": 0.0}. `heads` lists head selections (None = all heads).
+    """
+    if isinstance(interventions, dict):
+        interventions = [interventions]
+    probes = []
+    for site, head_sel, evaluation, spec in itertools.product(
+        expand_sites(sites, all_sites), heads, list(evaluations), interventions
+    ):
+        fields = {"window": window, "label": label, **spec}
+        probes.append(Probe(site=site, heads=None if head_sel is None else tuple(head_sel),
+                            evaluation=int(evaluation), **fields))
+    return probes
+
+
+def per_head(probe: Probe, num_heads: int) -> list[Probe]:
+    """One probe per head (the usual head-ablation sweep)."""
+    return [replace(probe, heads=(h,)) for h in range(num_heads)]
+
+
+@dataclass
+class MapRequest:
+    """An exact attention map slice to materialise in the clean run: p[heads, queries, :] at `site`."""
+
+    site: str
+    evaluations: Optional[tuple] = None  # None = every evaluation
+    heads: Optional[tuple] = None
+    queries: Optional[tuple] = None  # (start, stop) query range; None = all
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,89 @@
+"""Incremental, resumable result storage: one Parquet shard per finished batch of probes.
+
+A shard is written to a temporary name and renamed into place, so an interrupted sweep leaves only whole
+shards. On restart the store reads the keys already present and the sweep skips them: nothing is lost and
+nothing is written twice. Each rank of a distributed sweep writes its own shards (`part-r{rank}-...`).
+`manifest.json` records the sweep's configuration fingerprint; reopening the folder with another
+configuration is refused instead of mixing incompatible results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pandas as pd
+
+SHARD_PATTERN = re.compile(r"part-r(\d+)-(\d+)\.parquet$")
+KEY_COLUMNS = ("clip_id", "probe_id")
+
+
+class ResultStore:
+    def __init__(self, path, rank: int = 0, fingerprint: Optional[dict] = None):
+        self.path = Path(path)
+        self.rank = int(rank)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if fingerprint is not None:
+            self._check_manifest(fingerprint)
+        self._next_seq = 1 + max((seq for r, seq in self._shard_ids() if r == self.rank), default=-1)
+
+    # ------------------------------------------------------------------ manifest
+    def _check_manifest(self, fingerprint: dict) -> None:
+        manifest = self.path / "manifest.json"
+        wanted = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        if manifest.exists():
+            found = json.loads(manifest.read_text())
+            if found != wanted:
+                diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+                raise ValueError(
+                    f"results folder {self.path} holds a sweep with another configuration "
+                    f"(differs in: {', '.join(diff)}); use a new folder or delete it"
+                )
+        elif self.rank == 0:
+            tmp = manifest.with_suffix(".tmp")
+            tmp.write_text(json.dumps(wanted, indent=1, sort_keys=True))
+            os.replace(tmp, manifest)
+
+    # ------------------------------------------------------------------ shards
+    def _shard_ids(self):
+        for p in self.path.glob("part-r*.parquet"):
+            m = SHARD_PATTERN.search(p.name)
+            if m:
+                yield int(m.group(1)), int(m.group(2))
+
+    def shard_paths(self) -> list[Path]:
+        return sorted(p for p in self.path.glob("part-r*.parquet") if SHARD_PATTERN.search(p.name))
+
+    def done_keys(self) -> set:
+        """(clip_id, probe_id) of every row already stored, by any rank."""
+        keys = set()
+        for p in self.shard_paths():
+            frame = pd.read_parquet(p, columns=list(KEY_COLUMNS))
+            keys.update(zip(frame["clip_id"], frame["probe_id"]))
+        return keys
+
+    def write(self, rows: Iterable[dict]) -> Optional[Path]:
+        rows = list(rows)
+        if not rows:
+            return None
+        frame = pd.DataFrame(rows)
+        final = self.path / f"part-r{self.rank:03d}-{self._next_seq:06d}.parquet"
+        tmp = final.with_name(final.name + ".tmp")
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, final)  # atomic: a reader never sees half a shard
+        self._next_seq += 1
+        return final
+
+    def load(self) -> pd.DataFrame:
+        """All stored rows, one per (clip_id, probe_id), in a stable order."""
+        paths = self.shard_paths()
+        if not paths:
+            return pd.DataFrame()
+        frame = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+        duplicated = frame.duplicated(list(KEY_COLUMNS))
+        if duplicated.any():
+            raise RuntimeError(f"{int(duplicated.sum())} duplicated result rows in {self.path}")
+        return frame.sort_values(list(KEY_COLUMNS), kind="stable").reset_index(drop=True)
