@@ -113,11 +113,13 @@ class SAMAudio(nn.Module):
     def embed_inputs(self, noisy: torch.Tensor, mixture: torch.Tensor,
                      video_features: Optional[torch.Tensor] = None,
                      anchor_ids: Optional[torch.Tensor] = None,
-                     anchor_alignment: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     anchor_alignment: Optional[torch.Tensor] = None,
+                     padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """proj(cat(noisy, zeros, mixture duplicated)) plus the video / anchor paths -> [B, T, D].
 
         When the model has these paths and nothing is given, SAM Audio's own defaults apply: all-zero
-        video features and the "<null>" anchor (id 0) on every frame.
+        video features [B, vision_dim, T] and the "<null>" anchor (id 0) on every valid frame (padded
+        frames point to the padding anchor, whose embedding is zero).
         """
         B, T, _ = noisy.shape
         features = torch.cat([mixture, mixture], dim=2)
@@ -132,6 +134,10 @@ class SAMAudio(nn.Module):
             if anchor_ids is None:
                 anchor_ids = torch.tensor([[0, self.config.num_anchors]], device=x.device).expand(B, 2)
                 anchor_alignment = torch.zeros(B, T, dtype=torch.long, device=x.device)
+                if padding_mask is not None:
+                    anchor_alignment[~padding_mask] = 1
+            elif anchor_alignment is None:
+                raise ValueError("anchor_alignment: required with anchor_ids")
             x = self.embed_anchors(x, anchor_ids, anchor_alignment)
         elif anchor_ids is not None:
             raise ValueError("anchor_ids: this model has no embed_anchors path")
@@ -156,8 +162,12 @@ class SAMAudio(nn.Module):
                              f"got {tuple(noisy.shape)} and {tuple(mixture.shape)}")
         if not torch.is_tensor(time):
             time = torch.tensor(float(time))
-        time = time.to(device=noisy.device, dtype=torch.float32).expand(B) if time.ndim == 0 else time
-        x = self.embed_inputs(noisy, mixture, video_features, anchor_ids, anchor_alignment)
+        if time.ndim == 0:
+            time = time.expand(B)
+        if time.shape != (B,):
+            raise ValueError(f"time must be a float or a tensor [B={B}], got shape {tuple(time.shape)}")
+        time = time.to(device=noisy.device, dtype=torch.float32)
+        x = self.embed_inputs(noisy, mixture, video_features, anchor_ids, anchor_alignment, padding_mask)
         t_emb = self.timestep_emb(time)[:, None].to(x.dtype)  # [B, 1, D]
         if memory is None:
             if memory_mask is not None:
