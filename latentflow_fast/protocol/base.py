@@ -1,0 +1,98 @@
+"""Shared pieces of the causal probing protocol (DESIGN.md section 6): configuration, the clip set, the
+run context, and the `Experiment` record every experiment module (P0-P6) exports.
+
+An experiment is three functions: `run(ctx) -> DataFrame` (resumable: rows go through a ResultStore
+keyed by (clip_id, probe_id)), `summarize(df, ctx) -> dict` (headline numbers for summary.json) and
+`figures(df, summary, out_dir) -> [(png path, caption)]` (for report.html).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+import torch
+
+from ..probe import Clip, ProbeEngine, ResultStore, Trajectory
+
+
+@dataclass
+class ProtocolConfig:
+    """Everything that determines the protocol's numbers (a rerun with the same config is identical)."""
+
+    model: str = "tiny"
+    num_clips: int = 8  # default synthetic set: half 2-source, half 3-source mixtures
+    clip_seed_offset: int = 0  # offset into the held-out evaluation seeds
+    steps: int = 16
+    method: str = "midpoint"
+    noise_seed: int = 0
+    time_bins: int = 16  # self-attention key segments for pooled maps (P3/P5)
+    tau: float = 0.95  # convergence threshold (P3)
+    window: int = 4  # evaluations per window of the layer x evaluation grid (P2)
+    freeze_starts: tuple = (4, 8, 16, 24)  # k0 values of causal freezing (P4)
+    lsac_refresh: tuple = (2, 4, 8)  # LSAC refresh intervals N (P6)
+    bootstrap: int = 2000
+    backend: str = "auto"
+    experiments: tuple = ("p0", "p1", "p2", "p3", "p4", "p5", "p6")
+
+    def fingerprint(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class ProtocolClip:
+    """A clip with what the protocol needs beyond the engine's Clip."""
+
+    clip: Clip
+    sources: Optional[torch.Tensor] = None  # [n_sources, S] reference stems (synthetic clips)
+    classes: tuple = ()  # class / prompt of each source
+    target_index: int = 0
+    counterfactual_prompt: Optional[str] = None  # prompt naming another source of the mix (P1)
+    counterfactual_index: Optional[int] = None
+    group: str = ""  # acoustic complexity group, e.g. "2 sources" / "3 sources"
+    active_frames: Optional[torch.Tensor] = None  # bool [T] latent frames where the target is active (P5)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class ProtocolContext:
+    config: ProtocolConfig
+    model: torch.nn.Module
+    engine: ProbeEngine
+    clips: list
+    out_dir: Path
+    progress: bool = True
+    _trajectories: dict = field(default_factory=dict)
+
+    def store(self, experiment: str) -> ResultStore:
+        """The resumable result store of one experiment (refuses a folder made with another config)."""
+        return ResultStore(self.out_dir / "results" / experiment, fingerprint=self.config.fingerprint())
+
+    def trajectory(self, pclip: ProtocolClip, prompt: Optional[str] = None, **kwargs) -> Trajectory:
+        """Clean trajectory of a clip (optionally with another prompt), computed once and cached.
+
+        kwargs go to ProbeEngine.trajectory (captures, cache_heads, maps); the cache key includes them.
+        """
+        key = (pclip.clip.clip_id, prompt, json.dumps(kwargs, sort_keys=True, default=str))
+        if key not in self._trajectories:
+            cfg = self.config
+            self._trajectories[key] = self.engine.trajectory(
+                pclip.clip, steps=cfg.steps, method=cfg.method, seed=cfg.noise_seed, prompt=prompt, **kwargs
+            )
+        return self._trajectories[key]
+
+
+@dataclass
+class Experiment:
+    name: str  # "p1", ...
+    title: str
+    run: Callable[[ProtocolContext], pd.DataFrame]
+    summarize: Callable[[pd.DataFrame, ProtocolContext], dict]
+    figures: Callable[[pd.DataFrame, dict, Path], list]
