@@ -105,7 +105,7 @@ def load_model(name_or_path: Union[str, os.PathLike] = "tiny", device="cpu", dty
     if str(name_or_path) == "tiny":
         model = _load_tiny()
     else:
-        model = _load_directory(Path(name_or_path))
+        model = _load_directory(Path(name_or_path), dtype)
     if text_encoder is not None:
         if isinstance(text_encoder, (str, os.PathLike)):
             text_encoder = T5TextEncoder(text_encoder)
@@ -135,7 +135,7 @@ def _load_tiny() -> SAMAudio:
     return model
 
 
-def _load_directory(directory: Path) -> SAMAudio:
+def _load_directory(directory: Path, dtype: torch.dtype) -> SAMAudio:
     if not directory.is_dir():
         raise FileNotFoundError(f"name_or_path: {directory} is neither 'tiny' nor a directory")
     config_path = directory / "config.json"
@@ -156,6 +156,9 @@ def _load_directory(directory: Path) -> SAMAudio:
     codec = _build_codec(config, state)
     with torch.device("meta"):  # no random init of billions of parameters: weights are assigned below
         model = SAMAudio(config, audio_codec=codec)
+    for key, value in state.items():  # cast in place, one tensor at a time: no second full copy
+        if value.is_floating_point():
+            state[key] = value.to(dtype)
     load_state_dict_strict(model, state, assign=True)
     meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if meta:

@@ -79,7 +79,7 @@ class SeparationInputs:
 
 @dataclass
 class SeparationResult:
-    target: torch.Tensor  # [B, S] (or [S] for 1-D input) at `sample_rate`
+    target: torch.Tensor  # float32 CPU [B, S] (or [S] for 1-D input) at `sample_rate`
     residual: torch.Tensor
     sample_rate: int
     latent: Optional[torch.Tensor] = None  # [B, T, 2C] final ODE state
@@ -216,7 +216,7 @@ class SAMAudio(nn.Module):
                 f"audio is shorter than one codec frame: {num_samples} samples at {sample_rate} Hz "
                 f"< {codec.hop_length} samples at {codec.sample_rate} Hz"
             )
-        mixture = codec.encode(codec_wave.to(self.device))
+        mixture = codec.encode(codec_wave.to(self.device, _dtype_of(codec)))
         if mixture.ndim != 3 or mixture.shape[-1] != self.config.latent_dim:
             raise RuntimeError(f"codec returned latent {tuple(mixture.shape)}, expected [B, T, {self.config.latent_dim}]")
         text, text_mask = self.text_encoder(prompts)
@@ -240,11 +240,11 @@ class SAMAudio(nn.Module):
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, inputs: SeparationInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final state [B, T, 2C] -> (target, residual) waveforms at the input's rate and length."""
+        """Final state [B, T, 2C] -> (target, residual) float32 CPU waveforms at the input's rate and length."""
         codec = self._require_codec()
         C = self.config.latent_dim
         B = latent.shape[0]
-        waves = codec.decode(torch.cat([latent[..., :C], latent[..., C:]], dim=0).float())  # [2B, S']
+        waves = codec.decode(torch.cat([latent[..., :C], latent[..., C:]], dim=0).to(_dtype_of(codec)))  # [2B, S']
         waves = _resample(waves.float().cpu(), codec.sample_rate, inputs.sample_rate)
         n = inputs.num_samples
         if waves.shape[-1] < n:
@@ -268,6 +268,14 @@ class SAMAudio(nn.Module):
         target, residual = self.decode(result.final, inputs)
         return SeparationResult(target=target, residual=residual, sample_rate=inputs.sample_rate,
                                 latent=result.final, noise=inputs.noise, trajectory=result.trajectory)
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    """The floating dtype a module computes in (float32 for modules without parameters)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 def _check_audio(audio) -> tuple[torch.Tensor, bool]:
