@@ -1,0 +1,198 @@
+// Device building blocks shared by the forward and key_mass kernels: tile sizes, async tile copies,
+// the m16n8k16 tensor-core MMA and its fragment loads, and the per-key logit bias.
+//
+// Fragment layout of mma.sync.m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"), with
+// g = lane / 4 and t = lane % 4; each 32-bit register holds two 16-bit elements, the lower column/k
+// index in the low half:
+//   A (16x16, row-major): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
+//   B (16x8, k x n):      b0 = B[2t..2t+1][g],  b1 = B[2t+8..2t+9][g]
+//   C (16x8, float):      c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
+// Two adjacent C tiles of S = Q K^T (keys 16c..16c+7 and 16c+8..16c+15) therefore form exactly the A
+// fragment of P for the P V product (the FlashAttention-2 register reuse).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "probed_attention.cuh"
+
+namespace latentflow {
+namespace device {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlockM = 16 * kWarps;  // query rows per forward CTA: 16 per warp
+constexpr int kBlockN = 64;           // keys per tile (key_mass: keys per CTA, 16 per warp)
+constexpr int kQueryTile = 64;        // query rows per step of the key_mass loop
+constexpr int kPad = 8;               // 16-bit elements of padding per shared-memory row (see load_frag_pair)
+
+static_assert(kBlockN == 16 * kWarps, "key_mass gives every warp 16 keys of the key tile");
+
+__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
+
+// ---- asynchronous global -> shared copies (sm_80+) ----
+
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  const int src_bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled and nothing is read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Copies rows [0, rows_valid) of a [kRows, kDim] tile (row stride `row_stride` elements, last dim
+// contiguous) into shared memory with row pitch kDim + kPad; rows >= rows_valid are zero-filled so that
+// padded keys/queries contribute finite zeros (never NaN) to the MMAs. `gmem` points at row 0, which
+// is always a valid row (rows_valid >= 1).
+template <int kRows, int kDim>
+__device__ __forceinline__ void load_tile_async(uint16_t* smem, const uint16_t* gmem, int64_t row_stride,
+                                                int rows_valid, int tid) {
+  constexpr int kChunksPerRow = kDim / 8;  // 16-byte chunks
+  constexpr int kChunks = kRows * kChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "tile copy is split evenly over the CTA");
+#pragma unroll
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int chunk = tid + i * kThreads;
+    const int row = chunk / kChunksPerRow;
+    const int col = (chunk % kChunksPerRow) * 8;
+    const bool valid = row < rows_valid;
+    const uint16_t* src = valid ? gmem + row * row_stride + col : gmem;
+    cp_async_16(smem + row * (kDim + kPad) + col, src, valid);
+  }
+}
+
+// ---- tensor-core MMA ----
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    static_assert(std::is_same<T, __nv_bfloat16>::value, "float16 or bfloat16");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+// Two consecutive 16-bit elements (row-major tile in shared memory) as one register. With a row pitch
+// of D + 8 elements, the 32 lanes of a fragment load (rows g, words t) hit 32 distinct banks.
+__device__ __forceinline__ uint32_t load_pair(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Two elements of one column in consecutive rows, low half = upper row (B fragment of V: k = key).
+__device__ __forceinline__ uint32_t load_column_pair(const uint16_t* p, int pitch) {
+  return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[pitch]) << 16);
+}
+
+// A fragment of rows [row0, row0+16) and columns [col0, col0+16) of a row-major tile.
+__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const uint16_t* tile, int pitch, int row0, int col0,
+                                            int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const uint16_t* p = tile + (row0 + g) * pitch + col0 + 2 * t;
+  a[0] = load_pair(p);
+  a[1] = load_pair(p + 8 * pitch);
+  a[2] = load_pair(p + 8);
+  a[3] = load_pair(p + 8 * pitch + 8);
+}
+
+// B fragment (k x n = 16 x 8) whose column n is row (row0 + n) of a row-major tile, k = columns
+// [col0, col0+16): the K^T operand of S = Q K^T (and Q^T of S^T = K Q^T).
+__device__ __forceinline__ void load_b_frag_rows(uint32_t (&b)[2], const uint16_t* tile, int pitch, int row0, int col0,
+                                                 int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const uint16_t* p = tile + (row0 + g) * pitch + col0 + 2 * t;
+  b[0] = load_pair(p);
+  b[1] = load_pair(p + 8);
+}
+
+// B fragment (k x n = 16 x 8) with k = rows [row0, row0+16) and n = columns [col0, col0+8) of a
+// row-major tile: the V operand of O = P V.
+__device__ __forceinline__ void load_b_frag_cols(uint32_t (&b)[2], const uint16_t* tile, int pitch, int row0, int col0,
+                                                 int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const uint16_t* p = tile + (row0 + 2 * t) * pitch + col0 + g;
+  b[0] = load_column_pair(p, pitch);
+  b[1] = load_column_pair(p + 8 * pitch, pitch);
+}
+
+// ---- element conversions ----
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same<T, __half>::value) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(uint16_t bits) {
+  if constexpr (std::is_same<T, __half>::value) {
+    return __half2float(__ushort_as_half(bits));
+  } else {
+    return __bfloat162float(__ushort_as_bfloat16(bits));
+  }
+}
+
+// ---- per-key bias: padding mask, segment bias, keys past Nk ----
+
+// The segment g of key j: the largest g in [0, G) with segments[g] <= j (segments[0] = 0 <= j).
+__device__ __forceinline__ int find_segment(const int64_t* segments, int num_segments, int j) {
+  int lo = 0, hi = num_segments - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (segments[mid] <= j) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Additive logit bias of key j for row (b, h): -inf for a padded key or a key past Nk, else the
+// segment bias of its segment (0 without one). Also returns its segment (-1 past Nk or without segments).
+__device__ __forceinline__ float key_bias(const ProbedAttentionArgs& args, int64_t bh, int b, int j, int* segment) {
+  *segment = -1;
+  if (j >= args.num_keys) return neg_inf();
+  if (args.segments != nullptr) *segment = find_segment(args.segments, args.num_segments, j);
+  if (args.key_padding_mask != nullptr && !args.key_padding_mask[static_cast<int64_t>(b) * args.num_keys + j]) {
+    return neg_inf();
+  }
+  if (args.segment_bias != nullptr) return args.segment_bias[bh * args.num_segments + *segment];
+  return 0.0f;
+}
+
+// Sum over the 4 lanes of a quad (the lanes sharing one MMA row); the same bits in all four lanes.
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+
+}  // namespace device
+}  // namespace latentflow

@@ -1,0 +1,158 @@
+// CUDA second pass of probed attention: key_mass[b,h,j] = sum_i exp(s_ij - lse_i), the attention each
+// key receives, with lse from the forward pass. Like a flash backward it recomputes the logits: one
+// CTA = 64 keys of one (b, h), each warp owns 16 of them as the M dimension of S^T = K Q^T, and the CTA
+// walks the query tiles in a fixed order. A key's sum lives in the registers of its own warp (per-lane
+// partials, then a quad sum), so there are no atomics and no cross-CTA reductions: deterministic and
+// batch invariant.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "probed_attention.cuh"
+#include "probed_attention_device.cuh"
+
+namespace latentflow {
+namespace device {
+
+template <int D>
+constexpr int key_mass_smem_bytes() {
+  // K tile + 2 Q tiles (16-bit, padded rows) + 2 lse tiles + per-key bias.
+  return (kBlockN + 2 * kQueryTile) * (D + kPad) * 2 + 2 * kQueryTile * 4 + kBlockN * 4;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    latentflow_probed_attn_key_mass_cuda(const ProbedAttentionArgs args) {
+  constexpr int kPitch = D + kPad;
+  constexpr int kQTileElems = kQueryTile * kPitch;
+  constexpr int kNTiles = kQueryTile / 8;  // 8-query MMA tiles of S^T per warp
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);  // [kBlockN][kPitch]
+  uint16_t* q_s = k_s + kBlockN * kPitch;                   // [2][kQueryTile][kPitch]
+  float* lse_s = reinterpret_cast<float*>(q_s + 2 * kQTileElems);  // [2][kQueryTile]
+  float* bias_s = lse_s + 2 * kQueryTile;                          // [kBlockN]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int Nq = args.num_queries, Nk = args.num_keys;
+  const int k0 = blockIdx.x * kBlockN;
+  const int hk = h / (args.heads / args.kv_heads);
+  const int64_t bh = static_cast<int64_t>(b) * args.heads + h;
+
+  const uint16_t* q_g = static_cast<const uint16_t*>(args.q) + b * args.q_stride[0] + h * args.q_stride[1];
+  const uint16_t* k_g = static_cast<const uint16_t*>(args.k) + b * args.k_stride[0] + hk * args.k_stride[1] +
+                        k0 * args.k_stride[2];
+  const float* lse_g = args.lse + bh * Nq;
+  const float logit_mult = args.scale * (args.logit_scale != nullptr ? args.logit_scale[bh] : 1.0f);
+  const int num_tiles = (Nq + kQueryTile - 1) / kQueryTile;
+
+  // Prologue: the K tile and the first Q tile in one copy group; lse and key bias by plain stores.
+  load_tile_async<kBlockN, D>(k_s, k_g, args.k_stride[2], min(kBlockN, Nk - k0), tid);
+  load_tile_async<kQueryTile, D>(q_s, q_g, args.q_stride[2], min(kQueryTile, Nq), tid);
+  cp_async_commit();
+  if (tid < kQueryTile) lse_s[tid] = tid < Nq ? lse_g[tid] : neg_inf();
+  if (tid < kBlockN) {
+    int segment;
+    bias_s[tid] = key_bias(args, bh, b, k0 + tid, &segment);
+  }
+
+  float mass[2] = {0.0f, 0.0f};  // per-lane partial sums for keys g and g + 8 of the warp
+  float bias[2];
+  uint32_t k_frag[D / 16][4];
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int buf = tile & 1;
+    const bool prefetch = tile + 1 < num_tiles;
+    if (prefetch) {  // into the other buffers, whose readers finished before the previous trailing barrier
+      const int q1 = (tile + 1) * kQueryTile;
+      load_tile_async<kQueryTile, D>(q_s + (buf ^ 1) * kQTileElems, q_g + q1 * args.q_stride[2], args.q_stride[2],
+                                     min(kQueryTile, Nq - q1), tid);
+      cp_async_commit();
+      if (tid < kQueryTile) lse_s[(buf ^ 1) * kQueryTile + tid] = q1 + tid < Nq ? lse_g[q1 + tid] : neg_inf();
+    }
+    if (prefetch) {
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // this tile's Q (and K) copies, lse_s and bias_s are visible to all warps
+
+    if (tile == 0) {
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c) load_a_frag(k_frag[c], k_s, kPitch, warp * 16, c * 16, lane);
+      bias[0] = bias_s[warp * 16 + g];
+      bias[1] = bias_s[warp * 16 + g + 8];
+    }
+
+    const uint16_t* qt = q_s + buf * kQTileElems;
+    const float* lse_t = lse_s + buf * kQueryTile;
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) {
+      float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // S^T: rows = keys g, g+8; columns = queries 2t4, 2t4+1
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c) {
+        uint32_t bf[2];
+        load_b_frag_rows(bf, qt, kPitch, n * 8, c * 16, lane);
+        mma_16816<T>(st, k_frag[c], bf);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float lse = lse_t[n * 8 + 2 * t4 + (e & 1)];
+        const float s = st[e] * logit_mult + bias[e >> 1];
+        // A query row with lse = -inf (fully masked, or past Nq) has p = 0; s = -inf gives exp(-inf) = 0.
+        mass[e >> 1] += lse == neg_inf() ? 0.0f : __expf(s - lse);
+      }
+    }
+    __syncthreads();  // all warps are done with this buffer before it is overwritten
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float total = quad_sum(mass[r]);
+    const int key = k0 + warp * 16 + g + 8 * r;
+    if (t4 == 0 && key < Nk) args.key_mass[bh * Nk + key] = total;
+  }
+}
+
+}  // namespace device
+
+namespace {
+
+void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("latentflow CUDA: ") + what + ": " + cudaGetErrorName(status) + ": " +
+                             cudaGetErrorString(status));
+  }
+}
+
+template <typename T, int D>
+void launch_key_mass_typed(const ProbedAttentionArgs& args, cudaStream_t stream) {
+  auto kernel = device::latentflow_probed_attn_key_mass_cuda<T, D>;
+  constexpr int smem = device::key_mass_smem_bytes<D>();
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "cudaFuncSetAttribute(latentflow_probed_attn_key_mass_cuda)");
+  const dim3 grid((args.num_keys + device::kBlockN - 1) / device::kBlockN, args.heads, args.batch);
+  kernel<<<grid, device::kThreads, smem, stream>>>(args);
+  check_cuda(cudaGetLastError(), "launch of latentflow_probed_attn_key_mass_cuda");
+}
+
+}  // namespace
+
+void launch_probed_attention_key_mass(const ProbedAttentionArgs& args, void* stream) {
+  validate_probed_attention_args(args, /*for_key_mass=*/true);
+  int current = -1;
+  check_cuda(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != args.device) check_cuda(cudaSetDevice(args.device), "cudaSetDevice");
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool bf16 = args.dtype == ElementType::kBFloat16;
+  if (args.head_dim == 64) {
+    bf16 ? launch_key_mass_typed<__nv_bfloat16, 64>(args, s) : launch_key_mass_typed<__half, 64>(args, s);
+  } else {
+    bf16 ? launch_key_mass_typed<__nv_bfloat16, 128>(args, s) : launch_key_mass_typed<__half, 128>(args, s);
+  }
+}
+
+}  // namespace latentflow
