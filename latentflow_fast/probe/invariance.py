@@ -4,8 +4,9 @@ CPU (and GPU) GEMM libraries pick kernels by problem size, so row r of `x @ W.T`
 bits with the number of rows in the batch, and even with its position among them. Probing compares
 branches with the clean run bit for bit (a probe that changes nothing must have an effect of exactly
 zero, and a sweep must give the same numbers however its probes were batched or sharded). Inside
-`batch_invariant()`, F.linear runs as a batched matmul with one [T, K] x [K, N] product per batch row:
-every row sees the same problem shape whatever the batch size, hence the same bits.
+`batch_invariant()`, F.linear runs as a batched matmul with one [T, K] x [K, N] product per batch row,
+and convolutions run one row at a time: every row sees the same problem shape whatever the batch size,
+hence the same bits.
 The attention itself goes through the probed operator, whose kernels are batch invariant by design.
 """
 
@@ -27,11 +28,23 @@ def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> 
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def batch_invariant_conv(conv, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A convolution run one batch row at a time: every call has the same shape whatever the batch."""
+    if x.dim() < 3 or x.shape[0] == 1:
+        return conv(x, *args, **kwargs)
+    return torch.cat([conv(x[i : i + 1], *args, **kwargs) for i in range(x.shape[0])])
+
+
+_CONVOLUTIONS = (F.conv1d, F.conv2d)
+
+
 class _BatchInvariantMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             return batch_invariant_linear(*args, **kwargs)
+        if func in _CONVOLUTIONS:
+            return batch_invariant_conv(func, *args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -1,0 +1,186 @@
+"""The sweep engine: exact zero for identity probes, independence of batching, resumable storage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from latentflow_fast.probe import Probe, ProbeEngine, ResultStore, probe_grid
+from latentflow_fast.probe.invariance import batch_invariant_linear
+
+from engine_fixtures import mixed_probes, small_clip, small_model
+
+STEPS = 2  # midpoint: 4 evaluations
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    model = small_model()
+    engine = ProbeEngine(model, time_bins=4)
+    clip = small_clip(0)
+    traj = engine.trajectory(clip, steps=STEPS, capture=("entropy", "segment_mass"), name="clean")
+    engine.trajectory(clip, steps=STEPS, prompt=clip.meta["other_prompt"], name="other")
+    return engine, traj
+
+
+def test_batch_invariant_linear_rows_do_not_depend_on_batch():
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 40), torch.randn(48)
+    x = torch.randn(1, 37, 40)
+    alone = batch_invariant_linear(x, w, b)
+    for rows in (2, 5, 16):
+        batch = torch.cat([x, torch.randn(rows - 1, 37, 40)])
+        assert torch.equal(batch_invariant_linear(batch, w, b)[:1], alone)
+    torch.testing.assert_close(alone, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_trajectory_matches_the_sampler(setup):
+    engine, traj = setup
+    result = engine.model.separate(traj.clip.mixture, traj.clip.sample_rate, traj.clip.prompt, steps=STEPS)
+    assert traj.num_evaluations == 2 * STEPS
+    # The engine runs every site through the probed operator; the plain path uses SDPA: same within fp32.
+    torch.testing.assert_close(traj.final, result.latent, rtol=1e-4, atol=1e-4)
+    assert traj.captures["layers.0.self_attn"]["segment_mass"].shape[:2] == (4, 2)
+    mass = traj.captures["layers.1.self_attn"]["segment_mass"].sum(-1)
+    torch.testing.assert_close(mass, torch.ones_like(mass), rtol=1e-5, atol=1e-5)
+
+
+def test_identity_probes_have_exactly_zero_effect(setup):
+    engine, traj = setup
+    identity = [
+        Probe("layers.0.self_attn", "none", evaluation=1),
+        Probe("layers.1.self_attn", "head_ablation", value=1.0, evaluation=2, window=None),
+        Probe("layers.0.cross_attn", "output_patch", source="clean", evaluation=0, window=None),
+        Probe("layers.1.cross_attn", "additive_swap", source="clean", evaluation=1, window=None),
+        Probe("layers.0.cross_attn", "routing_swap", source="clean", evaluation=3, window=None),
+        Probe("layers.1.self_attn", "temperature", value=1.0, evaluation=0, window=None),
+    ]
+    df = engine.sweep(traj, identity, end_effect=True, progress=False, batch_size=4)
+    for column in ("local_effect", "end_latent_change", "end_mrstft_to_clean", "end_logmel_to_clean", "end_delta_si_sdr"):
+        assert (df[column] == 0).all(), (column, df[column].tolist())
+    assert all(max(frames) == 0 for frames in df["local_effect_frames"])
+
+
+def test_real_probes_have_nonzero_effect(setup):
+    engine, traj = setup
+    probes = mixed_probes(engine.sites, evaluations=(1,))
+    real = [p for p in probes if p.intervention != "none"]
+    df = engine.sweep(traj, real, end_effect=True, progress=False)
+    assert len(df) == len(real)
+    assert (df["local_effect"] > 0).all()
+    assert (df["end_latent_change"] > 0).all()
+
+
+def test_results_do_not_depend_on_batching(setup):
+    engine, traj = setup
+    probes = mixed_probes(engine.sites)
+    a = engine.sweep(traj, probes, end_effect=True, progress=False, batch_size=3)
+    b = engine.sweep(traj, list(reversed(probes)), end_effect=True, progress=False, batch_size=11)
+    key = ["probe_id"]
+    pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True),
+                                  check_exact=True)
+
+
+def test_out_of_memory_halves_the_batch_and_retries(setup, monkeypatch):
+    engine, traj = setup
+    probes = mixed_probes(engine.sites, evaluations=(2,))
+    expected = engine.sweep(traj, probes, progress=False, batch_size=16)
+    original = engine.run_batch
+    seen = []
+
+    def limited(traj_, evaluation, batch, *args, **kwargs):
+        seen.append(len(batch))
+        if len(batch) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(traj_, evaluation, batch, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_batch", limited)
+    got = engine.sweep(traj, probes, progress=False, batch_size=16)
+    assert max(seen) == 16 and seen[-1] <= 4
+    pd.testing.assert_frame_equal(expected.sort_values("probe_id").reset_index(drop=True),
+                                  got.sort_values("probe_id").reset_index(drop=True), check_exact=True)
+
+
+def test_store_resumes_without_recomputing(setup, tmp_path, monkeypatch):
+    engine, traj = setup
+    probes = mixed_probes(engine.sites, evaluations=(0, 3))
+    store = ResultStore(tmp_path, fingerprint={"test": 1})
+    first = engine.sweep(traj, probes, store=store, progress=False, batch_size=8)
+    assert len(first) == len(probes) and not first.duplicated(["clip_id", "probe_id"]).any()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a stored probe was run again")
+
+    monkeypatch.setattr(engine, "run_batch", fail)
+    again = engine.sweep(traj, probes, store=ResultStore(tmp_path, fingerprint={"test": 1}), progress=False)
+    pd.testing.assert_frame_equal(first, again, check_exact=True)
+    with pytest.raises(ValueError, match="another configuration"):
+        ResultStore(tmp_path, fingerprint={"test": 2})
+
+
+def test_bad_probes_are_refused(setup):
+    engine, traj = setup
+    with pytest.raises(ValueError, match="unknown site"):
+        engine.sweep(traj, [Probe("layers.9.self_attn", "head_ablation")], progress=False)
+    with pytest.raises(ValueError, match="head"):
+        engine.sweep(traj, [Probe("layers.0.self_attn", "head_ablation", heads=(7,))], progress=False)
+    with pytest.raises(ValueError, match="evaluation"):
+        engine.sweep(traj, [Probe("layers.0.self_attn", "head_ablation", evaluation=99)], progress=False)
+    with pytest.raises(ValueError, match="source run"):
+        engine.sweep(traj, [Probe("layers.0.cross_attn", "output_patch", source="nope")], progress=False)
+    with pytest.raises(ValueError, match="pattern"):
+        Probe("layers.*.self_attn", "head_ablation")
+    with pytest.raises(ValueError, match="matches no site"):
+        probe_grid("decoder.*", engine.sites, {"intervention": "head_ablation"}, evaluations=[0])
+    with pytest.raises(ValueError, match="intervention"):
+        Probe("layers.0.self_attn", "explode")
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from engine_fixtures import small_model, small_clip, mixed_probes
+    from latentflow_fast.probe import ProbeEngine, ResultStore
+    torch.set_num_threads(1)
+    engine = ProbeEngine(small_model(), time_bins=4)
+    clip = small_clip(0)
+    traj = engine.trajectory(clip, steps=2, name="clean")
+    engine.trajectory(clip, steps=2, prompt=clip.meta["other_prompt"], name="other")
+    store = ResultStore(sys.argv[1], fingerprint={{"kill": 1}})
+    slow = float(sys.argv[2])
+    original = engine.run_batch
+    def paced(*a, **k):
+        rows = original(*a, **k)
+        time.sleep(slow)
+        return rows
+    engine.run_batch = paced
+    engine.sweep(traj, mixed_probes(engine.sites), store=store, progress=False, batch_size=5)
+""")
+
+
+def test_killed_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
+    killed, complete = tmp_path / "killed", tmp_path / "complete"
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), "0.5"])
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(killed.glob("part-*.parquet"))) < 2:
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    partial = len(list(killed.glob("part-*.parquet")))
+    assert partial >= 2, "the sweep never wrote a shard"
+    subprocess.run([sys.executable, str(script), str(killed), "0"], check=True)
+    subprocess.run([sys.executable, str(script), str(complete), "0"], check=True)
+    resumed = ResultStore(killed).load()
+    full = ResultStore(complete).load()
+    assert len(list(killed.glob("*.tmp"))) == 0
+    pd.testing.assert_frame_equal(resumed, full, check_exact=True)
