@@ -380,6 +380,8 @@ class Trace:
         Nk, Dv = k.shape[2], v.shape[3]
         args = self._operator_args(plan, site, call.key_padding_mask, B, H, Nq, Nk, Dv, q)
         kinds = set(plan.hooks) | set(plan.cache)
+        if "segments" not in args:
+            kinds.discard("hook_segment_mass")
         capture = {n for n in plan.record if n in CAPTURE_NAMES}
         capture |= {k_[len("hook_"):] for k_ in kinds if k_ in STAT_HOOKS}
         if kinds & set(MAP_HOOKS) or call.need_weights:
@@ -472,14 +474,16 @@ class Trace:
     def _operator_args(self, plan: _SitePlan, site: str, key_padding_mask, B, H, Nq, Nk, Dv, q) -> dict:
         device = q.device
         args: dict = {"key_padding_mask": key_padding_mask}
-        need_segments = "segment_mass" in plan.record or "hook_segment_mass" in plan.cache \
-            or "hook_segment_mass" in plan.hooks or any(iv.kind == "segment_bias" for iv in plan.interventions)
+        # segments are required by these; a cache of "every hook" only takes segment_mass where they exist
+        need_segments = "segment_mass" in plan.record or "hook_segment_mass" in plan.hooks \
+            or any(iv.kind == "segment_bias" for iv in plan.interventions)
         bounds = None
-        if need_segments:
+        if need_segments or "hook_segment_mass" in plan.cache:
             bounds = self._segments_for(site, Nk)
-            if bounds is None:
+            if bounds is None and need_segments:
                 raise ValueError(f"segments: site {site!r} needs key segments (segment_mass capture or a segment "
                                  "intervention) but the trace's `segments` gives none for it")
+        if bounds is not None:
             if isinstance(bounds, Tensor):
                 bounds = bounds.tolist()
             bounds = [int(b) for b in bounds]

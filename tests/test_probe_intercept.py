@@ -1,0 +1,277 @@
+"""Interception of attention calls: site naming, argument conversion, refusals, MultiheadAttention, cleanup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from latentflow_fast import probed_attention
+from latentflow_fast.probe.hooks import trace
+from latentflow_fast.probe.intercept import Interceptor, UnsupportedAttentionError, static_sites
+
+
+class Recorder:
+    """A SiteHandler that records the converted calls and computes them with the reference operator."""
+
+    def __init__(self, want=lambda site: True):
+        self.want = want
+        self.calls = []
+
+    def wants(self, site):
+        return self.want(site)
+
+    def attend(self, call):
+        self.calls.append(call)
+        out, _ = probed_attention(call.q, call.k, call.v, key_padding_mask=call.key_padding_mask,
+                                  scale=call.scale, backend="reference")
+        return out, None
+
+
+class TwoCalls(nn.Module):
+    """One module that calls SDPA twice per forward (e.g. self- then cross-attention), with an SDPA kwargs mix."""
+
+    def __init__(self, **sdpa_kwargs):
+        super().__init__()
+        self.kw = sdpa_kwargs
+
+    def forward(self, q, k, v):
+        a = F.scaled_dot_product_attention(q, k, v, **self.kw)
+        return F.scaled_dot_product_attention(a, k, v, **self.kw)
+
+
+class Net(nn.Module):
+    def __init__(self, **sdpa_kwargs):
+        super().__init__()
+        self.blocks = nn.ModuleList([TwoCalls(**sdpa_kwargs), TwoCalls(**sdpa_kwargs)])
+
+    def forward(self, q, k, v):
+        for block in self.blocks:
+            q = block(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v)  # called by the root module itself
+
+
+def qkv(B=2, H=4, Hkv=4, Nq=5, Nk=6, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, Nq, D, generator=g), torch.randn(B, Hkv, Nk, D, generator=g),
+            torch.randn(B, Hkv, Nk, D, generator=g))
+
+
+def test_sites_are_module_paths_with_call_suffix():
+    net, rec = Net(), Recorder()
+    with Interceptor(net, rec) as icpt:
+        net(*qkv(Nk=5))
+        net(*qkv(Nk=5))  # a second forward reuses the same names
+    names = ["blocks.0", "blocks.0#1", "blocks.1", "blocks.1#1", "root"]
+    assert list(icpt.seen) == names
+    assert [c.site for c in rec.calls] == names * 2
+
+
+def test_unwanted_sites_run_the_original_sdpa_bitwise():
+    net = Net()
+    q, k, v = qkv(Nk=5)
+    plain = net(q, k, v)
+    rec = Recorder(want=lambda site: site == "blocks.1")
+    with Interceptor(net, rec):
+        out = net(q, k, v)
+    assert [c.site for c in rec.calls] == ["blocks.1"]
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+    with Interceptor(net, Recorder(want=lambda site: False)):
+        assert torch.equal(net(q, k, v), plain)
+
+
+def test_everything_is_removed_on_exit_even_after_an_error():
+    net = Net()
+    rec = Recorder()
+    with pytest.raises(RuntimeError):
+        with Interceptor(net, rec):
+            net(*qkv(Nk=5))
+            raise RuntimeError("boom")
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
+    n = len(rec.calls)
+    net(*qkv(Nk=5))
+    assert len(rec.calls) == n  # the torch-function mode is gone
+
+
+@pytest.mark.parametrize("form", ["bool", "float", "rank2"])
+def test_key_padding_masks_become_the_operator_key_padding_mask(form):
+    q, k, v = qkv()
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[1, 4:] = False
+    if form == "bool":
+        mask = keep[:, None, None, :]
+    elif form == "float":
+        mask = torch.zeros(2, 1, 1, 6).masked_fill(~keep[:, None, None, :], float("-inf"))
+    else:  # [B?]: a mask without batch dim broadcasts over the batch
+        keep = keep[1:].expand(2, 6)
+        mask = keep[0].reshape(1, 6)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    net, rec = TwoCalls(attn_mask=mask), Recorder()
+    with Interceptor(net, rec):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # outside any module: not intercepted
+        assert not rec.calls
+        got = net(q, k, v)
+    assert torch.equal(rec.calls[0].key_padding_mask, keep)
+    ref = F.scaled_dot_product_attention(expected, k, v, attn_mask=mask)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, expected)
+
+
+def test_scale_gqa_and_extra_batch_dims_are_honoured():
+    q, k, v = qkv(H=4, Hkv=2, Nk=5)
+    net = TwoCalls(scale=0.3, enable_gqa=True)
+    plain = net(q, k, v)
+    rec = Recorder()
+    with Interceptor(net, rec):
+        out = net(q, k, v)
+    assert rec.calls[0].scale == 0.3 and rec.calls[0].k.shape[1] == 2
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    # rank-5 inputs [B, G, H, N, D]: leading dims are flattened into the operator's batch
+    q5, k5, v5 = (t.reshape(1, 2, *t.shape[1:]) for t in qkv(Nk=5))
+    net = TwoCalls()
+    with Interceptor(net, Recorder()):
+        torch.testing.assert_close(net(q5, k5, v5), TwoCalls()(q5, k5, v5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(is_causal=True), "is_causal"),
+    (dict(attn_mask=torch.ones(5, 5, dtype=torch.bool).tril()), "varies over heads or queries"),
+    (dict(attn_mask=torch.randn(2, 1, 1, 5)), "additive bias"),
+    (dict(dropout_p=0.1), "dropout"),
+])
+def test_unsupported_forms_are_refused_at_probed_sites_only(kwargs, match):
+    q, k, v = qkv(Nk=5)
+    net = TwoCalls(**kwargs)
+    with Interceptor(net, Recorder()):
+        with pytest.raises(UnsupportedAttentionError, match=match):
+            net(q, k, v)
+    with Interceptor(net, Recorder(want=lambda site: False)):
+        net(q, k, v)  # not probed: runs as written
+
+
+def test_three_dim_sdpa_inputs_are_refused_when_probed():
+    q, k, v = (t[:, 0] for t in qkv(Nk=5))
+    net = TwoCalls()
+    with Interceptor(net, Recorder()):
+        with pytest.raises(UnsupportedAttentionError, match="rank >= 4"):
+            net(q, k, v)
+
+
+# ----------------------------------------------------------------------------------- MultiheadAttention
+MHA_CONFIGS = {
+    "batch_first": dict(batch_first=True),
+    "seq_first": dict(batch_first=False),
+    "kdim_vdim": dict(batch_first=True, kdim=6, vdim=10),
+    "bias_kv_zero_attn": dict(batch_first=True, add_bias_kv=True, add_zero_attn=True),
+    "no_bias": dict(batch_first=True, bias=False),
+}
+
+
+@pytest.mark.parametrize("config", list(MHA_CONFIGS))
+@pytest.mark.parametrize("average", [True, False])
+def test_multihead_attention_matches_native_with_weights(config, average):
+    torch.manual_seed(0)
+    kw = MHA_CONFIGS[config]
+    mha = nn.MultiheadAttention(16, 4, **kw).eval()
+    B, L, S = 2, 5, 7
+    g = torch.Generator().manual_seed(1)
+    first = kw["batch_first"]
+    shape = (lambda n, d: (B, n, d)) if first else (lambda n, d: (n, B, d))
+    query = torch.randn(*shape(L, 16), generator=g)
+    key = torch.randn(*shape(S, kw.get("kdim", 16)), generator=g)
+    value = torch.randn(*shape(S, kw.get("vdim", 16)), generator=g)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[1, 5:] = True
+    with torch.no_grad():
+        out, weights = mha(query, key, value, key_padding_mask=pad, average_attn_weights=average)
+        with trace(mha, capture=("entropy",), backend="reference") as tr:
+            got, got_w = mha(query, key, value, key_padding_mask=pad, average_attn_weights=average)
+    assert "root" in tr.records
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_w, weights, rtol=1e-5, atol=1e-6)
+
+
+def test_multihead_attention_unbatched_and_attn_mask_refusal():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        out, w = mha(x, x, x)
+        with trace(mha, capture=("lse",)):
+            got, got_w = mha(x, x, x)
+            with pytest.raises(UnsupportedAttentionError, match="attn_mask"):
+                mha(x, x, x, attn_mask=torch.zeros(5, 5))
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_w, w, rtol=1e-5, atol=1e-6)
+    assert "forward" not in mha.__dict__
+
+
+def test_transformer_encoder_fast_path_is_bypassed_and_restored():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    assert static_sites(enc) == [f"layers.{i}.self_attn" for i in range(3)]
+    with torch.no_grad():
+        plain = enc(x)
+        with trace(enc, sites="layers.1.*", capture=("entropy",)) as tr:
+            out = enc(x)
+    assert tr.sites == [f"layers.{i}.self_attn" for i in range(3)]  # every call reached self_attn
+    assert list(tr.records) == ["layers.1.self_attn"]
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- router models
+class RouterModel(nn.Module):
+    """The shape of a latentflow_fast model: attention modules with `.site` calling a shared router."""
+
+    def __init__(self):
+        super().__init__()
+        from latentflow_fast.models import AttentionRouter
+
+        self.attention_router = AttentionRouter()
+        self.attn = nn.ModuleList()
+        for i in range(2):
+            m = nn.Module()
+            m.site, m.router = f"layers.{i}.self_attn", self.attention_router
+            self.attn.append(m)
+
+    def forward(self, q, k, v):
+        for m in self.attn:
+            q = m.router(m.site, q, k, v, None)
+        return q
+
+
+def test_router_sites_are_used_and_previous_handlers_restored():
+    model = RouterModel()
+    calls = []
+
+    def previous(site, q, k, v, kpm):
+        calls.append(site)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    model.attention_router.handlers["layers.0.self_attn"] = previous
+    rec = Recorder(want=lambda site: site == "layers.1.self_attn")
+    q, k, v = qkv(Nk=5)
+    plain = model(q, k, v)
+    with Interceptor(model, rec) as icpt:
+        out = model(q, k, v)
+    assert icpt._mode is None and not icpt.intercept_sdpa  # router models need no torch-function mode
+    assert list(icpt.seen) == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert calls == ["layers.0.self_attn"] * 2  # the unprobed site still ran the earlier handler
+    assert [c.site for c in rec.calls] == ["layers.1.self_attn"]
+    assert model.attention_router.handlers == {"layers.0.self_attn": previous}
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_sam_audio_sites():
+    from latentflow_fast.models import SAMAudio, SAMAudioConfig
+
+    model = SAMAudio(SAMAudioConfig(dim=32, n_heads=4, n_layers=2, latent_dim=8, text_dim=8, multiple_of=16)).eval()
+    assert static_sites(model) == [f"layers.{i}.{k}" for i in range(2) for k in ("self_attn", "cross_attn")]
+
+
+def test_interceptor_argument_checks():
+    with pytest.raises(TypeError, match="model"):
+        Interceptor(object(), Recorder())
