@@ -85,6 +85,7 @@ class SeparationResult:
     latent: Optional[torch.Tensor] = None  # [B, T, 2C] final ODE state
     noise: Optional[torch.Tensor] = None  # [B, T, 2C] initial ODE state
     trajectory: Optional[list[Evaluation]] = None  # with record=True: every network evaluation
+    lsac: Optional[object] = None  # with lsac=...: latentflow_fast.lsac.CacheStats (calls computed / skipped)
 
 
 class SAMAudio(nn.Module):
@@ -257,17 +258,25 @@ class SAMAudio(nn.Module):
 
     @torch.no_grad()
     def separate(self, audio, sample_rate: int, prompt: Union[str, Sequence[str]], steps: int = 16,
-                 method: str = "midpoint", seed: int = 0, record: bool = False) -> SeparationResult:
+                 method: str = "midpoint", seed: int = 0, record: bool = False, lsac=None) -> SeparationResult:
         """Separate the prompted source from `audio`; see `prepare` for the accepted shapes.
 
         Deterministic: the noise comes from a CPU torch.Generator seeded with `seed` (float32), so two
         calls with the same arguments give bitwise equal results on the same device.
+        lsac: a `latentflow_fast.lsac.LSACConfig` turns on Layer-Selective Attention Caching (see that module).
         """
         inputs = self.prepare(audio, sample_rate, prompt, seed)
-        result = sample_ode(self.velocity_fn(inputs), inputs.noise, steps=steps, method=method, record=record)
+        stats = None
+        if lsac is None:
+            result = sample_ode(self.velocity_fn(inputs), inputs.noise, steps=steps, method=method, record=record)
+        else:
+            from ..lsac import sample_with_lsac
+
+            result, stats = sample_with_lsac(self, inputs, lsac, steps=steps, method=method, record=record)
         target, residual = self.decode(result.final, inputs)
         return SeparationResult(target=target, residual=residual, sample_rate=inputs.sample_rate,
-                                latent=result.final, noise=inputs.noise, trajectory=result.trajectory)
+                                latent=result.final, noise=inputs.noise, trajectory=result.trajectory,
+                                lsac=stats)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
