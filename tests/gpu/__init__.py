@@ -1,0 +1,1 @@
+"""GPU tests (skipped without a CUDA device). Run them all, plus compute-sanitizer: tests/gpu/run_all.sh"""
