@@ -144,6 +144,8 @@ def _segments(value, num_keys: int, device: torch.device) -> Optional[torch.Tens
             raise TypeError(f"segments must be an integer tensor, got {value.dtype}")
         if value.dim() != 1:
             raise ValueError(f"segments must be 1-D [G+1], got shape {tuple(value.shape)}")
+        if value.device.type == "meta" and device.type != "meta":  # boundaries without data cannot be copied
+            raise ValueError(f"segments is on {value.device} but q is on {device}")
         bounds = value.to(device=device, dtype=torch.int64).contiguous()
         host = None if _is_tracing() else bounds.tolist()
     else:
