@@ -11,7 +11,9 @@
 // into a per-key bias, and patch / gate / out_bias are applied in the epilogue.
 // No atomics; every reduction has a fixed order, and a CTA reads only its own (b, h) row, so results are
 // deterministic and batch invariant.
+#ifndef LATENTFLOW_EMULATE
 #include <cuda_runtime.h>
+#endif
 
 #include <stdexcept>
 #include <string>
@@ -36,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kNTiles = kBlockN / 8;  // 8-key MMA tiles of S per warp
   constexpr int kOTiles = D / 8;        // 8-column MMA tiles of O per warp
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  LATENTFLOW_DYNAMIC_SMEM(smem_raw);
   uint16_t* q_s = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* k_s = q_s + kBlockM * kPitch;  // [2][kBlockN][kPitch]
   uint16_t* v_s = k_s + 2 * kTileElems;    // [2][kBlockN][kPitch]
@@ -288,7 +290,11 @@ void launch_forward_typed(const ProbedAttentionArgs& args, cudaStream_t stream) 
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "cudaFuncSetAttribute(latentflow_probed_attn_fwd_cuda)");
   const dim3 grid((args.num_queries + device::kBlockM - 1) / device::kBlockM, args.heads, args.batch);
+#ifdef LATENTFLOW_EMULATE
+  ::latentflow_emu::launch(kernel, grid, device::kThreads, smem, args);
+#else
   kernel<<<grid, device::kThreads, smem, stream>>>(args);
+#endif
   check_cuda(cudaGetLastError(), "launch of latentflow_probed_attn_fwd_cuda");
 }
 

@@ -11,8 +11,10 @@
 // fragment of P for the P V product (the FlashAttention-2 register reuse).
 #pragma once
 
+#ifndef LATENTFLOW_EMULATE  // tests/cuda_emulator/ runs these kernels on the host with its own definitions
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -33,8 +35,23 @@ static_assert(kBlockN == 16 * kWarps, "key_mass gives every warp 16 keys of the 
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
+// The kernels' dynamic shared memory.
+#ifdef LATENTFLOW_EMULATE
+#define LATENTFLOW_DYNAMIC_SMEM(name) unsigned char* name = ::latentflow_emu::dynamic_smem()
+#else
+#define LATENTFLOW_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 // ---- asynchronous global -> shared copies (sm_80+) ----
 
+#ifdef LATENTFLOW_EMULATE
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+  ::latentflow_emu::copy16(smem_dst, gmem_src, valid);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   const int src_bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled and nothing is read
@@ -48,6 +65,7 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
+#endif
 
 // Copies rows [0, rows_valid) of a [kRows, kDim] tile (row stride `row_stride` elements, last dim
 // contiguous) into shared memory with row pitch kDim + kPad; rows >= rows_valid are zero-filled so that
@@ -74,6 +92,9 @@ __device__ __forceinline__ void load_tile_async(uint16_t* smem, const uint16_t* 
 
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef LATENTFLOW_EMULATE
+  ::latentflow_emu::mma_16816<T>(c, a, b);
+#else
   if constexpr (std::is_same<T, __half>::value) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -88,6 +109,7 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#endif
 }
 
 // Two consecutive 16-bit elements (row-major tile in shared memory) as one register. With a row pitch

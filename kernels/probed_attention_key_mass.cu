@@ -4,7 +4,9 @@
 // walks the query tiles in a fixed order. A key's sum lives in the registers of its own warp (per-lane
 // partials, then a quad sum), so there are no atomics and no cross-CTA reductions: deterministic and
 // batch invariant.
+#ifndef LATENTFLOW_EMULATE
 #include <cuda_runtime.h>
+#endif
 
 #include <stdexcept>
 #include <string>
@@ -28,7 +30,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kQTileElems = kQueryTile * kPitch;
   constexpr int kNTiles = kQueryTile / 8;  // 8-query MMA tiles of S^T per warp
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  LATENTFLOW_DYNAMIC_SMEM(smem_raw);
   uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);  // [kBlockN][kPitch]
   uint16_t* q_s = k_s + kBlockN * kPitch;                   // [2][kQueryTile][kPitch]
   float* lse_s = reinterpret_cast<float*>(q_s + 2 * kQTileElems);  // [2][kQueryTile]
@@ -135,7 +137,11 @@ void launch_key_mass_typed(const ProbedAttentionArgs& args, cudaStream_t stream)
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "cudaFuncSetAttribute(latentflow_probed_attn_key_mass_cuda)");
   const dim3 grid((args.num_keys + device::kBlockN - 1) / device::kBlockN, args.heads, args.batch);
+#ifdef LATENTFLOW_EMULATE
+  ::latentflow_emu::launch(kernel, grid, device::kThreads, smem, args);
+#else
   kernel<<<grid, device::kThreads, smem, stream>>>(args);
+#endif
   check_cuda(cudaGetLastError(), "launch of latentflow_probed_attn_key_mass_cuda");
 }
 

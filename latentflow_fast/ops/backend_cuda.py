@@ -103,6 +103,14 @@ def run(plan: AttentionPlan):
         raise ValueError(f"backend 'cuda': {reason}")
     from latentflow_fast import _C
 
+    device = plan.q.device.index if plan.q.device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(plan.q.device).cuda_stream
+    return launch(plan, _C, stream, device)
+
+
+def launch(plan: AttentionPlan, native, stream: int, device: int):
+    """Allocate the outputs and launch the kernels through `native` (latentflow_fast._C, or the host
+    emulation of tests/cuda_emulator, which runs this same path on CPU tensors)."""
     q, k, v = (_kernel_layout(t) for t in (plan.q, plan.k, plan.v))
     B, H, Nq, Dv = plan.batch, plan.heads, plan.num_queries, plan.value_dim
     out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=q.device)
@@ -123,7 +131,7 @@ def run(plan: AttentionPlan):
     patch_mask = _side(plan.patch_mask, torch.bool) if patch is not None else None
     args = {
         "dtype": SUPPORTED_DTYPES[q.dtype],
-        "device": q.device.index if q.device.index is not None else torch.cuda.current_device(),
+        "device": device,
         "batch": B,
         "heads": H,
         "kv_heads": plan.kv_heads,
@@ -155,8 +163,7 @@ def run(plan: AttentionPlan):
         "segment_mass": _ptr(captures.get("segment_mass")),
         "key_mass": _ptr(captures.get("key_mass")),
     }
-    stream = torch.cuda.current_stream(q.device).cuda_stream
-    _C.cuda_probed_attention_forward(args, stream)
+    native.cuda_probed_attention_forward(args, stream)
     if "key_mass" in captures:
-        _C.cuda_probed_attention_key_mass(args, stream)
+        native.cuda_probed_attention_key_mass(args, stream)
     return out, captures

@@ -1,0 +1,68 @@
+"""Build (once per source version) and import the host-emulated CUDA kernels, `latentflow_cuda_emu`.
+
+The module is the real bindings over the real kernel sources, compiled by the host C++ compiler with
+cuda_emulation.h force-included (see that header for what the emulation checks and what it cannot).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+SOURCES = [
+    ROOT / "kernels" / "probed_attention.cu",
+    ROOT / "kernels" / "probed_attention_key_mass.cu",
+    ROOT / "bindings" / "cuda_bindings.cpp",
+    HERE / "emu_module.cpp",
+]
+HEADERS = [
+    ROOT / "kernels" / "probed_attention.cuh",
+    ROOT / "kernels" / "probed_attention_device.cuh",
+    HERE / "cuda_emulation.h",
+]
+MODULE = "latentflow_cuda_emu"
+
+
+def compiler() -> str | None:
+    return shutil.which("g++")
+
+
+def build(build_root: Path | None = None):
+    """Compile if needed and return the imported module (raises RuntimeError with the compiler output)."""
+    import pybind11
+
+    digest = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        digest.update(path.read_bytes())
+    out_dir = (build_root or ROOT / "build" / "cuda_emulator") / digest.hexdigest()[:16]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    target = out_dir / f"{MODULE}{suffix}"
+    if not target.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f"tmp_{MODULE}{suffix}"
+        cmd = [
+            compiler() or "g++", "-O2", "-std=c++20", "-shared", "-fPIC", "-pthread",
+            "-DLATENTFLOW_EMULATE", "-include", str(HERE / "cuda_emulation.h"),
+            f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
+            "-x", "c++", *map(str, SOURCES), "-o", str(tmp),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"emulator build failed:\n{' '.join(cmd)}\n{result.stderr[-6000:]}")
+        tmp.replace(target)
+    spec = importlib.util.spec_from_file_location(MODULE, target)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+if __name__ == "__main__":
+    print(build())

@@ -1,0 +1,255 @@
+// Host emulation of the slice of CUDA that kernels/probed_attention*.cu use, so that the real kernel
+// source runs on a CPU-only machine against the float64 reference (tests/test_cuda_emulated.py).
+//
+// Force-included (g++ -include) before the kernel sources, which are compiled as C++ with
+// -DLATENTFLOW_EMULATE. Each CTA runs as kThreads real std::threads:
+//   __syncthreads          a CTA-wide std::barrier;
+//   __shfl_xor_sync        a warp-wide exchange between two warp barriers (a divergent shuffle deadlocks,
+//                          which the test's timeout reports);
+//   mma.m16n8k16           every lane publishes its A/B fragment registers, and each lane rebuilds the
+//                          16x16 A and 16x8 B tiles from the PTX ISA fragment layout (section "Matrix
+//                          Fragments for mma.m16n8k16 with floating point type") and computes its C
+//                          fragment in float;
+//   cp.async               a synchronous 16-byte copy (zero fill when invalid);
+//   shared memory          a per-CTA buffer of exactly the launch's dynamic size plus a guard band that
+//                          is checked after the CTA (overflow -> exception).
+// What this does NOT check: the real hardware's fragment layout (it encodes the documented one),
+// timing-dependent races, bank conflicts, register spills or speed.
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+using std::max;
+using std::min;
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+// ---- 16-bit float types (bit containers with IEEE round-to-nearest-even conversions) ----
+
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+struct __half2 {
+  __half x, y;
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+
+inline float __half2float(__half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.bits, 2);
+  return static_cast<float>(f);
+}
+inline __half __float2half_rn(float x) {
+  const _Float16 f = static_cast<_Float16>(x);
+  __half h;
+  std::memcpy(&h.bits, &f, 2);
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const uint32_t bits = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  __nv_bfloat16 h;
+  if (std::isnan(x)) {
+    h.bits = 0x7fc0;
+  } else {
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    h.bits = static_cast<uint16_t>(bits >> 16);
+  }
+  return h;
+}
+inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}
+inline __half __ushort_as_half(uint16_t bits) { return {bits}; }
+inline __nv_bfloat16 __ushort_as_bfloat16(uint16_t bits) { return {bits}; }
+
+// ---- math intrinsics ----
+
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+
+// ---- a minimal CUDA runtime ----
+
+using cudaStream_t = void*;
+enum cudaError_t { cudaSuccess = 0 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaRuntimeGetVersion(int* version) {
+  *version = 0;
+  return cudaSuccess;
+}
+inline const char* cudaGetErrorName(cudaError_t) { return "cudaSuccess"; }
+inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }
+
+// ---- execution model ----
+
+namespace latentflow_emu {
+
+constexpr size_t kGuardBytes = 4096;
+constexpr unsigned char kGuardByte = 0xA5;
+
+struct Warp {
+  explicit Warp() : barrier(32) {}
+  std::barrier<> barrier;
+  float shuffle[32];
+  uint32_t a[32][4];
+  uint32_t b[32][2];
+};
+
+struct Cta {
+  Cta(int threads, size_t smem_bytes) : barrier(threads), smem(smem_bytes + kGuardBytes, kGuardByte) {
+    for (int w = 0; w < threads / 32; ++w) warps.emplace_back(std::make_unique<Warp>());
+  }
+  std::barrier<> barrier;
+  std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<unsigned char> smem;
+};
+
+struct ThreadContext {
+  dim3 thread, block;
+  Cta* cta = nullptr;
+};
+inline thread_local ThreadContext tls;
+
+inline unsigned char* dynamic_smem() { return tls.cta->smem.data(); }
+inline Warp& my_warp() { return *tls.cta->warps[tls.thread.x / 32]; }
+inline int my_lane() { return static_cast<int>(tls.thread.x % 32); }
+
+inline void copy16(void* dst, const void* src, bool valid) {
+  if (valid) {
+    std::memcpy(dst, src, 16);
+  } else {
+    std::memset(dst, 0, 16);
+  }
+}
+
+template <typename T>
+inline float bits_to_float(uint32_t bits) {
+  if constexpr (std::is_same<T, __half>::value) {
+    return __half2float(__half{static_cast<uint16_t>(bits)});
+  } else {
+    return __bfloat162float(__nv_bfloat16{static_cast<uint16_t>(bits)});
+  }
+}
+
+// Element i (0 = low half of register 0) of a fragment.
+inline uint32_t element(const uint32_t* regs, int i) { return (regs[i / 2] >> (16 * (i % 2))) & 0xffffu; }
+
+template <typename T>
+void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Warp& w = my_warp();
+  const int lane = my_lane();
+  std::memcpy(w.a[lane], a, sizeof(a));
+  std::memcpy(w.b[lane], b, sizeof(b));
+  w.barrier.arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int i = 0; i < 8; ++i) {  // A: row g for a0,a1,a4,a5 else g+8; col 2t + (i&1) (+8 for i >= 4)
+      const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+      const int col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+      A[row][col] = bits_to_float<T>(element(w.a[l], i));
+    }
+    for (int i = 0; i < 4; ++i) {  // B: row (k) 2t + (i&1) (+8 for i >= 2); col (n) g
+      const int row = 2 * t + (i & 1) + (i >= 2 ? 8 : 0);
+      B[row][g] = bits_to_float<T>(element(w.b[l], i));
+    }
+  }
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {  // C: row g for c0,c1 else g+8; col 2t + (i&1)
+    const int row = i < 2 ? g : g + 8;
+    const int col = 2 * t + (i & 1);
+    float sum = 0.0f;
+    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+    c[i] += sum;
+  }
+  w.barrier.arrive_and_wait();  // nobody overwrites the published fragments before all lanes read them
+}
+
+template <typename Kernel, typename Args>
+void launch(Kernel kernel, dim3 grid, int threads, size_t smem_bytes, const Args& args) {
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Cta cta(threads, smem_bytes);
+        std::vector<std::thread> pool;
+        pool.reserve(threads);
+        for (int t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            tls.thread = dim3(t);
+            tls.block = dim3(x, y, z);
+            tls.cta = &cta;
+            kernel(args);
+          });
+        }
+        for (auto& th : pool) th.join();
+        for (size_t i = smem_bytes; i < cta.smem.size(); ++i) {
+          if (cta.smem[i] != kGuardByte) throw std::runtime_error("emulator: shared memory written past its size");
+        }
+      }
+    }
+  }
+}
+
+}  // namespace latentflow_emu
+
+#define threadIdx (::latentflow_emu::tls.thread)
+#define blockIdx (::latentflow_emu::tls.block)
+
+inline void __syncthreads() { latentflow_emu::tls.cta->barrier.arrive_and_wait(); }
+
+inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+  latentflow_emu::Warp& w = latentflow_emu::my_warp();
+  const int lane = latentflow_emu::my_lane();
+  w.shuffle[lane] = value;
+  w.barrier.arrive_and_wait();
+  const float result = w.shuffle[lane ^ lane_mask];
+  w.barrier.arrive_and_wait();
+  return result;
+}

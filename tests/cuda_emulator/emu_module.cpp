@@ -1,0 +1,10 @@
+// The emulated CUDA backend as a Python module: the real bindings (bindings/cuda_bindings.cpp) over the
+// real kernel sources compiled for the host with cuda_emulation.h (see build.py).
+#include <pybind11/pybind11.h>
+
+void register_cuda_bindings(pybind11::module_& m);
+
+PYBIND11_MODULE(latentflow_cuda_emu, m) {
+  m.doc() = "kernels/probed_attention*.cu run on the host by tests/cuda_emulator/cuda_emulation.h";
+  register_cuda_bindings(m);
+}
