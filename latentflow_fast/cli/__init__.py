@@ -1,6 +1,7 @@
 """The `latentflow` command line: one subcommand per module in this package.
 
     latentflow separate --demo            separate a synthetic mixture with the embedded tiny model
+    latentflow sweep                      batched probe sweep over a clean trajectory (Parquet results)
     latentflow probe                      run the causal probing protocol and write a report
     latentflow profile -- <command...>    run a probing command under Nsight Systems or the torch profiler
 
@@ -16,6 +17,7 @@ import sys
 # Subcommand name -> module (each exposes add_parser(subparsers) and run(args) -> int | None).
 SUBCOMMANDS = {
     "separate": "latentflow_fast.cli.separate",
+    "sweep": "latentflow_fast.cli.sweep",
     "probe": "latentflow_fast.cli.probe",
     "profile": "latentflow_fast.cli.profile",
     "demo": "latentflow_fast.cli.demo",

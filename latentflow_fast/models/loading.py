@@ -103,7 +103,9 @@ def load_model(name_or_path: Union[str, os.PathLike] = "tiny", device="cpu", dty
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
     if str(name_or_path) == "tiny":
-        model = _load_tiny()
+        model = _load_tiny(TINY_DIR)
+    elif _is_tiny_format(Path(name_or_path)):
+        model = _load_tiny(Path(name_or_path))
     else:
         model = _load_directory(Path(name_or_path), dtype)
     if text_encoder is not None:
@@ -117,8 +119,31 @@ def load_model(name_or_path: Union[str, os.PathLike] = "tiny", device="cpu", dty
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _load_tiny() -> SAMAudio:
-    config_path, weights_path = TINY_DIR / "config.json", TINY_DIR / "model.safetensors"
+def _is_tiny_format(directory: Path) -> bool:
+    """A directory saved in the tiny default's layout (config.json with codec/text_encoder/model sections)."""
+    config_path = directory / "config.json"
+    if not (config_path.is_file() and (directory / "model.safetensors").is_file()):
+        return False
+    with open(config_path) as f:
+        config = json.load(f)
+    return isinstance(config, dict) and {"codec", "text_encoder", "model"} <= set(config)
+
+
+def save_tiny_format(model: SAMAudio, config_dict: dict, directory: Union[str, os.PathLike]) -> Path:
+    """Save a model built by `build_tiny_model(config_dict)` so that `load_model(directory)` reloads it."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "config.json", "w") as f:
+        json.dump(config_dict, f, indent=1)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+              str(directory / "model.safetensors"))
+    return directory
+
+
+def _load_tiny(directory: Path) -> SAMAudio:
+    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(
             f"name_or_path: the tiny default model's assets are missing ({config_path}, {weights_path}); "

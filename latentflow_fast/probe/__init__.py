@@ -1,11 +1,13 @@
 """Probing: declarative probes, the batched sweep engine, and hook-style tracing for any module."""
 
 from .engine import Clip, ProbeEngine, Trajectory, model_sites, shard_of, time_bins
-from .probes import INTERVENTIONS, MapRequest, Probe, expand_sites, per_head, probe_grid
+from .probes import INTERVENTIONS, STANDARD_KINDS, MapRequest, Probe, expand_sites, per_head, probe_grid, standard_probes
 from .store import ResultStore
 
 __all__ = [
     "INTERVENTIONS",
+    "STANDARD_KINDS",
+    "standard_probes",
     "Clip",
     "MapRequest",
     "Probe",

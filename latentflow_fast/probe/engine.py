@@ -28,6 +28,7 @@ import torch
 from ..ops import probed_attention
 from ..ops.profiling import nvtx_range
 from ..sampler import METHODS, evaluation_schedule
+from . import distributed
 from .batching import BatchSizer, is_out_of_memory
 from .invariance import batch_invariant
 from .probes import MapRequest, Probe, expand_sites
@@ -357,6 +358,23 @@ class ProbeEngine:
         if probe.intervention == "mean_ablation" and probe.site not in traj.head_outputs:
             raise ValueError(f"probe {probe.probe_id}: the clean run did not cache head outputs of {probe.site}")
 
+    def fingerprint(self, traj: Trajectory, probes: Sequence[Probe], end_effect: bool) -> dict:
+        """What must agree between ranks (and between a sweep and the one it resumes)."""
+        import hashlib
+
+        ids = sorted(p.probe_id for p in probes)
+        return {
+            "model": distributed.model_digest(self.model),
+            "clip": traj.clip.clip_id,
+            "mixture": hashlib.sha1(traj.inputs.mixture.detach().cpu().numpy().tobytes()).hexdigest()[:16],
+            "prompt": traj.inputs.prompts[0],
+            "sampler": [traj.steps, traj.method, traj.seed],
+            "probes": hashlib.sha1("".join(ids).encode()).hexdigest()[:16],
+            "end_effect": bool(end_effect),
+            "backend": self.backend,
+            "time_bins": self.time_bins,
+        }
+
     @torch.no_grad()
     def run_batch(self, traj: Trajectory, evaluation: int, probes: Sequence[Probe],
                   end_effect: bool = False, end_metrics: Optional[Callable] = None) -> list[dict]:
@@ -432,19 +450,29 @@ class ProbeEngine:
     def sweep(self, traj: Trajectory, probes: Sequence[Probe], *, end_effect: bool = False,
               store: Optional[ResultStore] = None, batch_size: Optional[int] = None,
               memory_budget: Optional[int] = None, progress: bool = True,
-              end_metrics: Optional[Callable] = None, shard: tuple = (0, 1)) -> pd.DataFrame:
+              end_metrics: Optional[Callable] = None, shard: Optional[tuple] = None) -> pd.DataFrame:
         """Run `probes` against the clean trajectory `traj`.
 
         Results go to `store` (Parquet shards, resumable) if given, one batch at a time; already stored
         (clip, probe) pairs are skipped. `shard=(rank, world)` keeps only this rank's share of the probes
-        (a deterministic function of clip and probe ids). Returns the results of this call's probes.
+        (a deterministic function of clip and probe ids); under an initialised torch.distributed process
+        group it defaults to the group's rank and size, the ranks check that they run the same
+        configuration, and every rank returns the merged table (read from the shared store).
+        Returns the results of this call's probes.
         """
         from tqdm.auto import tqdm
 
         unique = list({p.probe_id: p for p in probes}.values())
         for p in unique:
             self._check_probe(p, traj)
+        info = distributed.current()
+        if shard is None:
+            shard = (0, 1) if info is None else (info.rank, info.world_size)
         rank, world = shard
+        if info is not None and info.world_size > 1:
+            if store is None:
+                raise ValueError("store: a distributed sweep needs a ResultStore on a filesystem all ranks see")
+            distributed.check_consistent(self.fingerprint(traj, unique, end_effect))
         clip_id = traj.clip.clip_id
         mine = [p for p in unique if shard_of(clip_id, p.probe_id, world) == rank]
         done = store.done_keys() if store is not None else set()
@@ -478,6 +506,8 @@ class ProbeEngine:
                     bar.update(len(batch))
         finally:
             bar.close()
+        if info is not None:
+            distributed.barrier()  # every rank's shards are written before anyone reads the merged table
         if store is not None:
             stored = store.load()
             ids = {p.probe_id for p in mine}

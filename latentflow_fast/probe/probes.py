@@ -173,3 +173,39 @@ class MapRequest:
     heads: Optional[tuple] = None
     queries: Optional[tuple] = None  # (start, stop) query range; None = all
     extra: dict = field(default_factory=dict)
+
+
+STANDARD_KINDS = {
+    "head_ablation": "zero one head's output (every head separately with per_head, else all heads)",
+    "mean_ablation": "replace one head's output by its clean time-mean",
+    "uniform": "uniform self-attention (temperature 0) on one head / all heads",
+    "text_knockout": "cross-attention: knock out one text token (every token separately)",
+}
+
+
+def standard_probes(sites: Sequence[str], num_heads: int, num_text_tokens: int, evaluations: Iterable[int],
+                    kinds: Sequence[str] = ("head_ablation", "text_knockout", "uniform"),
+                    per_head: bool = True, label: str = "") -> list[Probe]:
+    """The usual attention sweep: for each site and evaluation, the `kinds` of STANDARD_KINDS.
+
+    head/mean ablation apply to every site; uniform attention to self-attention sites; text-token
+    knockout to cross-attention sites (one probe per token).
+    """
+    unknown = [k for k in kinds if k not in STANDARD_KINDS]
+    if unknown:
+        raise ValueError(f"kinds: unknown {unknown}; known: {sorted(STANDARD_KINDS)}")
+    head_sets = [(h,) for h in range(num_heads)] if per_head else [None]
+    probes = []
+    for evaluation in evaluations:
+        for site in sites:
+            is_cross = site.endswith("cross_attn")
+            for kind in kinds:
+                if kind in ("head_ablation", "mean_ablation"):
+                    probes += [Probe(site, kind, heads=h, evaluation=evaluation, label=label) for h in head_sets]
+                elif kind == "uniform" and not is_cross:
+                    probes += [Probe(site, "temperature", heads=h, value=0.0, evaluation=evaluation, label=label)
+                               for h in head_sets]
+                elif kind == "text_knockout" and is_cross:
+                    probes += [Probe(site, "segment_knockout", segments=(tok,), evaluation=evaluation, label=label)
+                               for tok in range(num_text_tokens)]
+    return probes

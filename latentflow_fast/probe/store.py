@@ -22,9 +22,11 @@ KEY_COLUMNS = ("clip_id", "probe_id")
 
 
 class ResultStore:
-    def __init__(self, path, rank: int = 0, fingerprint: Optional[dict] = None):
+    def __init__(self, path, rank: Optional[int] = None, fingerprint: Optional[dict] = None):
+        from .distributed import rank as current_rank
+
         self.path = Path(path)
-        self.rank = int(rank)
+        self.rank = current_rank() if rank is None else int(rank)
         self.path.mkdir(parents=True, exist_ok=True)
         if fingerprint is not None:
             self._check_manifest(fingerprint)
