@@ -5,8 +5,8 @@ identity "hook point" modules, and plain PyTorch forward hooks on them that edit
 knockout) or the per-head outputs (ablation, patching). Engine = `latentflow_fast.probe.trace` on the
 unmodified model, its interventions applied inside the probed-attention operator.
 
-Three models: a hand-written SDPA model, nn.TransformerEncoder (batch_first, eval), and SAM Audio (small
-random config). Tolerance: the operator's, relative 2-norm error <= 1e-5 (float32).
+Models: a hand-written SDPA model (also in a causal variant), nn.TransformerEncoder (batch_first, eval),
+and SAM Audio (small random config). Tolerance: the operator's, relative 2-norm error <= 1e-5 (float32).
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ class EagerCore(nn.Module):
         self.hook_pattern = nn.Identity()  # [B, H, Nq, Nk]
         self.hook_z = nn.Identity()        # [B, H, Nq, hd]
 
-    def forward(self, q, k, v, key_padding_mask=None):
+    def forward(self, q, k, v, key_padding_mask=None, causal=False):
         scores = self.hook_scores(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
         if key_padding_mask is not None:
             scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+        if causal:
+            scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
         return self.hook_z(pattern @ v)
 
@@ -86,9 +88,9 @@ def hook_patch(clean, heads):
 
 # ----------------------------------------------------------------------------------- model (a): hand-written
 class SDPABlock(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
@@ -100,16 +102,16 @@ class SDPABlock(nn.Module):
         q, k, v = self.qkv(self.norm(x)).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         if self.impl == "sdpa":
             mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
         else:
-            z = self.core(q, k, v, key_padding_mask)
+            z = self.core(q, k, v, key_padding_mask, self.causal)
         return x + self.proj(z.transpose(1, 2).reshape(B, N, D))
 
 
 class SDPAModel(nn.Module):
-    def __init__(self, dim=16, heads=4, layers=2):
+    def __init__(self, dim=16, heads=4, layers=2, causal=False):
         super().__init__()
-        self.blocks = nn.ModuleList(SDPABlock(dim, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(SDPABlock(dim, heads, causal) for _ in range(layers))
 
     def forward(self, x, key_padding_mask=None):
         for block in self.blocks:
@@ -138,13 +140,15 @@ class Case:
 
 class HandWritten(Case):
     site, cross_site, heads = "blocks.1", "blocks.0", 4
+    causal = False
 
     def __init__(self):
         torch.manual_seed(0)
-        self.model = SDPAModel().eval()
+        self.model = SDPAModel(causal=self.causal).eval()
         g = torch.Generator().manual_seed(1)
         mask = torch.ones(2, 6, dtype=torch.bool)
         mask[1, 4:] = False
+        mask = None if self.causal else mask  # SDPA takes attn_mask or is_causal
         self.clean = ((torch.randn(2, 6, 16, generator=g), mask), {})
         self.corrupt = ((torch.randn(2, 6, 16, generator=g), mask), {})
         self.segments = [0, 2, 6]
@@ -159,6 +163,12 @@ class HandWritten(Case):
         finally:
             for b in blocks:
                 b.impl = "sdpa"
+
+
+class CausalHandWritten(HandWritten):
+    """GPT-style is_causal=True: probed through the exact eager path for general masks."""
+
+    causal = True
 
 
 def eager_mha(mha: nn.MultiheadAttention, core: EagerCore):
@@ -245,7 +255,8 @@ class SAMAudioCase(Case):
             router.handlers.update(saved)
 
 
-CASES = {"handwritten": HandWritten, "transformer_encoder": Encoder, "sam_audio": SAMAudioCase}
+CASES = {"handwritten": HandWritten, "handwritten_causal": CausalHandWritten, "transformer_encoder": Encoder,
+         "sam_audio": SAMAudioCase}
 
 
 @pytest.fixture(params=list(CASES), scope="module")
@@ -312,8 +323,12 @@ def test_temperature(case, temperature):
 
 def test_segment_knockout(case):
     segments = case.segments if isinstance(case.segments, list) else case.segments["*.cross_attn"]
-    _check(case, lambda tr: tr.knockout_segments(case.cross_site, segments=0),
-           lambda cores: [cores[case.cross_site].hook_scores.register_forward_hook(hook_knockout(0, segments[1]))])
+    # a causal model's first queries see only the first keys: knock out the last segment there (an
+    # all-masked row is 0 for the operator, NaN for eager softmax)
+    g = len(segments) - 2 if getattr(case, "causal", False) else 0
+    _check(case, lambda tr: tr.knockout_segments(case.cross_site, segments=g),
+           lambda cores: [cores[case.cross_site].hook_scores.register_forward_hook(
+               hook_knockout(segments[g], segments[g + 1]))])
 
 
 def test_token_knockout(case):

@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latentflow_fast import probed_attention
+from latentflow_fast.ops import build_plan
+from latentflow_fast.probe.masked import biased_attention
 from latentflow_fast.probe.hooks import trace
 from latentflow_fast.probe.intercept import Interceptor, UnsupportedAttentionError, static_sites
 
@@ -24,6 +26,9 @@ class Recorder:
 
     def attend(self, call):
         self.calls.append(call)
+        if call.attn_bias is not None:
+            plan = build_plan(call.q, call.k, call.v, key_padding_mask=call.key_padding_mask, scale=call.scale)
+            return biased_attention(plan, call.attn_bias)[0], None
         out, _ = probed_attention(call.q, call.k, call.v, key_padding_mask=call.key_padding_mask,
                                   scale=call.scale, backend="reference")
         return out, None
@@ -134,20 +139,50 @@ def test_scale_gqa_and_extra_batch_dims_are_honoured():
         torch.testing.assert_close(net(q5, k5, v5), TwoCalls()(q5, k5, v5), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(is_causal=True), "is_causal"),
-    (dict(attn_mask=torch.ones(5, 5, dtype=torch.bool).tril()), "varies over heads or queries"),
-    (dict(attn_mask=torch.randn(2, 1, 1, 5)), "additive bias"),
-    (dict(dropout_p=0.1), "dropout"),
+@pytest.mark.parametrize("kwargs", [
+    dict(is_causal=True),
+    dict(attn_mask=torch.ones(5, 5, dtype=torch.bool).tril()),                  # per-query bool mask
+    dict(attn_mask=torch.randn(2, 1, 1, 5)),                                    # additive key bias
+    dict(attn_mask=torch.randn(1, 4, 5, 5).masked_fill(torch.eye(5, dtype=torch.bool), float("-inf"))),
+], ids=["causal", "bool_per_query", "float_bias", "per_head_float"])
+def test_general_masks_are_probed_exactly(kwargs):
+    q, k, v = qkv(Nk=5)
+    net = TwoCalls(**kwargs)
+    plain = net(q, k, v)
+    rec = Recorder()
+    with Interceptor(net, rec):
+        out = net(q, k, v)
+    assert rec.calls[0].attn_bias is not None and rec.calls[0].key_padding_mask is None
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_general_masks_with_trace_captures_and_pattern():
+    q, k, v = qkv(Nk=5)
+    net = TwoCalls(is_causal=True)
+    with torch.no_grad(), trace(net, capture=("entropy",)) as tr:
+        tr.cache_hooks(lambda name: name == "root.hook_pattern")
+        net(q, k, v)
+    p = tr.cache["root.hook_pattern"]
+    expected = torch.softmax((q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(
+        ~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf")), -1)
+    torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr["root"].entropy, -torch.special.xlogy(expected, expected).sum(-1),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(dropout_p=0.1), UnsupportedAttentionError, "dropout"),
+    (dict(is_causal=True, attn_mask=torch.ones(5, 5, dtype=torch.bool)), ValueError, "not both"),
 ])
-def test_unsupported_forms_are_refused_at_probed_sites_only(kwargs, match):
+def test_unsupported_forms_are_refused_at_probed_sites_only(kwargs, error, match):
     q, k, v = qkv(Nk=5)
     net = TwoCalls(**kwargs)
     with Interceptor(net, Recorder()):
-        with pytest.raises(UnsupportedAttentionError, match=match):
+        with pytest.raises(error, match=match):
             net(q, k, v)
-    with Interceptor(net, Recorder(want=lambda site: False)):
-        net(q, k, v)  # not probed: runs as written
+    if "dropout_p" in kwargs:
+        with Interceptor(net, Recorder(want=lambda site: False)):
+            net(q, k, v)  # not probed: runs as written
 
 
 def test_three_dim_sdpa_inputs_are_refused_when_probed():
@@ -168,9 +203,23 @@ MHA_CONFIGS = {
 }
 
 
+def _mha_masks(B, H, L, S):
+    g = torch.Generator().manual_seed(2)
+    blocked = torch.rand(L, S, generator=g) < 0.3
+    blocked[:, 0] = False  # every query keeps a key
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[1, 5:] = True
+    return {
+        "padding": dict(key_padding_mask=pad),
+        "float_padding_bias": dict(key_padding_mask=torch.randn(B, S, generator=g)),
+        "attn_mask_bool": dict(attn_mask=blocked, key_padding_mask=pad),
+        "attn_mask_float_3d": dict(attn_mask=torch.randn(B * H, L, S, generator=g)),
+    }
+
+
 @pytest.mark.parametrize("config", list(MHA_CONFIGS))
-@pytest.mark.parametrize("average", [True, False])
-def test_multihead_attention_matches_native_with_weights(config, average):
+@pytest.mark.parametrize("masks", ["padding", "float_padding_bias", "attn_mask_bool", "attn_mask_float_3d"])
+def test_multihead_attention_matches_native_with_weights(config, masks):
     torch.manual_seed(0)
     kw = MHA_CONFIGS[config]
     mha = nn.MultiheadAttention(16, 4, **kw).eval()
@@ -181,29 +230,34 @@ def test_multihead_attention_matches_native_with_weights(config, average):
     query = torch.randn(*shape(L, 16), generator=g)
     key = torch.randn(*shape(S, kw.get("kdim", 16)), generator=g)
     value = torch.randn(*shape(S, kw.get("vdim", 16)), generator=g)
-    pad = torch.zeros(B, S, dtype=torch.bool)
-    pad[1, 5:] = True
+    mask_kw = _mha_masks(B, 4, L, S)[masks]
+    average = masks != "padding"
     with torch.no_grad():
-        out, weights = mha(query, key, value, key_padding_mask=pad, average_attn_weights=average)
+        out, weights = mha(query, key, value, average_attn_weights=average, **mask_kw)
         with trace(mha, capture=("entropy",), backend="reference") as tr:
-            got, got_w = mha(query, key, value, key_padding_mask=pad, average_attn_weights=average)
+            got, got_w = mha(query, key, value, average_attn_weights=average, **mask_kw)
     assert "root" in tr.records
     torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_w, weights, rtol=1e-5, atol=1e-6)
 
 
-def test_multihead_attention_unbatched_and_attn_mask_refusal():
+def test_multihead_attention_unbatched_and_causal():
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
     x = torch.randn(5, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
     with torch.no_grad():
         out, w = mha(x, x, x)
+        out_c, w_c = mha(x, x, x, attn_mask=causal, is_causal=True)
         with trace(mha, capture=("lse",)):
             got, got_w = mha(x, x, x)
-            with pytest.raises(UnsupportedAttentionError, match="attn_mask"):
-                mha(x, x, x, attn_mask=torch.zeros(5, 5))
+            got_c, got_wc = mha(x, x, x, attn_mask=causal, is_causal=True)
+            with pytest.raises(ValueError, match="is_causal"):
+                mha(x, x, x, is_causal=True)
     torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_w, w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_c, out_c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_wc, w_c, rtol=1e-5, atol=1e-6)
     assert "forward" not in mha.__dict__
 
 
@@ -213,13 +267,18 @@ def test_transformer_encoder_fast_path_is_bypassed_and_restored():
     enc = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
     x = torch.randn(2, 5, 16)
     assert static_sites(enc) == [f"layers.{i}.self_attn" for i in range(3)]
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
     with torch.no_grad():
         plain = enc(x)
+        plain_causal = enc(x, mask=causal, is_causal=True)
         with trace(enc, sites="layers.1.*", capture=("entropy",)) as tr:
             out = enc(x)
+            out_causal = enc(x, mask=causal, is_causal=True)
     assert tr.sites == [f"layers.{i}.self_attn" for i in range(3)]  # every call reached self_attn
     assert list(tr.records) == ["layers.1.self_attn"]
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_causal, plain_causal, rtol=1e-5, atol=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled()
 
 
 # ----------------------------------------------------------------------------------- router models

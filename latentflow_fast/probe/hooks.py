@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..ops import CAPTURE_NAMES, probed_attention
+from ..ops import CAPTURE_NAMES, build_plan, probed_attention
+from .masked import biased_attention
 from .intercept import AttentionCall, Interceptor, UnsupportedAttentionError, intercept, static_sites
 
 __all__ = [
@@ -386,8 +387,13 @@ class Trace:
         capture |= {k_[len("hook_"):] for k_ in kinds if k_ in STAT_HOOKS}
         if kinds & set(MAP_HOOKS) or call.need_weights:
             capture.add("lse")
-        out, caps = probed_attention(q, k, v, scale=call.scale, capture=tuple(capture), backend=self.backend,
-                                     **args)
+        if call.attn_bias is None:
+            out, caps = probed_attention(q, k, v, scale=call.scale, capture=tuple(capture), backend=self.backend,
+                                         **args)
+        else:  # causal / per-query / additive masks: the exact eager path (see masked.py)
+            op_plan = build_plan(q, k, v, scale=call.scale, capture=tuple(capture), **args)
+            out, caps = biased_attention(op_plan, call.attn_bias)
+            args["attn_bias"] = call.attn_bias
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
         for kind in STAT_HOOKS:
@@ -550,7 +556,7 @@ def _check_pattern_slice(pattern_slice):
 # ---------------------------------------------------------------------------------------------- slices
 def attention_scores(q: Tensor, k: Tensor, scale: float, args: dict, heads: Tensor, queries: Tensor) -> Tensor:
     """float32 logits [B, h, n, Nk] for the given head and query indices, as the operator defines them
-    (scale * logit_scale * q.k + segment_bias; masked keys -inf)."""
+    (scale * logit_scale * q.k + segment_bias + attn_bias; masked keys -inf)."""
     H, Hkv = q.shape[1], k.shape[1]
     qs = q.index_select(1, heads).index_select(2, queries).float()
     ks = k.index_select(1, torch.div(heads, H // Hkv, rounding_mode="floor")).float()
@@ -561,6 +567,10 @@ def attention_scores(q: Tensor, k: Tensor, scale: float, args: dict, heads: Tens
         bounds = torch.tensor(args["segments"][1:], device=q.device)
         seg_of_key = torch.bucketize(torch.arange(k.shape[2], device=q.device), bounds, right=True)
         s = s + args["segment_bias"].index_select(1, heads)[:, :, seg_of_key][:, :, None, :]
+    bias = args.get("attn_bias")
+    if bias is not None:
+        bias = bias if bias.shape[1] == 1 else bias.index_select(1, heads)
+        s = s + (bias if bias.shape[2] == 1 else bias.index_select(2, queries))
     kpm = args.get("key_padding_mask")
     if kpm is not None:
         s = s.masked_fill(~kpm[:, None, None, :], float("-inf"))

@@ -19,9 +19,11 @@ torch-function mode is active), so its `self_attn` is reached.
 
 Argument conversion (SDPA -> operator): q/k/v [*batch, H, N, D] (leading dims flattened into B); a bool
 `attn_mask`, or a float one holding only 0 / -inf, that is constant over heads and queries becomes the
-operator's `key_padding_mask` [B, Nk]; `scale` and `enable_gqa` are honoured. Masks that vary over queries or
-heads, `is_causal=True`, and `dropout_p > 0` at a *probed* site raise `UnsupportedAttentionError` (the fused
-operator takes key padding only); at unprobed sites they run unchanged.
+operator's `key_padding_mask` [B, Nk] (the fused path); `scale` and `enable_gqa` are honoured. Any other
+mask (`is_causal=True`, masks that vary over queries or heads, additive float biases; MultiheadAttention's
+`attn_mask`) is carried as `AttentionCall.attn_bias` and computed exactly by the float64 eager path
+(`masked.biased_attention`), which materializes [B, H, chunk, Nk]. `dropout_p > 0` and q/k/v of rank 3 at
+a *probed* site raise `UnsupportedAttentionError`; at unprobed sites everything runs unchanged.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class AttentionCall:
     q [B, H, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (head h reads kv head h // (H // Hkv));
     key_padding_mask bool [B, Nk], True = attend; scale None = 1/sqrt(D). `need_weights`: the caller (an
     `nn.MultiheadAttention` asked for `need_weights=True`) also needs the probabilities [B, H, Nq, Nk].
+    attn_bias: any other mask, as a float additive bias (-inf = blocked) of 4 dims broadcastable to
+    [B, H, Nq, Nk] (causal masks, per-query masks, additive position biases); None for the common case.
     """
 
     site: str
@@ -62,6 +66,7 @@ class AttentionCall:
     key_padding_mask: Optional[Tensor] = None
     scale: Optional[float] = None
     need_weights: bool = False
+    attn_bias: Optional[Tensor] = None
 
 
 class SiteHandler(Protocol):
@@ -73,30 +78,42 @@ class SiteHandler(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------- masks
-def _key_padding_from_sdpa_mask(site: str, mask: Tensor, batch_shape: tuple, heads: int, nq: int,
-                                nk: int) -> Tensor:
-    """An SDPA attn_mask that only depends on (batch, key) -> bool [B, Nk] True = attend; else refuse."""
+def _bias_from_mask(mask: Tensor, blocked_is_true: bool) -> Tensor:
+    """A bool mask -> float32 additive bias (0 / -inf); a float mask is already additive."""
+    if mask.dtype == torch.bool:
+        blocked = mask if blocked_is_true else ~mask
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(blocked, float("-inf"))
+    if not mask.is_floating_point():
+        raise TypeError(f"attention masks must be bool or float, got {mask.dtype}")
+    return mask
+
+
+def causal_bias(nq: int, nk: int, device) -> Tensor:
+    """[1, 1, Nq, Nk] -inf above the diagonal (top-left aligned, as SDPA's is_causal)."""
+    keep = torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
+    return _bias_from_mask(~keep, True)[None, None]
+
+
+def _sdpa_mask(site: str, mask: Tensor, batch_shape: tuple, nk: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """An SDPA attn_mask -> (key_padding_mask bool [B, Nk], None) when it only depends on (batch, key) and
+    blocks with -inf; otherwise (None, additive bias broadcastable to [B, H, Nq, Nk])."""
     full_rank = len(batch_shape) + 3
     if mask.dim() > full_rank:
-        raise UnsupportedAttentionError(f"site {site!r}: attn_mask has more dims than the query")
+        raise ValueError(f"site {site!r}: attn_mask has more dims than the query")
     m = mask.reshape((1,) * (full_rank - mask.dim()) + tuple(mask.shape))
-    if m.shape[-3] != 1 or m.shape[-2] != 1:
-        raise UnsupportedAttentionError(
-            f"site {site!r}: attn_mask of shape {tuple(mask.shape)} varies over heads or queries; the probed "
-            "operator supports key padding masks only (broadcastable to [B, 1, 1, Nk]). Causal and per-query "
-            "masks cannot be probed exactly: leave this site out of `sites`."
-        )
-    if m.dtype != torch.bool:
-        if not m.is_floating_point():
-            raise UnsupportedAttentionError(f"site {site!r}: attn_mask of dtype {m.dtype} is not supported")
-        blocked = m == float("-inf")
-        if not bool(((m == 0) | blocked).all()):
-            raise UnsupportedAttentionError(
-                f"site {site!r}: a float attn_mask with values other than 0 and -inf (an additive bias) is not "
-                "supported by the probed operator; only key padding (0 / -inf per key) is."
-            )
-        m = ~blocked
-    return torch.broadcast_to(m, batch_shape + (1, 1, nk)).reshape(-1, nk).contiguous()
+    if m.shape[-3] == 1 and m.shape[-2] == 1:
+        if m.dtype == torch.bool:
+            keep = m
+        elif m.is_floating_point() and bool(((m == 0) | (m == float("-inf"))).all()):
+            keep = m == 0
+        else:
+            keep = None
+        if keep is not None:
+            return torch.broadcast_to(keep, batch_shape + (1, 1, nk)).reshape(-1, nk).contiguous(), None
+    bias = _bias_from_mask(m, blocked_is_true=False)
+    if len(batch_shape) != 1:
+        bias = torch.broadcast_to(bias, batch_shape + tuple(bias.shape[-3:])).reshape((-1,) + tuple(bias.shape[-3:]))
+    return None, bias
 
 
 def sdpa_to_call(site: str, query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p=0.0,
@@ -105,10 +122,8 @@ def sdpa_to_call(site: str, query: Tensor, key: Tensor, value: Tensor, attn_mask
     if dropout_p and dropout_p > 0:
         raise UnsupportedAttentionError(
             f"site {site!r}: attention dropout (dropout_p={dropout_p}) cannot be probed; call model.eval()")
-    if is_causal:
-        raise UnsupportedAttentionError(
-            f"site {site!r}: is_causal=True is not supported by the probed operator (key padding masks only); "
-            "leave this site out of `sites`")
+    if is_causal and attn_mask is not None:
+        raise ValueError(f"site {site!r}: scaled_dot_product_attention takes attn_mask or is_causal, not both")
     if query.dim() < 4 or key.dim() != query.dim() or value.dim() != query.dim():
         raise UnsupportedAttentionError(
             f"site {site!r}: probing needs q/k/v of shape [..., H, N, D] (rank >= 4, equal ranks); got "
@@ -122,10 +137,12 @@ def sdpa_to_call(site: str, query: Tensor, key: Tensor, value: Tensor, attn_mask
     q = query.reshape((-1,) + tuple(query.shape[-3:]))
     k = torch.broadcast_to(key, batch_shape + tuple(key.shape[-3:])).reshape((-1,) + tuple(key.shape[-3:]))
     v = torch.broadcast_to(value, batch_shape + tuple(value.shape[-3:])).reshape((-1,) + tuple(value.shape[-3:]))
-    kpm = None
+    kpm = bias = None
     if attn_mask is not None:
-        kpm = _key_padding_from_sdpa_mask(site, attn_mask, batch_shape, H, Nq, Nk)
-    return AttentionCall(site, q, k, v, kpm, scale), batch_shape
+        kpm, bias = _sdpa_mask(site, attn_mask, batch_shape, Nk)
+    elif is_causal:
+        bias = causal_bias(Nq, Nk, query.device)
+    return AttentionCall(site, q, k, v, kpm, scale, attn_bias=bias), batch_shape
 
 
 # ---------------------------------------------------------------------------------- module path stack
@@ -156,19 +173,19 @@ class _SDPAMode(TorchFunctionMode):
 
 
 # ---------------------------------------------------------------------------------- MultiheadAttention
-def _mha_key_padding(site: str, mask: Optional[Tensor], batch: int, nk: int) -> Optional[Tensor]:
-    """nn.MultiheadAttention's key_padding_mask (bool True = IGNORE, or additive float) -> bool True = attend."""
+def _mha_key_padding(site: str, mask: Optional[Tensor], batch: int, nk: int):
+    """nn.MultiheadAttention's key_padding_mask (bool True = IGNORE, or additive float) -> (bool [B, S] True =
+    attend, None), or (None, additive bias [B, 1, 1, S]) for a float mask with values other than 0 / -inf."""
     if mask is None:
-        return None
+        return None, None
     if mask.shape != (batch, nk):
         raise ValueError(f"site {site!r}: key_padding_mask must have shape {(batch, nk)}, got {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
-        return ~mask
+        return ~mask, None
     blocked = mask == float("-inf")
-    if not bool(((mask == 0) | blocked).all()):
-        raise UnsupportedAttentionError(
-            f"site {site!r}: a float key_padding_mask with values other than 0 and -inf cannot be probed")
-    return ~blocked
+    if bool(((mask == 0) | blocked).all()):
+        return ~blocked, None
+    return None, mask[:, None, None, :]
 
 
 def probed_mha_forward(mha: nn.MultiheadAttention, site: str, handler: SiteHandler, query: Tensor, key: Tensor,
@@ -176,10 +193,8 @@ def probed_mha_forward(mha: nn.MultiheadAttention, site: str, handler: SiteHandl
                        attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                        is_causal: bool = False):
     """nn.MultiheadAttention.forward, with the core attention done by `handler` (same math as torch's)."""
-    if attn_mask is not None or is_causal:
-        raise UnsupportedAttentionError(
-            f"site {site!r}: nn.MultiheadAttention with attn_mask / is_causal cannot be probed (the probed "
-            "operator takes key padding masks only); leave this site out of `sites`")
+    if is_causal and attn_mask is None:
+        raise ValueError(f"site {site!r}: nn.MultiheadAttention needs attn_mask with the is_causal hint")
     if mha.training and mha.dropout > 0:
         raise UnsupportedAttentionError(
             f"site {site!r}: attention dropout ({mha.dropout}) cannot be probed in training mode; call model.eval()")
@@ -200,7 +215,7 @@ def probed_mha_forward(mha: nn.MultiheadAttention, site: str, handler: SiteHandl
     q = F.linear(query, w_q, b_q)
     k = F.linear(key, w_k, b_k)
     v = F.linear(value, w_v, b_v)
-    kpm = _mha_key_padding(site, key_padding_mask, B, key.shape[1])
+    kpm, bias = _mha_key_padding(site, key_padding_mask, B, key.shape[1])
     extra = 0
     if mha.bias_k is not None:  # learned extra key/value, always attended
         k = torch.cat([k, mha.bias_k.reshape(1, 1, E).expand(B, 1, E)], dim=1)
@@ -215,7 +230,13 @@ def probed_mha_forward(mha: nn.MultiheadAttention, site: str, handler: SiteHandl
         extra += 1
     if kpm is not None and extra:
         kpm = torch.cat([kpm, kpm.new_ones(B, extra)], dim=1)
-    out, weights = handler.attend(AttentionCall(site, q, k, v, kpm, None, need_weights))
+    if attn_mask is not None:  # [L, S] or [B * H, L, S]; bool True = NOT allowed, or additive float
+        mask_bias = _bias_from_mask(attn_mask, blocked_is_true=True)
+        mask_bias = mask_bias[None, None] if mask_bias.dim() == 2 else mask_bias.reshape(B, H, L, -1)
+        bias = mask_bias if bias is None else bias + mask_bias
+    if bias is not None and extra:  # the extra keys are attended by every query
+        bias = F.pad(bias, (0, extra))
+    out, weights = handler.attend(AttentionCall(site, q, k, v, kpm, None, need_weights, bias))
     out = F.linear(out.transpose(1, 2).reshape(B, L, E), mha.out_proj.weight, mha.out_proj.bias)
     if not mha.batch_first:
         out = out.transpose(0, 1)
