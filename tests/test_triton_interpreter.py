@@ -355,6 +355,32 @@ def test_triton_backend_reports_why_unavailable_without_gpu(monkeypatch):
         probed_attention(x, x, x, backend="triton")
 
 
+BENCHMARK = ROOT / "benchmarks" / "attention_gpu.py"
+
+
+def test_benchmark_script_without_cuda_exits_cleanly():
+    torch = _torch()
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the benchmark would run for real")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(BENCHMARK)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_benchmark_script_smoke_runs_end_to_end():
+    pytest.importorskip("triton")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCHMARK), "--smoke", "--n", "40", "--d", "16"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| 40 ")]
+    variants = {line.split("|")[4].strip() for line in table}
+    assert {"triton plain", "triton probe", "triton key_mass"} <= variants, proc.stdout
+    assert all(line.split("|")[10].strip() in ("ok", "-") for line in table), proc.stdout
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(sys.argv[2])
