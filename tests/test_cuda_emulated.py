@@ -1,0 +1,122 @@
+"""The CUDA kernels' own source, run on the CPU by the host emulation in tests/cuda_emulator/, against
+the float64 reference: fragment index math, boundary tiles, masks, segments, GQA, strides, every capture
+and intervention, fully masked rows, batch invariance. Goes through backend_cuda.launch, i.e. the same
+argument marshalling and the same pybind bindings as on a GPU.
+
+What it cannot check (see cuda_emulation.h): the hardware's real MMA fragment layout (it encodes the
+PTX ISA's), cp.async/timing races, speed. tests/gpu/test_cuda_gpu.py does that on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from op_cases import INTERVENTIONS, TOLERANCE, make_case, rel_error
+
+from latentflow_fast.ops import CAPTURE_NAMES, build_plan
+from latentflow_fast.ops import backend_cuda
+from latentflow_fast.ops.reference import reference_attention
+
+build_module = pytest.importorskip("cuda_emulator.build", reason="tests/cuda_emulator not importable")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if build_module.compiler() is None:
+        pytest.skip("no host C++ compiler for the CUDA emulator")
+    torch.set_num_threads(1)
+    return build_module.build()
+
+
+def _run_and_check(emu, plan):
+    out, caps = backend_cuda.launch(plan, emu, stream=0, device=0)
+    ref_out, ref_caps = reference_attention(plan, torch.float64)
+    tol = TOLERANCE[plan.q.dtype]
+    assert out.dtype == plan.q.dtype and out.shape == ref_out.shape
+    errors = {"out": rel_error(out, ref_out)}
+    assert set(caps) == set(ref_caps)
+    for name, ref in ref_caps.items():
+        assert caps[name].dtype == torch.float32 and caps[name].shape == ref.shape, name
+        errors[name] = rel_error(caps[name], ref)
+    bad = {name: err for name, err in errors.items() if not err <= tol}
+    assert not bad, bad
+    return out, caps
+
+
+# Seeds alternate dtype and head dim; every 4th seed takes every intervention and capture.
+@pytest.mark.parametrize("seed", range(8))
+def test_random_cases_match_reference(emu, seed):
+    dtype = (torch.bfloat16, torch.float16)[seed % 2]
+    head_dims = (128,) if seed % 3 == 0 else (64,)
+    everything = seed % 4 == 0
+    case = make_case(seed, dtype, max_n=150, head_dims=head_dims,
+                     interventions=INTERVENTIONS if everything else None,
+                     captures=CAPTURE_NAMES if everything else None)
+    _run_and_check(emu, build_plan(case.q, case.k, case.v, **case.kwargs))
+
+
+def _inputs(B, H, Hkv, Nq, Nk, D, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, H, Nq, D, generator=gen) * 1.5).to(dtype)
+    k = (torch.randn(B, Hkv, Nk, D, generator=gen) * 1.5).to(dtype)
+    v = torch.randn(B, Hkv, Nk, D, generator=gen).to(dtype)
+    return q, k, v, gen
+
+
+def test_tile_boundaries_segments_and_knockouts(emu):
+    # Nq and Nk one past a tile; segments that end exactly on, just before and just after tile edges;
+    # one segment knocked out everywhere, one (b, h) with every segment knocked out; a fully masked batch row.
+    q, k, v, gen = _inputs(2, 2, 1, 65, 129, 64, torch.bfloat16)
+    segments = [0, 1, 63, 64, 65, 128, 129]
+    G = len(segments) - 1
+    bias = torch.randn(2, 2, G, generator=gen)
+    bias[:, :, 2] = -math.inf
+    bias[0, 1, :] = -math.inf
+    mask = torch.rand(2, 129, generator=gen) < 0.85
+    mask[1] = False
+    plan = build_plan(q, k, v, key_padding_mask=mask, segments=segments, segment_bias=bias,
+                      logit_scale=torch.tensor([[1.0, 0.0], [2.0, 0.5]]), capture=CAPTURE_NAMES)
+    out, caps = _run_and_check(emu, plan)
+    # Contract for rows with every logit -inf: p = 0, lse = max = -inf, entropy 0.
+    for dead in (caps["lse"][1], caps["lse"][0, 1]):
+        assert torch.isneginf(dead).all()
+    assert (caps["entropy"][1] == 0).all() and (caps["segment_mass"][1] == 0).all()
+    assert (out[1] == 0).all() and (caps["key_mass"][1] == 0).all()
+
+
+def test_gqa_patch_gate_bias_and_strided_inputs(emu):
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 70, 90, 128
+    q, k, v, gen = _inputs(B, H, Hkv, Nq, Nk, D, torch.float16)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, H, D] storage: read in place
+    wide = torch.zeros(B, Hkv, Nk, 2 * D, dtype=v.dtype)
+    wide[..., ::2] = v
+    v = wide[..., ::2]  # last dim strided: the backend copies
+    patch = torch.randn(B, H, D, Nq, generator=gen).to(q.dtype).transpose(2, 3)  # strided out_patch
+    plan = build_plan(q, k, v, segments=[0, 30, 90], head_gate=torch.tensor([[1.0, 0.0, -0.5, 2.0]] * 2),
+                      out_bias=torch.randn(B, H, D, generator=gen), out_patch=patch,
+                      patch_mask=torch.tensor([[True, False, False, True], [False, True, False, False]]),
+                      capture=("entropy", "key_mass", "segment_mass"))
+    _run_and_check(emu, plan)
+
+
+def test_batch_invariance_bitwise(emu):
+    B = 3
+    q, k, v, gen = _inputs(B, 2, 2, 40, 100, 64, torch.bfloat16, seed=3)
+    mask = torch.rand(B, 100, generator=gen) < 0.7
+    extra = dict(logit_scale=torch.rand(B, 2, generator=gen) * 2, segment_bias=torch.randn(B, 2, 2, generator=gen),
+                 head_gate=torch.rand(B, 2, generator=gen), out_bias=torch.randn(B, 2, 64, generator=gen))
+    plan = build_plan(q, k, v, key_padding_mask=mask, segments=[0, 50, 100], capture=CAPTURE_NAMES, **extra)
+    out, caps = backend_cuda.launch(plan, emu, stream=0, device=0)
+    for b in range(B):
+        row = slice(b, b + 1)
+        single = build_plan(q[row], k[row], v[row], key_padding_mask=mask[row], segments=[0, 50, 100],
+                            capture=CAPTURE_NAMES, **{n: t[row] for n, t in extra.items()})
+        out_b, caps_b = backend_cuda.launch(single, emu, stream=0, device=0)
+        assert torch.equal(out[row].view(torch.int16), out_b.view(torch.int16))
+        for name in caps:
+            assert torch.equal(caps[name][row].view(torch.int32), caps_b[name].view(torch.int32)), name
