@@ -344,7 +344,12 @@ def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
         for ax, column, title in ((axes[0], "mrstft_to_clean", "MR-STFT distance to clean"),
                                   (axes[1], "si_sdr_drop_db", "SI-SDR drop vs clean (dB)")):
             grid = singles.pivot_table(index="layer", columns="k0", values=column, aggfunc="mean")
-            image = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", origin="lower", cmap="magma")
+            values = grid.to_numpy(dtype=float)
+            if column == "si_sdr_drop_db":  # signed: diverging colours centred on 0
+                limit = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+                image = ax.imshow(values, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit)
+            else:
+                image = ax.imshow(values, aspect="auto", origin="lower", cmap="magma")
             ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
             ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index])
             ax.set_xlabel("freeze from evaluation k0")

@@ -1,0 +1,120 @@
+"""`latentflow probe`: run the causal probing protocol (P0-P6) and write a report.
+
+    latentflow probe                                  # tiny default model, seeded synthetic clips -> ./latentflow-report
+    latentflow probe --quick --out /tmp/r             # a very small configuration (2 clips cropped to 0.5 s, 4 steps)
+    latentflow probe --experiments p3,p6 --clips 4    # a subset (P4/P6 add P3, whose layer split they use)
+    latentflow probe --model DIR --audio a.wav b.wav --prompt "sine tone" "chirp" --counterfactual "chirp" "sine tone"
+
+The output folder holds results/<exp>/*.parquet, figures/*.png, summary.json, run_info.json and report.html.
+Rerunning the same command into the same folder resumes (stored rows are skipped) and gives an identical
+summary.json. Under torchrun the command runs as `python -m latentflow_fast.cli probe ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "probe", help="run the causal probing protocol and write a report",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="latentflow-report", help="output folder (default: ./latentflow-report)")
+    p.add_argument("--model", default=None, help='"tiny" (default, shipped) or a model directory')
+    p.add_argument("--audio", nargs="+", default=None, metavar="FILE", help="audio files to probe instead of "
+                   "the synthetic clips (one --prompt each)")
+    p.add_argument("--prompt", nargs="+", default=None, help="prompt per --audio file (one prompt: used for all)")
+    p.add_argument("--counterfactual", nargs="+", default=None,
+                   help="counterfactual prompt per --audio file, naming another source in it (P1/P2)")
+    p.add_argument("--clips", type=int, default=None, help="number of synthetic clips (default 8; --quick: 2)")
+    p.add_argument("--steps", type=int, default=None, help="midpoint steps (default 16 = 32 evaluations)")
+    p.add_argument("--experiments", default=None, help="comma-separated subset of p0,p1,p2,p3,p4,p5,p6")
+    p.add_argument("--quick", action="store_true", help="a very small configuration for a smoke run")
+    p.add_argument("--seconds", type=float, default=None, help="crop synthetic clips to their first SECONDS")
+    p.add_argument("--backend", default=None, help='attention operator backend (default "auto")')
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(command="probe")
+    return p
+
+
+def build_config(args):
+    from latentflow_fast.protocol.base import ProtocolConfig
+    from latentflow_fast.protocol.run import experiment_plan, quick_config
+
+    config = quick_config() if args.quick else ProtocolConfig()
+    changes = {}
+    if args.model is not None:
+        changes["model"] = args.model
+    if args.clips is not None:
+        if args.clips < 1:
+            raise SystemExit(f"latentflow probe: --clips must be >= 1, got {args.clips}")
+        changes["num_clips"] = args.clips
+    if args.steps is not None:
+        if args.steps < 1:
+            raise SystemExit(f"latentflow probe: --steps must be >= 1, got {args.steps}")
+        changes["steps"] = args.steps
+    if args.experiments is not None:
+        try:
+            experiment_plan(args.experiments)
+        except ValueError as exc:
+            raise SystemExit(f"latentflow probe: {exc}") from None
+        changes["experiments"] = tuple(n.strip().lower() for n in args.experiments.split(",") if n.strip())
+    if args.backend is not None:
+        changes["backend"] = args.backend
+    return dataclasses.replace(config, **changes)
+
+
+def _user_clips(args, model):
+    from latentflow_fast.protocol.clips import clips_from_files
+
+    prompts = args.prompt or []
+    if not prompts:
+        raise SystemExit("latentflow probe: --audio needs --prompt (one per file, or one for all)")
+    if len(prompts) == 1:
+        prompts = prompts * len(args.audio)
+    counterfactual = args.counterfactual
+    if counterfactual is not None and len(counterfactual) == 1:
+        counterfactual = counterfactual * len(args.audio)
+    try:
+        return clips_from_files(args.audio, prompts, counterfactual, model=model)
+    except ValueError as exc:
+        raise SystemExit(f"latentflow probe: {exc}") from None
+
+
+def run(args) -> int:
+    import torch
+
+    from latentflow_fast.protocol.report import format_table, headline_rows
+    from latentflow_fast.protocol.run import QUICK_CLIP_SECONDS, load_protocol_model, run_protocol
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.audio is None and (args.prompt or args.counterfactual):
+        raise SystemExit("latentflow probe: --prompt / --counterfactual need --audio")
+    config = build_config(args)
+    seconds = args.seconds if args.seconds is not None else (QUICK_CLIP_SECONDS if args.quick else None)
+    started = time.perf_counter()
+    try:
+        model = load_protocol_model(config.model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"latentflow probe: {exc}") from None
+    clips = _user_clips(args, model) if args.audio else None
+    out = Path(args.out)
+    try:
+        summary = run_protocol(config, out, clips=clips, model=model, progress=not args.no_progress,
+                               clip_seconds=None if clips else seconds, model_name=str(config.model))
+    except ValueError as exc:
+        raise SystemExit(f"latentflow probe: {exc}") from None
+    elapsed = time.perf_counter() - started
+    print()
+    print(format_table(headline_rows(summary)))
+    print(f"\n{len(summary['clips'])} clips, {len(summary['experiments'])} experiments in {elapsed:.0f} s")
+    print(f"report: {(out / 'report.html').resolve()}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,209 @@
+"""Run the whole causal probing protocol (P0-P6) into one output folder.
+
+    from latentflow_fast.protocol.run import run_protocol
+    summary = run_protocol(ProtocolConfig(), "latentflow-report")
+
+Output folder:
+    protocol.json            what the folder was made with (config, model, clips); a mismatch is refused
+    results/<exp>/*.parquet  per-probe / per-run rows (the engine's resumable ResultStore)
+    figures/*.png            matplotlib figures
+    summary.json             every headline figure (identical on a rerun: no timings in it)
+    run_info.json            wall time per experiment, versions, threads (differs between runs)
+    report.html              the figures with captions and the summary tables
+
+Resumable and deterministic: every experiment skips rows already stored and its summary is recomputed
+from the stored rows, so an interrupted run continues where it stopped and a rerun writes the same
+summary.json. Experiments run in protocol order (P3 before P4/P6, which use its stable/fast split;
+asking for P4 or P6 adds P3). Sweeps go through ProbeEngine.sweep, where sharding can be added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .base import ProtocolConfig, ProtocolContext
+from .report import headline_rows, json_ready, write_json, write_report
+
+ORDER = ("p0", "p1", "p2", "p3", "p4", "p5", "p6")
+MODULES = {
+    "p0": "latentflow_fast.protocol.p0_determinism",
+    "p1": "latentflow_fast.protocol.p1_pathways",
+    "p2": "latentflow_fast.protocol.p2_grid",
+    "p3": "latentflow_fast.protocol.p3_convergence",
+    "p4": "latentflow_fast.protocol.p4_freezing",
+    "p5": "latentflow_fast.protocol.p5_scaffold",
+    "p6": "latentflow_fast.protocol.p6_lsac",
+}
+DEPENDS = {"p4": ("p3",), "p6": ("p3",)}
+
+
+def quick_config(**overrides) -> ProtocolConfig:
+    """A very small configuration (2 clips, 4 midpoint steps = 8 evaluations) for smoke runs and tests."""
+    base = dict(num_clips=2, steps=4, time_bins=4, window=2, freeze_starts=(2, 4, 6), lsac_refresh=(2, 4),
+                bootstrap=200)
+    base.update(overrides)
+    return ProtocolConfig(**base)
+
+
+QUICK_CLIP_SECONDS = 0.5  # --quick crops the synthetic clips to their first 0.5 s
+
+
+def load_experiment(name: str):
+    if name not in MODULES:
+        raise ValueError(f"experiments: unknown experiment {name!r}; known: {', '.join(ORDER)}")
+    return importlib.import_module(MODULES[name]).EXPERIMENT
+
+
+def experiment_plan(names: Sequence[str]) -> list[str]:
+    """Requested experiments plus their dependencies, in protocol order."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n]
+    wanted = set()
+    for name in names:
+        name = str(name).strip().lower()
+        if name not in MODULES:
+            raise ValueError(f"experiments: unknown experiment {name!r}; known: {', '.join(ORDER)}")
+        wanted.add(name)
+        # A dependency is added when its module exists (without P3, P4/P6 use their documented fallback).
+        wanted.update(d for d in DEPENDS.get(name, ()) if importlib.util.find_spec(MODULES[d]) is not None)
+    return [n for n in ORDER if n in wanted]
+
+
+def load_protocol_model(spec="tiny"):
+    """"tiny" (the shipped default), a directory in the tiny model's format (config.json with a "codec"
+    section + model.safetensors), or any directory `latentflow_fast.models.load_model` reads."""
+    from ..models import load_model
+
+    if str(spec) == "tiny":
+        return load_model("tiny")
+    directory = Path(spec)
+    config_path = directory / "config.json"
+    if config_path.is_file():
+        raw = json.loads(config_path.read_text())
+        if isinstance(raw, dict) and {"codec", "text_encoder", "model"} <= set(raw):
+            from safetensors.torch import load_file
+
+            from ..models.loading import load_state_dict_strict
+            from ..models.tiny import build_tiny_model
+
+            weights = directory / "model.safetensors"
+            if not weights.is_file():
+                raise FileNotFoundError(f"model: no model.safetensors in {directory}")
+            model = build_tiny_model(raw)
+            load_state_dict_strict(model, load_file(str(weights), device="cpu"))
+            return model.eval()
+    return load_model(directory)
+
+
+def describe_model(model, spec) -> dict:
+    cfg = model.config
+    return {"spec": str(spec), "dim": cfg.dim, "n_heads": cfg.n_heads, "n_layers": cfg.n_layers,
+            "latent_dim": cfg.latent_dim,
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+
+
+def describe_clip(pclip) -> dict:
+    clip = pclip.clip
+    return {"clip_id": clip.clip_id, "prompt": clip.prompt, "counterfactual": pclip.counterfactual_prompt,
+            "group": pclip.group, "gain_group": pclip.meta.get("gain_group", ""),
+            "sources": ", ".join(pclip.classes), "seconds": round(clip.mixture.numel() / clip.sample_rate, 3)}
+
+
+def _check_folder(out_dir: Path, manifest: dict) -> None:
+    path = out_dir / "protocol.json"
+    wanted = json_ready(manifest)
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            raise ValueError(f"out_dir: {out_dir} holds a protocol run made with another setup "
+                             f"(differs in: {', '.join(diff)}); use another folder or delete it")
+    else:
+        write_json(path, wanted)
+
+
+def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-report", clips=None, model=None,
+                 progress: bool = True, clip_seconds: Optional[float] = None, model_name: Optional[str] = None) -> dict:
+    """Run config.experiments (plus dependencies) and write the output folder; returns the summary dict.
+
+    clips: ProtocolClip list (default: `clips.default_clips(config, model, clip_seconds)`).
+    model: a loaded model (default: `load_protocol_model(config.model)`); model_name labels it in the report.
+    """
+    from tqdm.auto import tqdm
+
+    from ..probe import ProbeEngine
+    from .clips import default_clips
+
+    config = ProtocolConfig() if config is None else config
+    if not isinstance(config, ProtocolConfig):
+        raise TypeError(f"config must be a ProtocolConfig, got {type(config).__name__}")
+    plan = experiment_plan(config.experiments)
+    experiments = [load_experiment(name) for name in plan]  # import errors surface before any work
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = model_name or (config.model if model is None else "given model object")
+    if model is None:
+        model = load_protocol_model(config.model)
+    model = model.eval()
+    if clips is None:
+        clips = default_clips(config, model, seconds=clip_seconds)
+    clips = list(clips)
+    if not clips:
+        raise ValueError("clips: no clips to probe")
+    model_info = describe_model(model, spec)
+    clip_info = [describe_clip(c) for c in clips]
+    _check_folder(out_dir, {"config": config.fingerprint(), "model": model_info, "clips": clip_info,
+                            "clip_seconds": clip_seconds})
+    engine = ProbeEngine(model, backend=config.backend, time_bins=config.time_bins)
+    ctx = ProtocolContext(config=config, model=model, engine=engine, clips=clips, out_dir=out_dir, progress=progress)
+    ctx.summaries = {}  # earlier experiments' summaries (P4/P6 read P3's stable/fast split here)
+    figure_dir = out_dir / "figures"
+    figure_dir.mkdir(exist_ok=True)
+    figures, timings = [], {}
+    bar = tqdm(experiments, desc="protocol", unit="exp", disable=not progress, dynamic_ncols=True)
+    for experiment in bar:
+        bar.set_postfix_str(experiment.name)
+        started = time.perf_counter()
+        df = experiment.run(ctx)
+        result = json_ready(experiment.summarize(df, ctx))
+        ctx.summaries[experiment.name] = result
+        for path, caption in experiment.figures(df, result, figure_dir) or []:
+            figures.append({"experiment": experiment.name, "path": Path(path).resolve().relative_to(out_dir.resolve()).as_posix(),
+                            "caption": caption})
+        timings[experiment.name] = round(time.perf_counter() - started, 2)
+    summary = {
+        "config": config.fingerprint(),
+        "clip_seconds": clip_seconds,
+        "model": model_info,
+        "clips": clip_info,
+        "experiments": {e.name: {"title": e.title, "description": _first_paragraph(e),
+                                 "summary": ctx.summaries[e.name]} for e in experiments},
+        "figures": figures,
+    }
+    write_json(out_dir / "summary.json", summary)
+    run_info = {"seconds_per_experiment": timings, "total_seconds": round(sum(timings.values()), 2),
+                "torch": torch.__version__, "python": platform.python_version(),
+                "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    write_json(out_dir / "run_info.json", run_info)
+    write_report(out_dir, json_ready(summary), figures, run_info)
+    return json_ready(summary)
+
+
+def _first_paragraph(experiment) -> str:
+    module = importlib.import_module(MODULES[experiment.name])
+    doc = (module.__doc__ or "").strip()
+    return doc.split("\n\n")[0].replace("\n", " ") if doc else ""
+
+
+__all__ = ["MODULES", "ORDER", "QUICK_CLIP_SECONDS", "experiment_plan", "headline_rows", "load_protocol_model",
+           "quick_config", "run_protocol"]
