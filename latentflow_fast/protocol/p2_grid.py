@@ -1,0 +1,140 @@
+"""P2 layer x evaluation-window causal grid.
+
+For every layer l and every window of ``config.window`` consecutive evaluations starting at
+w = 0, window, 2*window, ... (the probe branches from the clean trajectory at evaluation w, is active at
+evaluations w .. w+window-1 only, and the branch is integrated to t=1):
+
+* ``additive`` / ``routing``: P1's swaps (time-mean / frame-varying part of the cross-attention output
+  replaced by the counterfactual prompt's run) at layer l only;
+* ``cross-attn ablation`` / ``self-attn ablation``: all heads of layer l's cross-/self-attention gated to 0;
+* ``self-attn head ablation``: one self-attention head at a time (gate 0); heatmaps average over heads.
+
+Effects as in effects.py (semantic: toward the counterfactual source; acoustic: MR-STFT distance to the
+identity-matched clean output). Heatmaps show the mean over clips for each (layer, window start).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..probe import Probe
+from .base import Experiment, ProtocolContext
+from .effects import json_ready, make_end_metrics
+from .p1_pathways import COUNTERFACTUAL_RUN, prepare_runs, save_figure, tidy
+
+PROBE_TYPES = ("additive", "routing", "cross-attn ablation", "self-attn ablation", "self-attn head ablation")
+EFFECTS = ("semantic_effect", "acoustic_effect")
+
+
+def window_starts(num_evaluations: int, window: int) -> list[int]:
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return list(range(0, num_evaluations, window))
+
+
+def grid_probes(num_layers: int, num_heads: int, num_evaluations: int, window: int) -> list[Probe]:
+    probes = []
+    for layer in range(num_layers):
+        cross, self_ = f"layers.{layer}.cross_attn", f"layers.{layer}.self_attn"
+        for start in window_starts(num_evaluations, window):
+            common = dict(evaluation=start, window=window)
+            probes += [
+                Probe(site=cross, intervention="additive_swap", source=COUNTERFACTUAL_RUN, label="additive", **common),
+                Probe(site=cross, intervention="routing_swap", source=COUNTERFACTUAL_RUN, label="routing", **common),
+                Probe(site=cross, intervention="head_ablation", label="cross-attn ablation", **common),
+                Probe(site=self_, intervention="head_ablation", label="self-attn ablation", **common),
+            ]
+            probes += [Probe(site=self_, intervention="head_ablation", heads=(h,), label="self-attn head ablation",
+                             **common) for h in range(num_heads)]
+    return probes
+
+
+def run(ctx: ProtocolContext) -> pd.DataFrame:
+    store = ctx.store("p2")
+    engine = ctx.engine
+    num_layers = engine.model.config.n_layers
+    for pclip in ctx.clips:
+        if not pclip.counterfactual_prompt:
+            continue
+        clean, counterfactual = prepare_runs(ctx, pclip)
+        probes = grid_probes(num_layers, engine.num_heads, clean.num_evaluations, ctx.config.window)
+        engine.sweep(clean, probes, end_effect=True, store=store, progress=ctx.progress,
+                     end_metrics=make_end_metrics(pclip, clean, counterfactual))
+    return tidy(store.load())
+
+
+def grid_means(df: pd.DataFrame, probe_type: str, effect: str) -> pd.DataFrame:
+    """Mean over clips (and heads) of `effect`: rows = layer, columns = window start evaluation."""
+    sub = df[df["probe_type"] == probe_type]
+    return sub.pivot_table(index="layer", columns="evaluation", values=effect, aggfunc="mean", dropna=False)
+
+
+def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
+    if df.empty:
+        return {"clips": 0}
+    df = tidy(df) if "probe_type" not in df.columns else df
+    grids = {}
+    for probe_type in PROBE_TYPES:
+        entry = {}
+        for effect in EFFECTS:
+            g = grid_means(df, probe_type, effect)
+            if g.empty:
+                continue
+            values = g.to_numpy(dtype=float)
+            cell = {}
+            if np.isfinite(values).any():
+                i, j = np.unravel_index(np.nanargmax(np.abs(values)), values.shape)
+                cell = {"layer": int(g.index[i]), "window_start": int(g.columns[j]), "value": float(values[i, j])}
+            entry[effect] = {"layers": [int(x) for x in g.index], "window_starts": [int(x) for x in g.columns],
+                             "mean": values.tolist(), "largest_cell": cell,
+                             "mean_by_window": np.nanmean(values, axis=0).tolist() if np.isfinite(values).any() else [],
+                             "mean_by_layer": np.nanmean(values, axis=1).tolist() if np.isfinite(values).any() else []}
+        grids[probe_type] = entry
+    return json_ready({"clips": int(df["clip_id"].nunique()), "window": int(ctx.config.window), "grids": grids})
+
+
+def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grids = summary.get("grids", {})
+    types = [t for t in PROBE_TYPES if grids.get(t)]
+    if not types:
+        return []
+    fig, axes = plt.subplots(len(types), 2, figsize=(9, 2.3 * len(types) + 0.6), squeeze=False)
+    for row, probe_type in enumerate(types):
+        for col, effect in enumerate(EFFECTS):
+            ax = axes[row][col]
+            cell = grids[probe_type].get(effect)
+            if not cell:
+                ax.axis("off")
+                continue
+            values = np.array([[np.nan if v is None else v for v in r] for r in cell["mean"]], dtype=float)
+            cmap = "RdBu_r" if effect == "semantic_effect" else "viridis"
+            kwargs = {}
+            if effect == "semantic_effect" and np.isfinite(values).any():
+                bound = float(np.nanmax(np.abs(values))) or 1.0
+                kwargs = dict(vmin=-bound, vmax=bound)
+            image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, **kwargs)
+            ax.set_xticks(range(len(cell["window_starts"])), cell["window_starts"])
+            ax.set_yticks(range(len(cell["layers"])), cell["layers"])
+            ax.set_xlabel("window start (evaluation)")
+            ax.set_ylabel("layer")
+            ax.set_title(f"{probe_type}: {effect.split('_')[0]}", fontsize=9)
+            fig.colorbar(image, ax=ax)
+    fig.suptitle(f"P2: layer x evaluation-window grid (window = {summary.get('window')} evaluations)")
+    path = save_figure(fig, Path(out_dir) / "p2_grid.png")
+    caption = ("P2 heatmaps: mean over clips of the semantic (left; red = toward the counterfactual source) and "
+               "acoustic (right; MR-STFT distance) effect of each probe applied at one layer (y) during one window "
+               "of evaluations starting at x; rows: additive swap, routing swap, cross- and self-attention "
+               "ablation, single self-attention heads (averaged over heads).")
+    return [(path, caption)]
+
+
+EXPERIMENT = Experiment(name="p2", title="P2 Layer x evaluation-window causal grid",
+                        run=run, summarize=summarize, figures=figures)
