@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from latentflow_fast.ops import available_backends
 from latentflow_fast.probe.hooks import trace
 
 TOL = 1e-5
@@ -264,8 +265,8 @@ def case(request):
     return CASES[request.param]()
 
 
-def engine_run(case, inputs, configure, capture=()):
-    with trace(case.model, capture=capture, segments=case.segments, backend="reference") as tr:
+def engine_run(case, inputs, configure, capture=(), backend="reference"):
+    with trace(case.model, capture=capture, segments=case.segments, backend=backend) as tr:
         configure(tr)
         out = case.run(inputs)
     return out, tr
@@ -291,9 +292,9 @@ def test_unprobed_and_captured_runs_match_the_model(case):
     assert case.site in tr.records and tr[case.site].entropy.shape[1] == case.heads
 
 
-def _check(case, configure, install, inputs=None):
+def _check(case, configure, install, inputs=None, backend="reference"):
     inputs = inputs or case.clean
-    engine, _ = engine_run(case, inputs, configure)
+    engine, _ = engine_run(case, inputs, configure, backend=backend)
     baseline = eager_run(case, inputs, install)
     assert rel_err(engine, baseline) <= TOL
     assert rel_err(baseline, case.run(inputs)) > 1e-4  # the intervention does something
@@ -350,3 +351,20 @@ def test_activation_patching(case):
     assert rel_err(clean_out, store["z"]) <= TOL
     assert rel_err(engine, baseline) <= TOL
     assert rel_err(baseline, case.run(case.corrupt)) > 1e-4
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="the C++ CPU backend is not built")
+def test_fused_cpu_backend_matches_hooks(case):
+    """Ablation + temperature + token knockout at once, on the fused C++ kernel (the causal case runs the
+    exact eager path for its masks whatever the backend)."""
+
+    def configure(tr):
+        tr.ablate_heads(case.site, heads=1).set_temperature(case.site, 2.0, heads=0)
+        tr.knockout_keys(case.cross_site, keys=[1, 2])
+
+    def install(cores):
+        return [cores[case.site].hook_z.register_forward_hook(hook_ablate([1])),
+                cores[case.site].hook_scores.register_forward_hook(hook_temperature(2.0, [0])),
+                cores[case.cross_site].hook_scores.register_forward_hook(hook_knockout(1, 3))]
+
+    _check(case, configure, install, backend="cpu")

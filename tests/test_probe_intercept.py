@@ -279,6 +279,9 @@ def test_transformer_encoder_fast_path_is_bypassed_and_restored():
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_causal, plain_causal, rtol=1e-5, atol=1e-5)
     assert torch.backends.mha.get_fastpath_enabled()
+    with torch.no_grad(), trace(enc, capture=("lse",), intercept_sdpa=False) as tr:  # MHA swap alone
+        torch.testing.assert_close(enc(x), plain, rtol=1e-5, atol=1e-5)
+    assert list(tr.records) == [f"layers.{i}.self_attn" for i in range(3)]
 
 
 # ----------------------------------------------------------------------------------- router models

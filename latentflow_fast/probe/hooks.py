@@ -378,36 +378,36 @@ class Trace:
         q, k, v = (self._input_hook(plan, site, kind, t)
                    for kind, t in zip(INPUT_HOOKS, (call.q, call.k, call.v)))
         B, H, Nq, _ = q.shape
-        Nk, Dv = k.shape[2], v.shape[3]
-        args = self._operator_args(plan, site, call.key_padding_mask, B, H, Nq, Nk, Dv, q)
+        args = self._operator_args(plan, site, call.key_padding_mask, B, H, Nq, k.shape[2], v.shape[3], q)
         kinds = set(plan.hooks) | set(plan.cache)
         if "segments" not in args:
             kinds.discard("hook_segment_mass")
         capture = {n for n in plan.record if n in CAPTURE_NAMES}
-        capture |= {k_[len("hook_"):] for k_ in kinds if k_ in STAT_HOOKS}
+        capture |= {kind[len("hook_"):] for kind in kinds if kind in STAT_HOOKS}
         if kinds & set(MAP_HOOKS) or call.need_weights:
-            capture.add("lse")
+            capture.add("lse")  # patterns are exp(score - final lse)
         if call.attn_bias is None:
             out, caps = probed_attention(q, k, v, scale=call.scale, capture=tuple(capture), backend=self.backend,
                                          **args)
         else:  # causal / per-query / additive masks: the exact eager path (see masked.py)
-            op_plan = build_plan(q, k, v, scale=call.scale, capture=tuple(capture), **args)
-            out, caps = biased_attention(op_plan, call.attn_bias)
+            out, caps = biased_attention(build_plan(q, k, v, scale=call.scale, capture=tuple(capture), **args),
+                                         call.attn_bias)
             args["attn_bias"] = call.attn_bias
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
         for kind in STAT_HOOKS:
             if kind in kinds:
                 self._read_only_hook(plan, site, kind, caps[kind[len("hook_"):]])
-        for kind in MAP_HOOKS:
-            if kind in kinds:
-                heads = select_mask(self.pattern_slice[0], H, "pattern_slice heads", q.device).nonzero().flatten()
-                rows = select_mask(self.pattern_slice[1], Nq, "pattern_slice queries", q.device).nonzero().flatten()
-                scores = attention_scores(q, k, scale, args, heads, rows)
-                value = scores if kind == "hook_attn_scores" else pattern_from_scores(scores, caps["lse"], heads, rows)
-                self._read_only_hook(plan, site, kind, value)
+        if kinds & set(MAP_HOOKS):
+            heads = select_mask(self.pattern_slice[0], H, "pattern_slice heads", q.device).nonzero().flatten()
+            rows = select_mask(self.pattern_slice[1], Nq, "pattern_slice queries", q.device).nonzero().flatten()
+            scores = attention_scores(q, k, scale, args, heads, rows)  # only the slice asked for
+            if "hook_attn_scores" in kinds:
+                self._read_only_hook(plan, site, "hook_attn_scores", scores)
+            if "hook_pattern" in kinds:
+                self._read_only_hook(plan, site, "hook_pattern", pattern_from_scores(scores, caps["lse"], heads, rows))
         weights = None
-        if call.need_weights:
+        if call.need_weights:  # nn.MultiheadAttention(need_weights=True): the caller asked for the full map
             all_heads = torch.arange(H, device=q.device)
             scores = attention_scores(q, k, scale, args, all_heads, torch.arange(Nq, device=q.device))
             weights = pattern_from_scores(scores, caps["lse"], all_heads, None)

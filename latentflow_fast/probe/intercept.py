@@ -13,9 +13,10 @@ An `Interceptor` routes every attention call of a model to one `SiteHandler`, na
   the root module's forward is named "root".
 
 The handler says per site whether it wants the call (`wants(site)`); a call nobody wants runs the original
-code (plain SDPA / the native MultiheadAttention forward), so an unprobed site costs a dict lookup. While the
-mode is active, `nn.TransformerEncoderLayer`'s fused eval fast path is bypassed (torch skips it whenever a
-torch-function mode is active), so its `self_attn` is reached.
+code (plain SDPA / the native MultiheadAttention forward), so an unprobed site costs a dict lookup. The
+torch-function mode itself adds ~1-2 us of Python per torch call of the forward (router models skip it).
+While active on a model with MultiheadAttention modules, `torch.backends.mha` fast paths are switched off
+(restored on exit), so `nn.TransformerEncoderLayer`'s fused eval path reaches the swapped `self_attn`.
 
 Argument conversion (SDPA -> operator): q/k/v [*batch, H, N, D] (leading dims flattened into B); a bool
 `attn_mask`, or a float one holding only 0 / -inf, that is constant over heads and queries becomes the
@@ -331,6 +332,8 @@ class Interceptor:
 
     # -- install / remove
     def __enter__(self) -> "Interceptor":
+        if self._undo or self._mode is not None:
+            raise RuntimeError("this Interceptor is already active; create a new one to nest")
         try:
             if self.router is not None:
                 self._install_router()
@@ -377,9 +380,14 @@ class Interceptor:
         return handle
 
     def _install_mha(self) -> None:
+        found = False
         for path, module in self.model.named_modules():
             if not isinstance(module, nn.MultiheadAttention):
                 continue
+            if not found:  # the fused TransformerEncoderLayer / MHA eval path would skip the swapped forward
+                found, fastpath = True, torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+                self._undo.append(lambda f=fastpath: torch.backends.mha.set_fastpath_enabled(f))
             site = path or ROOT_SITE
             had_own = "forward" in module.__dict__
             own = module.__dict__.get("forward")
