@@ -147,6 +147,22 @@ def test_patched_or_gated_heads_without_captures(isa):
              capture=("lse",))
 
 
+def test_one_segment_per_key(isa):
+    """G = Nk: every key tile covers 64 segments (the per-tile segment pieces at their maximum)."""
+    q, k, v, gen = _inputs(Nk=130)
+    _compare(q, k, v, segments=list(range(131)), segment_bias=torch.randn(2, 4, 130, generator=gen),
+             capture=CAPTURE_NAMES)
+
+
+def test_expanded_and_sliced_inputs(isa):
+    """Zero strides (broadcast views), storage offsets and transposed storage."""
+    q, k, v, _ = _inputs(B=1, Nq=9, Nk=70, D=16, Dv=16)
+    big = torch.randn(3, 4, 20, 40)
+    _compare(q.expand(3, -1, -1, -1), k.expand(3, -1, -1, -1), v.expand(3, -1, -1, -1).transpose(2, 3)
+             .contiguous().transpose(2, 3), capture=("lse", "key_mass"))
+    _compare(big[1:2, :, 3:12, 5:21], k, v, out_patch=big[:1, :, :9, 20:36], patch_mask=torch.tensor([True, False] * 2))
+
+
 def test_bfloat16_large_logits(isa):
     q, k, v, _ = _inputs(dtype=torch.bfloat16)
     _compare(q * 4, k, v, dtype_tol=2e-2, capture=CAPTURE_NAMES, segments=[0, 64, 65, 130])
