@@ -278,3 +278,14 @@ def test_nothing_probed_means_the_model_runs_untouched(setup):
 def test_hook_point_layer():
     assert HookPoint("layers.12.self_attn.hook_z", "layers.12.self_attn", "hook_z").layer() == 12
     assert HookPoint("root.hook_z", "root", "hook_z").layer() is None
+
+
+def test_mistyped_sites_and_hook_names_warn(setup):
+    model, x, keep = setup
+    with pytest.warns(UserWarning, match="matched none of the sites"):
+        with torch.no_grad(), trace(model, backend="reference") as tr:
+            tr.ablate_heads("block.1", heads=0)
+            model(x, keep)
+    with pytest.warns(UserWarning, match="matched no hook name"):
+        with torch.no_grad():
+            run_with_hooks(model, x, keep, fwd_hooks=[("blocks.1.hook_zz", lambda t, hook: None)])

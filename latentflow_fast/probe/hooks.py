@@ -32,6 +32,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -248,6 +249,7 @@ class Trace:
         self.cache: dict[str, Tensor] = {}
         self._interventions: list[_Intervention] = []
         self._hooks: list[tuple] = []  # (filter, fn)
+        self._hook_specs: list[tuple] = []  # (name as given, fn)
         self._cache_filter: Optional[Callable[[str], bool]] = None
         self.pattern_slice = (None, None)
         self._plans: dict[str, _SitePlan] = {}
@@ -258,12 +260,31 @@ class Trace:
         self._interceptor.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._interceptor.__exit__(*exc)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._interceptor.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self._warn_unmatched()
+
+    def _warn_unmatched(self) -> None:
+        """A mistyped site pattern must not pass for "no effect": warn about interventions and named hooks
+        that matched none of the sites the model called."""
+        seen = list(self._interceptor.seen)
+        if not seen:
+            return
+        for iv in self._interventions:
+            if not any(_matches(site, iv.sites) for site in seen):
+                warnings.warn(f"intervention {iv.kind} on {list(iv.sites)} matched none of the sites called: {seen}",
+                              stacklevel=3)
+        names = [f"{site}.{kind}" for site in seen for kind in HOOK_KINDS]
+        for spec, _ in self._hook_specs:
+            if isinstance(spec, (str, list, tuple)) and not any(_name_filter(spec)(n) for n in names):
+                warnings.warn(f"hook {spec!r} matched no hook name; sites called: {seen}; kinds: {HOOK_KINDS}",
+                              stacklevel=3)
 
     def __getitem__(self, site: str) -> SiteRecord:
         if site not in self.records:
-            raise KeyError(f"no record for site {site!r}; recorded: {sorted(self.records)}")
+            raise KeyError(f"no record for site {site!r}; recorded: {sorted(self.records)}; "
+                           f"sites called: {list(self._interceptor.seen)}")
         return self.records[site]
 
     def __contains__(self, site: str) -> bool:
@@ -341,6 +362,7 @@ class Trace:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         self._hooks.append((_name_filter(name), fn))
+        self._hook_specs.append((name, fn))
         self._changed()
         return self
 
