@@ -3,8 +3,9 @@
 
 Sites are named by `intercept.Interceptor` ("layers.3.self_attn" on SAM Audio, module paths elsewhere).
 Every probed call runs the fused `probed_attention` operator once, with the interventions set on the trace
-as per-(row, head) operator arguments; sites with nothing to capture, intervene on or hook run the model's
-own attention untouched.
+as per-(row, head) operator arguments (calls with causal / per-query / additive masks run the exact float64
+eager path of `masked.py` instead); sites with nothing to capture, intervene on or hook run the model's own
+attention untouched. Traces nest: the innermost trace that wants a site handles it.
 
 Hook names, per site (layouts as TransformerLens uses them; B batch, H heads, N positions):
 
@@ -23,8 +24,10 @@ are recomputed from q and k for that slice only, using the lse of the fused pass
 merge into channels is the model's business (SAM Audio and nn.MultiheadAttention both merge "(h d)", so
 `z.flatten(2)` is the input of the output projection).
 
-Scores, patterns and statistics are read-only: a hook that returns or edits them raises ValueError that names
-the interventions which do change the distribution (see `Trace`).
+Per call, hooks run in this order: hook_q/k/v (may edit) -> the operator, with the trace's interventions ->
+statistics -> hook_attn_scores -> hook_pattern -> hook_z (may edit). Scores, patterns and statistics are
+read-only: a hook that returns or edits them raises ValueError that names the interventions which do
+change the distribution (see `Trace`).
 """
 
 from __future__ import annotations
