@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .ops.profiling import nvtx_range
+
 METHODS = {"euler": 1, "midpoint": 2}  # network evaluations per step
 
 # velocity_fn(state, t, evaluation) -> velocity with the shape of state
@@ -77,7 +79,8 @@ def sample_ode(velocity_fn: VelocityFn, x0: torch.Tensor, steps: int = 16, metho
 
     def evaluate(state: torch.Tensor, t: float, step: int) -> torch.Tensor:
         nonlocal counter
-        v = velocity_fn(state, t, counter)
+        with nvtx_range(f"latentflow.evaluation.{counter}"):
+            v = velocity_fn(state, t, counter)
         if v.shape != state.shape:
             raise ValueError(f"velocity_fn returned shape {tuple(v.shape)}, expected {tuple(state.shape)}")
         if trajectory is not None:

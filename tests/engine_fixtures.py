@@ -46,3 +46,13 @@ def mixed_probes(sites, evaluations=(0, 1, 2)) -> list[Probe]:
                           {"intervention": "segment_bias", "segments": (0,), "value": 2.0}],
                          evaluations=evaluations, window=None)
     return probes
+
+
+def save_small_model(directory, seed: int = 0):
+    """Save the small random model in the tiny format, so `load_model(directory)` and the CLI can use it."""
+    from latentflow_fast.models.loading import save_tiny_format
+
+    torch.manual_seed(seed)
+    cfg = copy.deepcopy(DEFAULT_TINY_CONFIG)
+    cfg["model"] = dict(dim=32, n_heads=2, n_layers=2)
+    return save_tiny_format(build_tiny_model(cfg), cfg, directory)

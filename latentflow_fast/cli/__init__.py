@@ -35,7 +35,7 @@ def _load(module_name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentflow", description=__doc__.split("\n\n")[0])
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     subparsers.required = True
     for module_name in SUBCOMMANDS.values():
         module = _load(module_name)
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    status = _load(SUBCOMMANDS[args.command]).run(args)
+    status = _load(SUBCOMMANDS[args.subcommand]).run(args)
     return int(status or 0)
 
 

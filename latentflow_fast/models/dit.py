@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.profiling import nvtx_range
 from .attention import AttentionRouter, site_name
 from .config import SAMAudioConfig
 
@@ -232,6 +233,7 @@ class DiT(nn.Module):
         self.dropout = cfg.dropout
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_positions)
         self.layers = nn.ModuleList(DiTBlock(cfg, i, self.attention_router) for i in range(cfg.n_layers))
+        self._range_names = [f"latentflow.layer.{i}" for i in range(cfg.n_layers)]
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.output = nn.Linear(D, cfg.out_channels, bias=cfg.fc_bias)
         self.x_embedder = Patcher(D)
@@ -248,8 +250,9 @@ class DiT(nn.Module):
         t = self.t_embedder(time)  # [B, D]
         t0 = self.t_block(F.silu(t))  # [B, 6D]
         y = self.y_embedder(memory)
-        for layer in self.layers:
-            h = layer(h, y, t0, padding_mask, memory_mask, self.rope)
+        for name, layer in zip(self._range_names, self.layers):
+            with nvtx_range(name):  # latentflow.layer.<i>: Nsight / torch profiler
+                h = layer(h, y, t0, padding_mask, memory_mask, self.rope)
         shift, scale = (self.final_layer_scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
         h = modulate(self.norm(h), shift, scale)
         return self.output(F.dropout(h, self.dropout, self.training))
