@@ -219,6 +219,18 @@ def test_thread_count_invariance(isa):
     _assert_bitwise(one, probed_attention(q, k, v, backend="cpu", **kwargs))
 
 
+def test_concurrent_python_threads(isa):
+    """The kernel releases the GIL: calls from several Python threads at once give the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [_all_args(2, seed=10 + i) for i in range(4)]
+    sequential = [probed_attention(q, k, v, backend="cpu", **kw) for q, k, v, kw in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda job: probed_attention(*job[:3], backend="cpu", **job[3]), jobs))
+    for a, b in zip(sequential, concurrent):
+        _assert_bitwise(a, b)
+
+
 # ------------------------------------------------------------------------------------- registration
 
 
