@@ -205,10 +205,11 @@ __global__ void __launch_bounds__(kThreads)
       pa[2] = pack2<T>(s[2 * c + 1][0], s[2 * c + 1][1]);
       pa[3] = pack2<T>(s[2 * c + 1][2], s[2 * c + 1][3]);
 #pragma unroll
-      for (int n = 0; n < kOTiles; ++n) {
-        uint32_t bf[2];
-        load_b_frag_cols(bf, vt, kPitch, c * 16, n * 8, lane);
-        mma_16816<T>(acc_o[n], pa, bf);
+      for (int n = 0; n < kOTiles; n += 2) {
+        uint32_t bf_lo[2], bf_hi[2];
+        load_b_frag_cols_x2(bf_lo, bf_hi, vt, kPitch, c * 16, n * 8, lane);
+        mma_16816<T>(acc_o[n], pa, bf_lo);
+        mma_16816<T>(acc_o[n + 1], pa, bf_hi);
       }
     }
     __syncthreads();  // all warps are done with this buffer and bias_s before they are overwritten

@@ -116,11 +116,6 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 // of D + 8 elements, the 32 lanes of a fragment load (rows g, words t) hit 32 distinct banks.
 __device__ __forceinline__ uint32_t load_pair(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-// Two elements of one column in consecutive rows, low half = upper row (B fragment of V: k = key).
-__device__ __forceinline__ uint32_t load_column_pair(const uint16_t* p, int pitch) {
-  return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[pitch]) << 16);
-}
-
 // A fragment of rows [row0, row0+16) and columns [col0, col0+16) of a row-major tile.
 __device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const uint16_t* tile, int pitch, int row0, int col0,
                                             int lane) {
@@ -142,14 +137,33 @@ __device__ __forceinline__ void load_b_frag_rows(uint32_t (&b)[2], const uint16_
   b[1] = load_pair(p + 8);
 }
 
-// B fragment (k x n = 16 x 8) with k = rows [row0, row0+16) and n = columns [col0, col0+8) of a
-// row-major tile: the V operand of O = P V.
-__device__ __forceinline__ void load_b_frag_cols(uint32_t (&b)[2], const uint16_t* tile, int pitch, int row0, int col0,
-                                                 int lane) {
-  const int g = lane >> 2, t = lane & 3;
-  const uint16_t* p = tile + (row0 + 2 * t) * pitch + col0 + g;
-  b[0] = load_column_pair(p, pitch);
-  b[1] = load_column_pair(p + 8 * pitch, pitch);
+// ldmatrix.x4.trans: lane l supplies the address of row (l % 8) of 8x8 matrix (l / 8) (16 bytes, 16-byte
+// aligned); register m of lane l receives rows 2(l%4), 2(l%4)+1 of column l/4 of matrix m, i.e. the
+// B fragment half of a k x n tile stored k-major (PTX ISA, "Warp-level matrix load instruction: ldmatrix").
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+#ifdef LATENTFLOW_EMULATE
+  ::latentflow_emu::ldmatrix_x4_trans(r, row);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+// B fragments (k x n = 16 x 8) of two adjacent n-tiles, columns [col0, col0+8) and [col0+8, col0+16),
+// with k = rows [row0, row0+16) of a row-major tile: the V operand of O = P V, in one ldmatrix.
+// Matrix m covers rows row0 + 8 (m & 1) and columns col0 + 8 (m >> 1); with the D + 8 row pitch the
+// 8 rows of each matrix fall in distinct bank quadruples.
+__device__ __forceinline__ void load_b_frag_cols_x2(uint32_t (&b_lo)[2], uint32_t (&b_hi)[2], const uint16_t* tile,
+                                                    int pitch, int row0, int col0, int lane) {
+  const int m = lane >> 3, j = lane & 7;
+  uint32_t r[4];
+  ldmatrix_x4_trans(r, tile + (row0 + j + 8 * (m & 1)) * pitch + col0 + 8 * (m >> 1));
+  b_lo[0] = r[0];
+  b_lo[1] = r[1];
+  b_hi[0] = r[2];
+  b_hi[1] = r[3];
 }
 
 // ---- element conversions ----

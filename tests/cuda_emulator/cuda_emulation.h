@@ -10,6 +10,8 @@
 //                          16x16 A and 16x8 B tiles from the PTX ISA fragment layout (section "Matrix
 //                          Fragments for mma.m16n8k16 with floating point type") and computes its C
 //                          fragment in float;
+//   ldmatrix.x4.trans      every lane publishes its row address; each lane gathers its registers by the
+//                          PTX ISA's ldmatrix layout;
 //   cp.async               a synchronous 16-byte copy (zero fill when invalid);
 //   shared memory          a per-CTA buffer of exactly the launch's dynamic size plus a guard band that
 //                          is checked after the CTA (overflow -> exception).
@@ -140,6 +142,7 @@ struct Warp {
   float shuffle[32];
   uint32_t a[32][4];
   uint32_t b[32][2];
+  const uint16_t* rows[32];
 };
 
 struct Cta {
@@ -210,6 +213,22 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     c[i] += sum;
   }
   w.barrier.arrive_and_wait();  // nobody overwrites the published fragments before all lanes read them
+}
+
+// ldmatrix.m8n8.x4.trans.b16: lane 8m + j supplies row j of matrix m; register m of lane l receives the
+// elements (row 2(l%4), col l/4) [low half] and (row 2(l%4)+1, col l/4) [high half] of matrix m.
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+  Warp& w = my_warp();
+  const int lane = my_lane();
+  w.rows[lane] = row;
+  w.barrier.arrive_and_wait();
+  const int g = lane >> 2, t = lane & 3;
+  for (int m = 0; m < 4; ++m) {
+    const uint16_t lo = w.rows[8 * m + 2 * t][g];
+    const uint16_t hi = w.rows[8 * m + 2 * t + 1][g];
+    r[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  w.barrier.arrive_and_wait();
 }
 
 template <typename Kernel, typename Args>
