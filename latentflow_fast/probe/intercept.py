@@ -267,7 +267,8 @@ def find_router(model: nn.Module):
 
 def router_sites(model: nn.Module, router) -> list[str]:
     """Sites of the modules that call `router` (they carry `.site` and `.router`)."""
-    names = [m.site for m in model.modules() if getattr(m, "router", None) is router and isinstance(getattr(m, "site", None), str)]
+    names = [m.site for m in model.modules()
+             if getattr(m, "router", None) is router and isinstance(getattr(m, "site", None), str)]
     return list(dict.fromkeys(names))
 
 

@@ -28,7 +28,8 @@ def biased_attention(plan: AttentionPlan, attn_bias: Tensor, query_chunk: int = 
     try:
         torch.broadcast_shapes(attn_bias.shape, (B, H, Nq, Nk))
     except RuntimeError:
-        raise ValueError(f"attn_bias of shape {tuple(attn_bias.shape)} is not broadcastable to {(B, H, Nq, Nk)}") from None
+        raise ValueError(f"attn_bias of shape {tuple(attn_bias.shape)} is not broadcastable to "
+                         f"{(B, H, Nq, Nk)}") from None
     f64 = torch.float64
     if Nq == 0:
         empty = plan.q.new_zeros((B, H, 0, plan.value_dim))
