@@ -23,10 +23,7 @@ __all__ = [
 ]
 
 # Hook-style API (trace, run_with_cache, run_with_hooks) for any nn.Module.
-try:
-    from .hooks import *  # noqa: F401,F403
-    from .hooks import __all__ as _hooks_all
+from .hooks import *  # noqa: E402,F401,F403
+from .hooks import __all__ as _hooks_all  # noqa: E402
 
-    __all__ += list(_hooks_all)
-except ImportError:  # pragma: no cover - while hooks.py is being written
-    pass
+__all__ += list(_hooks_all)
