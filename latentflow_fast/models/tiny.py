@@ -32,18 +32,18 @@ def dct_matrix(n: int) -> torch.Tensor:
     return torch.from_numpy(m)
 
 
-class TinyCodec(AudioCodec, nn.Module):
+class TinyCodec(AudioCodec):
     """Non-overlapping frames of ``hop`` samples, each mapped by an orthonormal DCT-II and scaled.
 
     latent[b, t, :] = scale * DCT(wave[b, t*hop:(t+1)*hop]); decode is the exact inverse
     (an orthogonal matrix), so ``decode(encode(x)) == x`` up to float32 rounding for any
     ``x`` whose length is a multiple of ``hop`` (shorter tails are zero-padded by ``encode``).
     ``scale`` (default 10) brings sources at RMS ~0.1 to latents of ~unit variance.
-    The DCT matrix is a non-persistent buffer: the codec adds no state-dict keys.
+    The DCT matrix is a plain attribute (float64, cast per call): the codec adds no state-dict keys.
     """
 
     def __init__(self, sample_rate: int = 16_000, hop: int = 64, scale: float = 10.0):
-        nn.Module.__init__(self)
+        super().__init__()
         if not isinstance(hop, int) or hop < 1:
             raise ValueError(f"hop must be a positive int, got {hop!r}")
         if not isinstance(sample_rate, int) or sample_rate < 1:
@@ -53,7 +53,9 @@ class TinyCodec(AudioCodec, nn.Module):
         self.hop = hop
         self.scale = float(scale)
         self._sample_rate = sample_rate
-        self.register_buffer("basis", dct_matrix(hop).to(torch.float32), persistent=False)
+        # float64 master copy, not a buffer: adds no state-dict keys and survives model.to(float32)
+        self._basis64 = dct_matrix(hop)
+        self._basis_cache: dict = {}
 
     @property
     def sample_rate(self) -> int:
@@ -71,6 +73,12 @@ class TinyCodec(AudioCodec, nn.Module):
     def hop_length(self) -> int:
         return self.hop
 
+    def basis(self, device, dtype) -> torch.Tensor:
+        key = (str(device), dtype)
+        if key not in self._basis_cache:
+            self._basis_cache[key] = self._basis64.to(device=device, dtype=dtype)
+        return self._basis_cache[key]
+
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
         """wave [B, S] (or [S]) -> latent [B, ceil(S / hop), hop]."""
         if not isinstance(wave, torch.Tensor):
@@ -85,7 +93,7 @@ class TinyCodec(AudioCodec, nn.Module):
         if pad:
             wave = torch.nn.functional.pad(wave, (0, pad))
         frames = wave.reshape(wave.shape[0], -1, self.hop)
-        basis = self.basis.to(device=wave.device, dtype=wave.dtype)
+        basis = self.basis(wave.device, wave.dtype)
         return (frames @ basis.T) * self.scale
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -94,18 +102,18 @@ class TinyCodec(AudioCodec, nn.Module):
             raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
         if latent.dim() != 3 or latent.shape[-1] != self.hop:
             raise ValueError(f"latent must be [B, T, {self.hop}], got shape {tuple(latent.shape)}")
-        basis = self.basis.to(device=latent.device, dtype=latent.dtype)
+        basis = self.basis(latent.device, latent.dtype)
         frames = (latent / self.scale) @ basis
         return frames.reshape(latent.shape[0], -1)
 
 
-class TinyTextEncoder(TextEncoder, nn.Module):
+class TinyTextEncoder(TextEncoder):
     """Prompts over a fixed vocabulary: lowercase, whitespace tokens, a learned embedding per word
     plus a learned embedding per position. Weights live in the model state dict (``text_encoder.*``).
     """
 
     def __init__(self, vocabulary=TINY_VOCABULARY, dim: int = 64, max_tokens: int = 4):
-        nn.Module.__init__(self)
+        super().__init__()
         vocabulary = tuple(vocabulary)
         if not vocabulary or len(set(vocabulary)) != len(vocabulary):
             raise ValueError("vocabulary must be a non-empty list of distinct words")
@@ -166,7 +174,7 @@ DEFAULT_TINY_CONFIG: dict = {
     "name": "tiny",
     "codec": {"type": "tiny_dct", "sample_rate": 16_000, "hop": 64, "scale": 10.0},
     "text_encoder": {"type": "tiny_vocab", "vocabulary": list(TINY_VOCABULARY), "dim": 64, "max_tokens": 4},
-    "model": {},
+    "model": {"dim": 128, "n_heads": 4, "n_layers": 4, "latent_dim": 64, "text_dim": 64},
 }
 
 

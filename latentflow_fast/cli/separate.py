@@ -1,0 +1,105 @@
+"""`latentflow separate`: separate the prompted source from an audio file (or a synthetic demo mixture).
+
+    latentflow separate mix.wav --prompt "sine tone" --out-dir out/
+    latentflow separate --demo --out-dir out/          # no file needed: a synthetic mixture
+
+Writes <name>.target.wav and <name>.residual.wav (and, with --demo, the mixture and reference stems).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+DEMO_SEED = 1_000_000_007  # a held-out evaluation seed (latentflow_fast.data.EVAL_SEEDS)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "separate", help="separate the prompted source from an audio file",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", nargs="?", help="WAV/FLAC file (any sample rate; multichannel is averaged)")
+    p.add_argument("--prompt", help='text naming the source, e.g. "sine tone" (with --demo: default = the '
+                                    "demo's own prompt)")
+    p.add_argument("--demo", action="store_true", help="build a synthetic mixture instead of reading a file")
+    p.add_argument("--demo-seed", type=int, default=DEMO_SEED, help="seed of the --demo mixture")
+    p.add_argument("--model", default="tiny", help='"tiny" (default, shipped) or a local model directory')
+    p.add_argument("--steps", type=int, default=16, help="ODE steps (midpoint: 2 network evaluations each)")
+    p.add_argument("--method", default="midpoint", choices=["midpoint", "euler"])
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--out-dir", default=".", help="where to write the output files")
+    p.add_argument("--format", default=None, choices=["wav", "flac"], help="output format (default: input's, else wav)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(command="separate")
+    return p
+
+
+def _write(path: Path, wave, sample_rate: int) -> Path:
+    import soundfile as sf
+
+    sf.write(str(path), np.asarray(wave, dtype=np.float32), sample_rate)
+    return path
+
+
+def run(args) -> int:
+    import torch
+
+    from latentflow_fast import load_model
+
+    if args.demo == bool(args.input):
+        raise SystemExit("latentflow separate: give either an input file or --demo (not both)")
+    if args.steps < 1:
+        raise SystemExit(f"latentflow separate: --steps must be >= 1, got {args.steps}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    if args.demo:
+        from latentflow_fast.data import make_mixture
+
+        mix = make_mixture(args.demo_seed)
+        audio, sample_rate, prompt = mix.mixture, mix.sample_rate, args.prompt or mix.prompt
+        stem, ext = f"demo_{args.demo_seed}", args.format or "wav"
+        written.append(_write(out_dir / f"{stem}.mixture.{ext}", mix.mixture, sample_rate))
+        for cls, src in zip(mix.classes, mix.sources):
+            written.append(_write(out_dir / f"{stem}.reference.{cls.replace(' ', '_')}.{ext}", src, sample_rate))
+        print(f"demo mixture (seed {args.demo_seed}): {' + '.join(mix.classes)}; prompt {prompt!r}")
+    else:
+        import soundfile as sf
+
+        path = Path(args.input)
+        if not path.is_file():
+            raise SystemExit(f"latentflow separate: no such file: {path}")
+        if not args.prompt:
+            raise SystemExit("latentflow separate: --prompt is required with an input file")
+        data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)  # [S, channels]
+        audio, prompt = data.mean(axis=1), args.prompt
+        stem = path.stem
+        ext = args.format or (path.suffix.lstrip(".").lower() if path.suffix.lower() in (".wav", ".flac") else "wav")
+
+    model = load_model(args.model)
+    try:
+        result = model.separate(torch.from_numpy(np.ascontiguousarray(audio)), int(sample_rate), prompt,
+                                steps=args.steps, method=args.method, seed=args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"latentflow separate: {exc}") from None
+    written.append(_write(out_dir / f"{stem}.target.{ext}", result.target.numpy(), result.sample_rate))
+    written.append(_write(out_dir / f"{stem}.residual.{ext}", result.residual.numpy(), result.sample_rate))
+
+    if args.demo:
+        from latentflow_fast.metrics import identity_correct, si_sdr_improvement
+
+        sdri = float(si_sdr_improvement(result.target, mix.target, mix.mixture))
+        line = {"prompt": prompt, "si_sdri_db": round(sdri, 2)}
+        if prompt == mix.prompt:
+            line["identity_correct"] = bool(identity_correct(result.target, mix.sources, mix.target_index))
+        print(json.dumps(line))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
