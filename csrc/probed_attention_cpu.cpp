@@ -145,10 +145,22 @@ class Runner {
     const auto& vs = a_.v_strides;
     for (int64_t j = 0; j < keys; ++j) {
       const int64_t kbase = b * ks[0] + hk * ks[1] + (k0 + j) * ks[2];
-      for (int64_t d = 0; d < L_.D; ++d) kd[d * kKeyTile + j] = load(a_.k, kbase + d * ks[3]);
+      load_row(a_.k, kbase, ks[3], L_.D, kKeyTile, kd + j);
       const int64_t vbase = b * vs[0] + hk * vs[1] + (k0 + j) * vs[2];
-      float* vrow = vd + j * L_.dv_padded;
-      for (int64_t c = 0; c < L_.Dv; ++c) vrow[c] = load(a_.v, vbase + c * vs[3]);
+      load_row(a_.v, vbase, vs[3], L_.Dv, 1, vd + j * L_.dv_padded);
+    }
+  }
+
+  // dst[c * dst_stride] = src[base + c * stride] for c < count, with a unit-stride fast path the
+  // compiler can vectorise (the common layout).
+  static void load_row(const void* src, int64_t base, int64_t stride, int64_t count, int64_t dst_stride, float* dst) {
+    const Storage* p = static_cast<const Storage*>(src) + base;
+    if (stride == 1 && dst_stride == 1) {
+      for (int64_t c = 0; c < count; ++c) dst[c] = T::load(p[c]);
+    } else if (stride == 1) {
+      for (int64_t c = 0; c < count; ++c) dst[c * dst_stride] = T::load(p[c]);
+    } else {
+      for (int64_t c = 0; c < count; ++c) dst[c * dst_stride] = T::load(p[c * stride]);
     }
   }
 
@@ -188,7 +200,8 @@ class Runner {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t base = b * qs[0] + h * qs[1] + (q0 + r) * qs[2];
       float* row = dst + r * L_.D;
-      for (int64_t d = 0; d < L_.D; ++d) row[d] = load(a_.q, base + d * qs[3]) * qscale;
+      load_row(a_.q, base, qs[3], L_.D, 1, row);
+      for (int64_t d = 0; d < L_.D; ++d) row[d] *= qscale;
     }
     std::fill(dst + rows * L_.D, dst + rows4 * L_.D, 0.0f);
   }
