@@ -34,11 +34,14 @@ def compiler() -> str | None:
     return shutil.which("g++")
 
 
-def build(build_root: Path | None = None):
-    """Compile if needed and return the imported module (raises RuntimeError with the compiler output)."""
+def build(build_root: Path | None = None, sanitize: bool = False):
+    """Compile if needed and return the imported module (raises RuntimeError with the compiler output).
+
+    sanitize=True builds with AddressSanitizer (the process must preload libasan: see asan_check.py).
+    """
     import pybind11
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(b"asan" if sanitize else b"")
     for path in SOURCES + HEADERS:
         digest.update(path.read_bytes())
     out_dir = (build_root or ROOT / "build" / "cuda_emulator") / digest.hexdigest()[:16]
@@ -48,7 +51,8 @@ def build(build_root: Path | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f"tmp_{MODULE}{suffix}"
         cmd = [
-            compiler() or "g++", "-O2", "-std=c++20", "-shared", "-fPIC", "-pthread",
+            compiler() or "g++", *(["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else ["-O2"]),
+            "-std=c++20", "-shared", "-fPIC", "-pthread",
             "-DLATENTFLOW_EMULATE", "-include", str(HERE / "cuda_emulation.h"),
             f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
             "-x", "c++", *map(str, SOURCES), "-o", str(tmp),
