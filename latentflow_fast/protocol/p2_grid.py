@@ -106,6 +106,15 @@ def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
     types = [t for t in PROBE_TYPES if grids.get(t)]
     if not types:
         return []
+    def as_array(cell):
+        return np.array([[np.nan if v is None else v for v in r] for r in cell["mean"]], dtype=float)
+
+    # One colour scale per effect across all rows, so probe types can be compared by colour.
+    bounds = {}
+    for effect in EFFECTS:
+        stacked = [as_array(grids[t][effect]) for t in types if grids[t].get(effect)]
+        finite = np.concatenate([a[np.isfinite(a)] for a in stacked]) if stacked else np.array([])
+        bounds[effect] = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
     fig, axes = plt.subplots(len(types), 2, figsize=(9, 2.3 * len(types) + 0.6), squeeze=False)
     for row, probe_type in enumerate(types):
         for col, effect in enumerate(EFFECTS):
@@ -114,13 +123,12 @@ def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
             if not cell:
                 ax.axis("off")
                 continue
-            values = np.array([[np.nan if v is None else v for v in r] for r in cell["mean"]], dtype=float)
-            cmap = "RdBu_r" if effect == "semantic_effect" else "viridis"
-            kwargs = {}
-            if effect == "semantic_effect" and np.isfinite(values).any():
-                bound = float(np.nanmax(np.abs(values))) or 1.0
-                kwargs = dict(vmin=-bound, vmax=bound)
-            image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, **kwargs)
+            values = as_array(cell)
+            if effect == "semantic_effect":
+                image = ax.imshow(values, aspect="auto", origin="lower", cmap="RdBu_r",
+                                  vmin=-bounds[effect], vmax=bounds[effect])
+            else:
+                image = ax.imshow(values, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=bounds[effect])
             ax.set_xticks(range(len(cell["window_starts"])), cell["window_starts"])
             ax.set_yticks(range(len(cell["layers"])), cell["layers"])
             ax.set_xlabel("window start (evaluation)")
@@ -132,7 +140,7 @@ def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
     caption = ("P2 heatmaps: mean over clips of the semantic (left; red = toward the counterfactual source) and "
                "acoustic (right; MR-STFT distance) effect of each probe applied at one layer (y) during one window "
                "of evaluations starting at x; rows: additive swap, routing swap, cross- and self-attention "
-               "ablation, single self-attention heads (averaged over heads).")
+               "ablation, single self-attention heads (averaged over heads). One colour scale per effect for all rows.")
     return [(path, caption)]
 
 
