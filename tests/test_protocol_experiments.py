@@ -102,7 +102,8 @@ def test_p1_identity_swaps_are_exactly_zero_and_real_swaps_are_not(results):
 def test_p2_grid_shape_and_neutral_probe(results):
     df = results[0][0]["p2"]
     windows = len(p2_grid.window_starts(4, 2))
-    assert len(df) == 2 * LAYERS * windows * (4 + HEADS)
+    assert len(df) == 2 * LAYERS * windows * 4
+    assert len(p2_grid.grid_probes(LAYERS, HEADS, 4, 2, per_head=True)) == LAYERS * windows * (4 + HEADS)
     grid = p2_grid.grid_means(df, "routing", "acoustic_effect")
     assert grid.shape == (LAYERS, windows) and np.isfinite(grid.to_numpy()).all()
     assert (df["acoustic_effect"] > 0).all()

@@ -7,7 +7,8 @@ evaluations w .. w+window-1 only, and the branch is integrated to t=1):
 * ``additive`` / ``routing``: P1's swaps (time-mean / frame-varying part of the cross-attention output
   replaced by the counterfactual prompt's run) at layer l only;
 * ``cross-attn ablation`` / ``self-attn ablation``: all heads of layer l's cross-/self-attention gated to 0;
-* ``self-attn head ablation``: one self-attention head at a time (gate 0); heatmaps average over heads.
+* ``self-attn head ablation`` (only with ``per_head=True`` in `grid_probes`; off in the protocol run to keep
+  its cost at 4 probes per cell): one self-attention head at a time; heatmaps average over heads.
 
 Effects as in effects.py (semantic: toward the counterfactual source; acoustic: MR-STFT distance to the
 identity-matched clean output). Heatmaps show the mean over clips for each (layer, window start).
@@ -35,7 +36,8 @@ def window_starts(num_evaluations: int, window: int) -> list[int]:
     return list(range(0, num_evaluations, window))
 
 
-def grid_probes(num_layers: int, num_heads: int, num_evaluations: int, window: int) -> list[Probe]:
+def grid_probes(num_layers: int, num_heads: int, num_evaluations: int, window: int,
+                per_head: bool = False) -> list[Probe]:
     probes = []
     for layer in range(num_layers):
         cross, self_ = f"layers.{layer}.cross_attn", f"layers.{layer}.self_attn"
@@ -47,8 +49,9 @@ def grid_probes(num_layers: int, num_heads: int, num_evaluations: int, window: i
                 Probe(site=cross, intervention="head_ablation", label="cross-attn ablation", **common),
                 Probe(site=self_, intervention="head_ablation", label="self-attn ablation", **common),
             ]
-            probes += [Probe(site=self_, intervention="head_ablation", heads=(h,), label="self-attn head ablation",
-                             **common) for h in range(num_heads)]
+            if per_head:
+                probes += [Probe(site=self_, intervention="head_ablation", heads=(h,),
+                                 label="self-attn head ablation", **common) for h in range(num_heads)]
     return probes
 
 
@@ -140,7 +143,8 @@ def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
     caption = ("P2 heatmaps: mean over clips of the semantic (left; red = toward the counterfactual source) and "
                "acoustic (right; MR-STFT distance) effect of each probe applied at one layer (y) during one window "
                "of evaluations starting at x; rows: additive swap, routing swap, cross- and self-attention "
-               "ablation, single self-attention heads (averaged over heads). One colour scale per effect for all rows.")
+               "ablation (and single self-attention heads, averaged over heads, when run). One colour scale per effect "
+               "for all rows.")
     return [(path, caption)]
 
 
