@@ -2,12 +2,13 @@
 // online-softmax step with a polynomial exp2. Every function carries a target attribute (no global
 // -mavx512f), so this file links into a build that still runs on CPUs without AVX-512: the driver only
 // calls these after checking the CPU at run time.
+#include "cpu_microkernels.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
-
-#include "cpu_microkernels.h"
 
 #define LF_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,avx2")))
 
@@ -201,3 +202,11 @@ const MicroKernels& avx512_kernels() {
 }
 
 }  // namespace latentflow
+
+#else  // not x86-64 GCC/Clang: no AVX-512 path (cpu_has_avx512() is false, so this is never selected)
+
+namespace latentflow {
+const MicroKernels& avx512_kernels() { return generic_kernels(); }
+}  // namespace latentflow
+
+#endif
