@@ -140,7 +140,8 @@ def write_report(out_dir, summary: dict, figures: list, run_info: dict | None = 
         parts.append("</table>")
     parts.append("<h2>Summary</h2><table><tr><th>experiment</th><th>headline</th></tr>")
     for name, entry in summary.get("experiments", {}).items():
-        headline = (entry.get("summary") or {}).get("headline", "")
+        result = entry.get("summary") or {}
+        headline = result.get("headline") or "; ".join(f"{k} = {v}" for k, v in flatten(result, depth=0)[:4])
         parts.append(f"<tr><td>{esc(entry.get('title', name))}</td><td>{esc(str(headline))}</td></tr>")
     parts.append("</table>")
     for name, entry in summary.get("experiments", {}).items():
