@@ -157,6 +157,10 @@ def _mean(series) -> Optional[float]:
     return float(values.mean()) if len(values) else None
 
 
+def _num(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
 def _variant_summary(part: pd.DataFrame) -> dict:
     return {
         "steps": int(part["steps"].iloc[0]), "self_attention_calls": int(part["self_attention_calls"].iloc[0]),
@@ -214,13 +218,13 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
         ratios = [v.get("retention_ratio") for v in lsac_only.values() if v.get("retention_ratio") is not None]
         summary["max_retention_ratio"] = max(ratios) if ratios else None
         summary["all_counts_match_formula"] = all(v["count_matches_formula"] for v in results.values())
-        best = max(lsac_only.values(), key=lambda v: v["counted_saved_fraction"])
-        summary["headline"] = (
-            f"LSAC on layers {best['layers']} N={best['refresh']}: {100 * best['counted_saved_fraction']:.1f}% "
-            f"fewer self-attention calls, degradation {best['mean_degradation_db']:.3f} dB vs naive "
-            f"{best['matched_naive_steps']} steps {best.get('matched_naive_degradation_db', float('nan')):.3f} dB "
-            f"(retention ratio {best.get('retention_ratio', float('nan')):.2f})"
-        )
+        parts = []
+        for v in sorted(lsac_only.values(), key=lambda v: v["refresh"]):
+            parts.append(
+                f"N={v['refresh']}: {100 * v['counted_saved_fraction']:.1f}% fewer self-attention calls, "
+                f"degradation {_num(v['mean_degradation_db'])} dB vs naive {v['matched_naive_steps']} steps "
+                f"{_num(v.get('matched_naive_degradation_db'))} dB (retention {_num(v.get('retention_ratio'), '.2f')})")
+        summary["headline"] = f"LSAC on stable layers {split['stable_layers']}: " + "; ".join(parts)
     return summary
 
 
