@@ -58,6 +58,7 @@ latentflow::ProbedAttentionArgs parse_args(const py::dict& d) {
   a.value_dim = get_int32(d, "value_dim");
   a.num_segments = get_int32(d, "num_segments");
   a.scale = item(d, "scale").cast<float>();
+  if (d.contains("rows_per_warp")) a.rows_per_warp = get_int32(d, "rows_per_warp");
   a.q = get_ptr<const void*>(d, "q");
   get_strides(d, "q_stride", a.q_stride);
   a.k = get_ptr<const void*>(d, "k");

@@ -1,6 +1,7 @@
 // CUDA forward kernel of probed attention (DESIGN.md section 3), FlashAttention-2 style:
-// one CTA = 4 warps = 64 query rows of one (b, h); each warp owns 16 rows and streams the keys in tiles
-// of 64 (cp.async double buffer), S = Q K^T and O += P V on mma.sync.m16n8k16 tensor cores, an online
+// one CTA = 4 warps = 64 * kM query rows of one (b, h); each warp owns kM sub-tiles of 16 rows and
+// streams the keys in tiles of kKeys = 64 or 32 (cp.async double buffer), S = Q K^T and O += P V on
+// mma.sync.m16n8k16 tensor cores (every K/V fragment read from shared memory feeds kM MMAs), an online
 // softmax in float32, and the captures carried online beside it:
 //   lse, max        from the running max m and normaliser l;
 //   entropy         U = sum_j e^{s_j - m} (s_j - m), rescaled like l; H = log l - U / l;
@@ -24,32 +25,39 @@
 namespace latentflow {
 namespace device {
 
-template <int D>
+template <int D, int kM, int kKeys>
 constexpr int forward_smem_bytes() {
   // Q tile + 2 K tiles + 2 V tiles (16-bit, padded rows) + per-key bias and segment of the current tile.
-  return (kBlockM + 4 * kBlockN) * (D + kPad) * 2 + kBlockN * (4 + 4);
+  return (16 * kWarps * kM + 4 * kKeys) * (D + kPad) * 2 + kKeys * (4 + 4);
 }
 
-template <typename T, int D>
+template <typename T, int D, int kM, int kKeys>
 __global__ void __launch_bounds__(kThreads)
     latentflow_probed_attn_fwd_cuda(const ProbedAttentionArgs args) {
+  constexpr int kRows = 16 * kWarps * kM;  // query rows per CTA
   constexpr int kPitch = D + kPad;
-  constexpr int kTileElems = kBlockN * kPitch;
-  constexpr int kNTiles = kBlockN / 8;  // 8-key MMA tiles of S per warp
-  constexpr int kOTiles = D / 8;        // 8-column MMA tiles of O per warp
+  constexpr int kTileElems = kKeys * kPitch;
+  constexpr int kNTiles = kKeys / 8;  // 8-key MMA tiles of S per 16-row sub-tile
+  static_assert(kKeys % 16 == 0 && kKeys <= kThreads, "key tile: whole 16-key MMA chunks, one bias per thread");
+  constexpr int kOTiles = D / 8;        // 8-column MMA tiles of O per 16-row sub-tile
+  static_assert(kOTiles % 2 == 0, "V fragments are loaded two n-tiles at a time");
+  // Q fragments stay in registers when they fit beside the accumulators, else they are re-read from
+  // shared memory every key tile (the FlashAttention-2 choice at D = 128).
+  constexpr bool kQInRegisters = kM * D <= 128;
 
   LATENTFLOW_DYNAMIC_SMEM(smem_raw);
   uint16_t* q_s = reinterpret_cast<uint16_t*>(smem_raw);
-  uint16_t* k_s = q_s + kBlockM * kPitch;  // [2][kBlockN][kPitch]
-  uint16_t* v_s = k_s + 2 * kTileElems;    // [2][kBlockN][kPitch]
+  uint16_t* k_s = q_s + kRows * kPitch;  // [2][kKeys][kPitch]
+  uint16_t* v_s = k_s + 2 * kTileElems;  // [2][kKeys][kPitch]
   float* bias_s = reinterpret_cast<float*>(v_s + 2 * kTileElems);
-  int* seg_s = reinterpret_cast<int*>(bias_s + kBlockN);
+  int* seg_s = reinterpret_cast<int*>(bias_s + kKeys);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const int b = blockIdx.z, h = blockIdx.y;
   const int Nq = args.num_queries, Nk = args.num_keys, G = args.num_segments;
-  const int q0 = blockIdx.x * kBlockM;
+  const int q0 = blockIdx.x * kRows;
+  const int warp_row0 = warp * 16 * kM;  // first row of the warp's sub-tiles within the CTA's rows
   const int hk = h / (args.heads / args.kv_heads);
   const int64_t bh = static_cast<int64_t>(b) * args.heads + h;
 
@@ -60,38 +68,43 @@ __global__ void __launch_bounds__(kThreads)
   const float logit_mult = args.scale * (args.logit_scale != nullptr ? args.logit_scale[bh] : 1.0f);
   const bool want_entropy = args.entropy != nullptr;
   const bool want_segments = args.segment_mass != nullptr;
-  const int num_tiles = (Nk + kBlockN - 1) / kBlockN;
+  const int num_tiles = (Nk + kKeys - 1) / kKeys;
 
   // Prologue: Q and the first K/V tile in one copy group.
-  load_tile_async<kBlockM, D>(q_s, q_g, args.q_stride[2], min(kBlockM, Nq - q0), tid);
-  load_tile_async<kBlockN, D>(k_s, k_g, args.k_stride[2], min(kBlockN, Nk), tid);
-  load_tile_async<kBlockN, D>(v_s, v_g, args.v_stride[2], min(kBlockN, Nk), tid);
+  load_tile_async<kRows, D>(q_s, q_g, args.q_stride[2], min(kRows, Nq - q0), tid);
+  load_tile_async<kKeys, D>(k_s, k_g, args.k_stride[2], min(kKeys, Nk), tid);
+  load_tile_async<kKeys, D>(v_s, v_g, args.v_stride[2], min(kKeys, Nk), tid);
   cp_async_commit();
 
-  // Row state: index r = 0 for row g of the warp's 16, r = 1 for row g + 8. m is identical in the 4
-  // lanes of a quad; l, u and seg_open are per-lane partial sums over the lane's columns.
-  float m[2] = {neg_inf(), neg_inf()};
-  float l[2] = {0.0f, 0.0f};
-  float u[2] = {0.0f, 0.0f};
-  float seg_open[2] = {0.0f, 0.0f};
-  float acc_o[kOTiles][4];
+  // Row state of sub-tile i: [i][0] for its row g, [i][1] for row g + 8. m is identical in the 4 lanes
+  // of a quad; l, u and seg_open are per-lane partial sums over the lane's columns.
+  float m[kM][2], l[kM][2], u[kM][2], seg_open[kM][2];
+  float acc_o[kM][kOTiles][4];
 #pragma unroll
-  for (int n = 0; n < kOTiles; ++n) acc_o[n][0] = acc_o[n][1] = acc_o[n][2] = acc_o[n][3] = 0.0f;
-  uint32_t q_frag[D / 16][4];
+  for (int i = 0; i < kM; ++i) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m[i][r] = neg_inf();
+      l[i][r] = u[i][r] = seg_open[i][r] = 0.0f;
+    }
+#pragma unroll
+    for (int n = 0; n < kOTiles; ++n) acc_o[i][n][0] = acc_o[i][n][1] = acc_o[i][n][2] = acc_o[i][n][3] = 0.0f;
+  }
+  uint32_t q_frag[kQInRegisters ? kM : 1][kQInRegisters ? D / 16 : 1][4];
 
   for (int tile = 0; tile < num_tiles; ++tile) {
-    const int k0 = tile * kBlockN;
+    const int k0 = tile * kKeys;
     const int buf = tile & 1;
     const bool prefetch = tile + 1 < num_tiles;
     if (prefetch) {  // into the other buffer, whose readers finished before the previous trailing barrier
-      const int k1 = k0 + kBlockN;
-      load_tile_async<kBlockN, D>(k_s + (buf ^ 1) * kTileElems, k_g + k1 * args.k_stride[2], args.k_stride[2],
-                                  min(kBlockN, Nk - k1), tid);
-      load_tile_async<kBlockN, D>(v_s + (buf ^ 1) * kTileElems, v_g + k1 * args.v_stride[2], args.v_stride[2],
-                                  min(kBlockN, Nk - k1), tid);
+      const int k1 = k0 + kKeys;
+      load_tile_async<kKeys, D>(k_s + (buf ^ 1) * kTileElems, k_g + k1 * args.k_stride[2], args.k_stride[2],
+                                  min(kKeys, Nk - k1), tid);
+      load_tile_async<kKeys, D>(v_s + (buf ^ 1) * kTileElems, v_g + k1 * args.v_stride[2], args.v_stride[2],
+                                  min(kKeys, Nk - k1), tid);
       cp_async_commit();
     }
-    if (tid < kBlockN) {
+    if (tid < kKeys) {
       int segment;
       bias_s[tid] = key_bias(args, bh, b, k0 + tid, &segment);
       seg_s[tid] = segment;
@@ -103,113 +116,152 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // this tile's K/V (and Q) copies of every thread, bias_s and seg_s are visible
 
-    if (tile == 0) {
+    if constexpr (kQInRegisters) {
+      if (tile == 0) {
 #pragma unroll
-      for (int c = 0; c < D / 16; ++c) load_a_frag(q_frag[c], q_s, kPitch, warp * 16, c * 16, lane);
+        for (int i = 0; i < kM; ++i) {
+#pragma unroll
+          for (int c = 0; c < D / 16; ++c) load_a_frag(q_frag[i][c], q_s, kPitch, warp_row0 + 16 * i, c * 16, lane);
+        }
+      }
     }
 
-    // S = Q K^T for the warp's 16 rows x 64 keys.
+    // S = Q K^T for the warp's kM x 16 rows x 64 keys; each K fragment feeds kM MMAs.
     const uint16_t* kt = k_s + buf * kTileElems;
-    float s[kNTiles][4];
+    float s[kM][kNTiles][4];
 #pragma unroll
-    for (int n = 0; n < kNTiles; ++n) {
-      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    for (int i = 0; i < kM; ++i) {
 #pragma unroll
-      for (int c = 0; c < D / 16; ++c) {
+      for (int n = 0; n < kNTiles; ++n) s[i][n][0] = s[i][n][1] = s[i][n][2] = s[i][n][3] = 0.0f;
+    }
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+      uint32_t qa[kM][4];
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+        if constexpr (kQInRegisters) {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) qa[i][x] = q_frag[i][c][x];
+        } else {
+          load_a_frag(qa[i], q_s, kPitch, warp_row0 + 16 * i, c * 16, lane);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
         uint32_t bf[2];
         load_b_frag_rows(bf, kt, kPitch, n * 8, c * 16, lane);
-        mma_16816<T>(s[n], q_frag[c], bf);
+#pragma unroll
+        for (int i = 0; i < kM; ++i) mma_16816<T>(s[i][n], qa[i], bf);
       }
     }
 
     // Logits with interventions; -inf for padded, knocked-out and out-of-range keys.
-    float tile_max[2] = {neg_inf(), neg_inf()};
+    float tile_max[kM][2];
 #pragma unroll
-    for (int n = 0; n < kNTiles; ++n) {
+    for (int i = 0; i < kM; ++i) {
+      tile_max[i][0] = tile_max[i][1] = neg_inf();
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = s[n][e] * logit_mult + bias_s[n * 8 + 2 * t4 + (e & 1)];
-        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
+      for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[i][n][e] = s[i][n][e] * logit_mult + bias_s[n * 8 + 2 * t4 + (e & 1)];
+          tile_max[i][e >> 1] = fmaxf(tile_max[i][e >> 1], s[i][n][e]);
+        }
       }
     }
 
     // Online softmax update. m_ref is the finite reference the exponentials use (0 while the row has
     // seen only -inf), so no -inf - -inf ever occurs.
-    float m_ref[2];
+    float m_ref[kM][2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
-      m_ref[r] = m_new == neg_inf() ? 0.0f : m_new;
-      const float alpha = __expf(m[r] - m_ref[r]);  // 0 while m was -inf (and l, u, acc are 0)
-      const float shift = m[r] == neg_inf() ? 0.0f : m[r] - m_ref[r];
-      u[r] = alpha * (u[r] + l[r] * shift);  // re-centre sum p (s - m) on the new max
-      l[r] *= alpha;
-      seg_open[r] *= alpha;
+    for (int i = 0; i < kM; ++i) {
 #pragma unroll
-      for (int n = 0; n < kOTiles; ++n) {
-        acc_o[n][2 * r] *= alpha;
-        acc_o[n][2 * r + 1] *= alpha;
+      for (int r = 0; r < 2; ++r) {
+        const float m_new = fmaxf(m[i][r], quad_max(tile_max[i][r]));
+        m_ref[i][r] = m_new == neg_inf() ? 0.0f : m_new;
+        const float alpha = __expf(m[i][r] - m_ref[i][r]);  // 0 while m was -inf (and l, u, acc are 0)
+        const float shift = m[i][r] == neg_inf() ? 0.0f : m[i][r] - m_ref[i][r];
+        u[i][r] = alpha * (u[i][r] + l[i][r] * shift);  // re-centre sum p (s - m) on the new max
+        l[i][r] *= alpha;
+        seg_open[i][r] *= alpha;
+#pragma unroll
+        for (int n = 0; n < kOTiles; ++n) {
+          acc_o[i][n][2 * r] *= alpha;
+          acc_o[i][n][2 * r + 1] *= alpha;
+        }
+        m[i][r] = m_new;
       }
-      m[r] = m_new;
-    }
 #pragma unroll
-    for (int n = 0; n < kNTiles; ++n) {
+      for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const float x = s[n][e] - m_ref[r];
-        const float p = __expf(x);  // 0 for x = -inf
-        l[r] += p;
-        if (want_entropy) u[r] += p > 0.0f ? p * x : 0.0f;
-        s[n][e] = p;
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const float x = s[i][n][e] - m_ref[i][r];
+          const float p = __expf(x);  // 0 for x = -inf
+          l[i][r] += p;
+          if (want_entropy) u[i][r] += p > 0.0f ? p * x : 0.0f;
+          s[i][n][e] = p;
+        }
       }
     }
 
     if (want_segments) {
       // Segments present in this tile, in key order; every segment but possibly the last ends here.
-      const int valid_keys = min(kBlockN, Nk - k0);
+      const int valid_keys = min(kKeys, Nk - k0);
       const int first = seg_s[0], last = seg_s[valid_keys - 1];
       for (int segment = first; segment <= last; ++segment) {
         const int64_t seg_end = args.segments[segment + 1];
         const int lo = static_cast<int>(max(args.segments[segment], static_cast<int64_t>(k0)) - k0);
-        const int hi = static_cast<int>(min(seg_end, static_cast<int64_t>(k0 + kBlockN)) - k0);
+        const int hi = static_cast<int>(min(seg_end, static_cast<int64_t>(k0 + kKeys)) - k0);
+        const bool ends_here = seg_end <= k0 + kKeys;
 #pragma unroll
-        for (int n = 0; n < kNTiles; ++n) {
+        for (int i = 0; i < kM; ++i) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int col = n * 8 + 2 * t4 + (e & 1);
-            if (col >= lo && col < hi) seg_open[e >> 1] += s[n][e];
-          }
-        }
-        if (seg_end <= k0 + kBlockN) {  // the segment ends in this tile: store its log-mass
+          for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float total = quad_sum(seg_open[r]);
-            const int row = q0 + warp * 16 + g + 8 * r;
-            if (t4 == (segment & 3) && row < Nq) {
-              args.segment_mass[(bh * Nq + row) * G + segment] = total > 0.0f ? __logf(total) + m_ref[r] : neg_inf();
+            for (int e = 0; e < 4; ++e) {
+              const int col = n * 8 + 2 * t4 + (e & 1);
+              if (col >= lo && col < hi) seg_open[i][e >> 1] += s[i][n][e];
             }
-            seg_open[r] = 0.0f;
+          }
+          if (ends_here) {  // store the segment's log-mass relative to this tile's reference
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const float total = quad_sum(seg_open[i][r]);
+              const int row = q0 + warp_row0 + 16 * i + g + 8 * r;
+              if (t4 == (segment & 3) && row < Nq) {
+                args.segment_mass[(bh * Nq + row) * G + segment] =
+                    total > 0.0f ? __logf(total) + m_ref[i][r] : neg_inf();
+              }
+              seg_open[i][r] = 0.0f;
+            }
           }
         }
       }
     }
 
-    // O += P V: the S accumulators of key tiles 2c, 2c+1 are the A fragment of P for key chunk c.
+    // O += P V: the S accumulators of key tiles 2c, 2c+1 are the A fragment of P for key chunk c; each
+    // V fragment feeds kM MMAs.
     const uint16_t* vt = v_s + buf * kTileElems;
 #pragma unroll
-    for (int c = 0; c < kBlockN / 16; ++c) {
-      uint32_t pa[4];
-      pa[0] = pack2<T>(s[2 * c][0], s[2 * c][1]);
-      pa[1] = pack2<T>(s[2 * c][2], s[2 * c][3]);
-      pa[2] = pack2<T>(s[2 * c + 1][0], s[2 * c + 1][1]);
-      pa[3] = pack2<T>(s[2 * c + 1][2], s[2 * c + 1][3]);
+    for (int c = 0; c < kKeys / 16; ++c) {
+      uint32_t pa[kM][4];
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+        pa[i][0] = pack2<T>(s[i][2 * c][0], s[i][2 * c][1]);
+        pa[i][1] = pack2<T>(s[i][2 * c][2], s[i][2 * c][3]);
+        pa[i][2] = pack2<T>(s[i][2 * c + 1][0], s[i][2 * c + 1][1]);
+        pa[i][3] = pack2<T>(s[i][2 * c + 1][2], s[i][2 * c + 1][3]);
+      }
 #pragma unroll
       for (int n = 0; n < kOTiles; n += 2) {
         uint32_t bf_lo[2], bf_hi[2];
         load_b_frag_cols_x2(bf_lo, bf_hi, vt, kPitch, c * 16, n * 8, lane);
-        mma_16816<T>(acc_o[n], pa, bf_lo);
-        mma_16816<T>(acc_o[n + 1], pa, bf_hi);
+#pragma unroll
+        for (int i = 0; i < kM; ++i) {
+          mma_16816<T>(acc_o[i][n], pa[i], bf_lo);
+          mma_16816<T>(acc_o[i][n + 1], pa[i], bf_hi);
+        }
       }
     }
     __syncthreads();  // all warps are done with this buffer and bias_s before they are overwritten
@@ -222,43 +274,46 @@ __global__ void __launch_bounds__(kThreads)
   const uint16_t* patch = static_cast<const uint16_t*>(args.out_patch);
   uint16_t* out = static_cast<uint16_t*>(args.out);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = q0 + warp * 16 + g + 8 * r;
-    const float l_row = quad_sum(l[r]);
-    const float u_row = quad_sum(u[r]);
-    if (row >= Nq) continue;
-    const float lse = l_row > 0.0f ? m[r] + __logf(l_row) : neg_inf();
-    const int64_t row_index = bh * Nq + row;
-    if (t4 == 0) {
-      if (args.lse != nullptr) args.lse[row_index] = lse;
-      if (args.row_max != nullptr) args.row_max[row_index] = m[r];
-      if (want_entropy) args.entropy[row_index] = l_row > 0.0f ? __logf(l_row) - u_row / l_row : 0.0f;
-    }
-    if (want_segments) {  // lane t4 converts the log-masses it stored itself (segments with g % 4 == t4)
-      float* seg_row = args.segment_mass + row_index * G;
-      for (int segment = t4; segment < G; segment += 4) {
-        seg_row[segment] = lse == neg_inf() ? 0.0f : __expf(seg_row[segment] - lse);
-      }
-    }
-    const float inv_l = l_row > 0.0f ? 1.0f / l_row : 0.0f;
+  for (int i = 0; i < kM; ++i) {
 #pragma unroll
-    for (int n = 0; n < kOTiles; ++n) {
-      const int col = n * 8 + 2 * t4;
-      float o0 = acc_o[n][2 * r] * inv_l;
-      float o1 = acc_o[n][2 * r + 1] * inv_l;
-      if (patched) {
-        const uint16_t* p = patch + b * args.out_patch_stride[0] + h * args.out_patch_stride[1] +
-                            row * args.out_patch_stride[2] + col * args.out_patch_stride[3];
-        o0 = to_float<T>(p[0]);
-        o1 = to_float<T>(p[args.out_patch_stride[3]]);
+    for (int r = 0; r < 2; ++r) {
+      const int row = q0 + warp_row0 + 16 * i + g + 8 * r;
+      const float l_row = quad_sum(l[i][r]);
+      const float u_row = quad_sum(u[i][r]);
+      if (row >= Nq) continue;
+      const float lse = l_row > 0.0f ? m[i][r] + __logf(l_row) : neg_inf();
+      const int64_t row_index = bh * Nq + row;
+      if (t4 == 0) {
+        if (args.lse != nullptr) args.lse[row_index] = lse;
+        if (args.row_max != nullptr) args.row_max[row_index] = m[i][r];
+        if (want_entropy) args.entropy[row_index] = l_row > 0.0f ? __logf(l_row) - u_row / l_row : 0.0f;
       }
-      o0 *= gate;
-      o1 *= gate;
-      if (out_bias != nullptr) {
-        o0 += out_bias[col];
-        o1 += out_bias[col + 1];
+      if (want_segments) {  // lane t4 converts the log-masses it stored itself (segments with g % 4 == t4)
+        float* seg_row = args.segment_mass + row_index * G;
+        for (int segment = t4; segment < G; segment += 4) {
+          seg_row[segment] = lse == neg_inf() ? 0.0f : __expf(seg_row[segment] - lse);
+        }
       }
-      *reinterpret_cast<uint32_t*>(out + row_index * D + col) = pack2<T>(o0, o1);
+      const float inv_l = l_row > 0.0f ? 1.0f / l_row : 0.0f;
+#pragma unroll
+      for (int n = 0; n < kOTiles; ++n) {
+        const int col = n * 8 + 2 * t4;
+        float o0 = acc_o[i][n][2 * r] * inv_l;
+        float o1 = acc_o[i][n][2 * r + 1] * inv_l;
+        if (patched) {
+          const uint16_t* p = patch + b * args.out_patch_stride[0] + h * args.out_patch_stride[1] +
+                              row * args.out_patch_stride[2] + col * args.out_patch_stride[3];
+          o0 = to_float<T>(p[0]);
+          o1 = to_float<T>(p[args.out_patch_stride[3]]);
+        }
+        o0 *= gate;
+        o1 *= gate;
+        if (out_bias != nullptr) {
+          o0 += out_bias[col];
+          o1 += out_bias[col + 1];
+        }
+        *reinterpret_cast<uint32_t*>(out + row_index * D + col) = pack2<T>(o0, o1);
+      }
     }
   }
 }
@@ -283,20 +338,32 @@ void require(bool ok, const std::string& message) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-template <typename T, int D>
+template <typename T, int D, int kM>
 void launch_forward_typed(const ProbedAttentionArgs& args, cudaStream_t stream) {
-  auto kernel = device::latentflow_probed_attn_fwd_cuda<T, D>;
-  constexpr int smem = device::forward_smem_bytes<D>();
+  // 32 rows per warp at D = 128 keeps the accumulators in registers only with 32-key tiles.
+  constexpr int kKeys = (kM == 2 && D == 128) ? 32 : 64;
+  auto kernel = device::latentflow_probed_attn_fwd_cuda<T, D, kM, kKeys>;
+  constexpr int smem = device::forward_smem_bytes<D, kM, kKeys>();
+  constexpr int rows = 16 * device::kWarps * kM;
   // Not a stream operation: legal while a CUDA graph is being captured.
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "cudaFuncSetAttribute(latentflow_probed_attn_fwd_cuda)");
-  const dim3 grid((args.num_queries + device::kBlockM - 1) / device::kBlockM, args.heads, args.batch);
+  const dim3 grid((args.num_queries + rows - 1) / rows, args.heads, args.batch);
 #ifdef LATENTFLOW_EMULATE
   ::latentflow_emu::launch(kernel, grid, device::kThreads, smem, args);
 #else
   kernel<<<grid, device::kThreads, smem, stream>>>(args);
 #endif
   check_cuda(cudaGetLastError(), "launch of latentflow_probed_attn_fwd_cuda");
+}
+
+template <typename T, int D>
+void launch_forward_rows(const ProbedAttentionArgs& args, cudaStream_t stream) {
+  if (args.rows_per_warp == 16) {
+    launch_forward_typed<T, D, 1>(args, stream);
+  } else {
+    launch_forward_typed<T, D, 2>(args, stream);
+  }
 }
 
 }  // namespace
@@ -307,6 +374,7 @@ void validate_probed_attention_args(const ProbedAttentionArgs& args, bool for_ke
   require(args.head_dim == 64 || args.head_dim == 128, "head_dim: the CUDA kernels support D in {64, 128}, got " +
                                                            std::to_string(args.head_dim));
   require(args.value_dim == args.head_dim, "value_dim: the CUDA kernels need Dv == D");
+  require(args.rows_per_warp == 16 || args.rows_per_warp == 32, "rows_per_warp: must be 16 or 32");
   require(args.batch >= 1 && args.batch <= 65535, "batch: must be in [1, 65535]");
   require(args.heads >= 1 && args.heads <= 65535, "heads: must be in [1, 65535]");
   require(args.kv_heads >= 1 && args.heads % args.kv_heads == 0, "kv_heads: must divide heads");
@@ -345,9 +413,9 @@ void launch_probed_attention_forward(const ProbedAttentionArgs& args, void* stre
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool bf16 = args.dtype == ElementType::kBFloat16;
   if (args.head_dim == 64) {
-    bf16 ? launch_forward_typed<__nv_bfloat16, 64>(args, s) : launch_forward_typed<__half, 64>(args, s);
+    bf16 ? launch_forward_rows<__nv_bfloat16, 64>(args, s) : launch_forward_rows<__half, 64>(args, s);
   } else {
-    bf16 ? launch_forward_typed<__nv_bfloat16, 128>(args, s) : launch_forward_typed<__half, 128>(args, s);
+    bf16 ? launch_forward_rows<__nv_bfloat16, 128>(args, s) : launch_forward_rows<__half, 128>(args, s);
   }
 }
 

@@ -22,6 +22,7 @@ struct ProbedAttentionArgs {
   int batch = 0, heads = 0, kv_heads = 0, num_queries = 0, num_keys = 0;
   int head_dim = 0, value_dim = 0, num_segments = 0;
   float scale = 1.0f;
+  int rows_per_warp = 32;  // forward: query rows per warp, 16 or 32 (each K/V fragment then feeds 2 MMAs)
 
   // q [B,H,Nq,D], k [B,Hkv,Nk,D], v [B,Hkv,Nk,Dv]: strides of dims 0..2 in elements; the last dim is
   // contiguous, every stride is a multiple of 8 elements and every base pointer is 16-byte aligned.

@@ -26,7 +26,6 @@ namespace device {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kBlockM = 16 * kWarps;  // query rows per forward CTA: 16 per warp
 constexpr int kBlockN = 64;           // keys per tile (key_mass: keys per CTA, 16 per warp)
 constexpr int kQueryTile = 64;        // query rows per step of the key_mass loop
 constexpr int kPad = 8;               // 16-bit elements of padding per shared-memory row (see load_frag_pair)

@@ -109,3 +109,19 @@ def test_import_without_gpu_is_clean():
     import latentflow_fast.ops.backend_cuda as module  # importing never touches CUDA
 
     assert module.SUPPORTED_HEAD_DIMS == (64, 128)
+
+
+def test_rows_per_warp_setting(monkeypatch):
+    monkeypatch.delenv(backend_cuda.ROWS_PER_WARP_ENV, raising=False)
+    assert backend_cuda.rows_per_warp(torch.device("cpu")) == 32
+    monkeypatch.setenv(backend_cuda.ROWS_PER_WARP_ENV, "16")
+    assert backend_cuda.rows_per_warp() == 16
+    monkeypatch.setenv(backend_cuda.ROWS_PER_WARP_ENV, "48")
+    with pytest.raises(ValueError, match=backend_cuda.ROWS_PER_WARP_ENV):
+        backend_cuda.rows_per_warp()
+
+
+@needs_cuda_build
+def test_launcher_rejects_bad_rows_per_warp():
+    with pytest.raises(ValueError, match="rows_per_warp"):
+        _C.cuda_probed_attention_forward(_args(rows_per_warp=8), 0)

@@ -33,8 +33,14 @@ def emu():
     return build_module.build()
 
 
-def _run_and_check(emu, plan):
-    out, caps = backend_cuda.launch(plan, emu, stream=0, device=0)
+@pytest.fixture(params=backend_cuda.ROWS_PER_WARP_CHOICES, ids=lambda r: f"rows{r}")
+def rows(request):
+    """Both forward tilings: 16 query rows per warp, and 32 (kM = 2 sub-tiles, 32-key tiles at D=128)."""
+    return request.param
+
+
+def _run_and_check(emu, plan, rows):
+    out, caps = backend_cuda.launch(plan, emu, stream=0, device=0, rows=rows)
     ref_out, ref_caps = reference_attention(plan, torch.float64)
     tol = TOLERANCE[plan.q.dtype]
     assert out.dtype == plan.q.dtype and out.shape == ref_out.shape
@@ -49,15 +55,15 @@ def _run_and_check(emu, plan):
 
 
 # Seeds alternate dtype and head dim; every 4th seed takes every intervention and capture.
-@pytest.mark.parametrize("seed", range(8))
-def test_random_cases_match_reference(emu, seed):
+@pytest.mark.parametrize("seed", range(6))
+def test_random_cases_match_reference(emu, seed, rows):
     dtype = (torch.bfloat16, torch.float16)[seed % 2]
     head_dims = (128,) if seed % 3 == 0 else (64,)
     everything = seed % 4 == 0
     case = make_case(seed, dtype, max_n=150, head_dims=head_dims,
                      interventions=INTERVENTIONS if everything else None,
                      captures=CAPTURE_NAMES if everything else None)
-    _run_and_check(emu, build_plan(case.q, case.k, case.v, **case.kwargs))
+    _run_and_check(emu, build_plan(case.q, case.k, case.v, **case.kwargs), rows)
 
 
 def _inputs(B, H, Hkv, Nq, Nk, D, dtype, seed=0):
@@ -68,20 +74,21 @@ def _inputs(B, H, Hkv, Nq, Nk, D, dtype, seed=0):
     return q, k, v, gen
 
 
-def test_tile_boundaries_segments_and_knockouts(emu):
-    # Nq and Nk one past a tile; segments that end exactly on, just before and just after tile edges;
+@pytest.mark.parametrize("D", [64, 128])
+def test_tile_boundaries_segments_and_knockouts(emu, rows, D):
+    # Nq one past a 64-row tile (and past 128 at D=128 below), Nk past a 64-key tile; segments that end exactly on, just before and just after tile edges;
     # one segment knocked out everywhere, one (b, h) with every segment knocked out; a fully masked batch row.
-    q, k, v, gen = _inputs(2, 2, 1, 65, 129, 64, torch.bfloat16)
-    segments = [0, 1, 63, 64, 65, 128, 129]
+    q, k, v, gen = _inputs(2, 2, 1, 65 if D == 64 else 129, 129, D, torch.bfloat16)
+    segments = [0, 1, 31, 32, 63, 64, 65, 128, 129]
     G = len(segments) - 1
     bias = torch.randn(2, 2, G, generator=gen)
-    bias[:, :, 2] = -math.inf
+    bias[:, :, 3] = -math.inf
     bias[0, 1, :] = -math.inf
     mask = torch.rand(2, 129, generator=gen) < 0.85
     mask[1] = False
     plan = build_plan(q, k, v, key_padding_mask=mask, segments=segments, segment_bias=bias,
                       logit_scale=torch.tensor([[1.0, 0.0], [2.0, 0.5]]), capture=CAPTURE_NAMES)
-    out, caps = _run_and_check(emu, plan)
+    out, caps = _run_and_check(emu, plan, rows)
     # Contract for rows with every logit -inf: p = 0, lse = max = -inf, entropy 0.
     for dead in (caps["lse"][1], caps["lse"][0, 1]):
         assert torch.isneginf(dead).all()
@@ -89,7 +96,7 @@ def test_tile_boundaries_segments_and_knockouts(emu):
     assert (out[1] == 0).all() and (caps["key_mass"][1] == 0).all()
 
 
-def test_gqa_patch_gate_bias_and_strided_inputs(emu):
+def test_gqa_patch_gate_bias_and_strided_inputs(emu, rows):
     B, H, Hkv, Nq, Nk, D = 2, 4, 2, 70, 90, 128
     q, k, v, gen = _inputs(B, H, Hkv, Nq, Nk, D, torch.float16)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, H, D] storage: read in place
@@ -101,22 +108,22 @@ def test_gqa_patch_gate_bias_and_strided_inputs(emu):
                       out_bias=torch.randn(B, H, D, generator=gen), out_patch=patch,
                       patch_mask=torch.tensor([[True, False, False, True], [False, True, False, False]]),
                       capture=("entropy", "key_mass", "segment_mass"))
-    _run_and_check(emu, plan)
+    _run_and_check(emu, plan, rows)
 
 
-def test_batch_invariance_bitwise(emu):
+def test_batch_invariance_bitwise(emu, rows):
     B = 3
     q, k, v, gen = _inputs(B, 2, 2, 40, 100, 64, torch.bfloat16, seed=3)
     mask = torch.rand(B, 100, generator=gen) < 0.7
     extra = dict(logit_scale=torch.rand(B, 2, generator=gen) * 2, segment_bias=torch.randn(B, 2, 2, generator=gen),
                  head_gate=torch.rand(B, 2, generator=gen), out_bias=torch.randn(B, 2, 64, generator=gen))
     plan = build_plan(q, k, v, key_padding_mask=mask, segments=[0, 50, 100], capture=CAPTURE_NAMES, **extra)
-    out, caps = backend_cuda.launch(plan, emu, stream=0, device=0)
+    out, caps = backend_cuda.launch(plan, emu, stream=0, device=0, rows=rows)
     for b in range(B):
         row = slice(b, b + 1)
         single = build_plan(q[row], k[row], v[row], key_padding_mask=mask[row], segments=[0, 50, 100],
                             capture=CAPTURE_NAMES, **{n: t[row] for n, t in extra.items()})
-        out_b, caps_b = backend_cuda.launch(single, emu, stream=0, device=0)
+        out_b, caps_b = backend_cuda.launch(single, emu, stream=0, device=0, rows=rows)
         assert torch.equal(out[row].view(torch.int16), out_b.view(torch.int16))
         for name in caps:
             assert torch.equal(caps[name][row].view(torch.int32), caps_b[name].view(torch.int32)), name

@@ -9,6 +9,12 @@ for every plan it supports (float16/bfloat16, D == Dv in {64, 128}), Triton for 
 (float32, other head dims, Dv != D). This is the first-cut rule; it is to be refined from
 benchmarks/attention_gpu.py on real GPUs (on Hopper, Triton's wgmma path may win at large N).
 
+Tiling: the forward gives each warp 32 query rows (rows_per_warp=32: every K/V fragment read from shared
+memory feeds two MMAs; 128-row CTAs, 64-key tiles at D=64 and 32-key tiles at D=128) or 16 rows
+(rows_per_warp=16: 64-row CTAs, 64-key tiles). Default: 32 on compute capability >= 9.0 and 16 on 8.x
+(the choices that compile without register spills there, per ptxas); the environment variable
+LATENTFLOW_CUDA_ROWS_PER_WARP=16|32 overrides (for benchmarking; results agree within rounding).
+
 Launch: two kernels on torch's current stream (latentflow_probed_attn_fwd_cuda, then
 latentflow_probed_attn_key_mass_cuda when key_mass is captured); every output is allocated here before
 the launch and nothing synchronises, so a call is capturable in a CUDA graph.
@@ -16,6 +22,7 @@ the launch and nothing synchronises, so a call is capturable in a CUDA graph.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -24,6 +31,8 @@ from .plan import AttentionPlan, capture_shapes
 
 SUPPORTED_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 SUPPORTED_HEAD_DIMS = (64, 128)
+ROWS_PER_WARP_ENV = "LATENTFLOW_CUDA_ROWS_PER_WARP"
+ROWS_PER_WARP_CHOICES = (16, 32)
 MAX_GRID_YZ = 65535  # heads and batch are grid dimensions y and z
 _INT32_MAX = 2**31 - 1
 
@@ -76,6 +85,19 @@ def prefer(plan: AttentionPlan) -> str:
     return "cuda" if supports(plan) else "triton"
 
 
+def rows_per_warp(device: Optional[torch.device] = None) -> int:
+    """The forward's query rows per warp: LATENTFLOW_CUDA_ROWS_PER_WARP (16 or 32) if set, else 32 on
+    compute capability >= 9.0 (and for non-CUDA devices, i.e. the emulator) and 16 below."""
+    value = os.environ.get(ROWS_PER_WARP_ENV, "").strip()
+    if not value:
+        if device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+            return 16
+        return 32
+    if value not in ("16", "32"):
+        raise ValueError(f"{ROWS_PER_WARP_ENV} must be 16 or 32, got {value!r}")
+    return int(value)
+
+
 def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when the kernel can read it in place (cp.async 16-byte rows), else a contiguous copy."""
     ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0
@@ -108,9 +130,10 @@ def run(plan: AttentionPlan):
     return launch(plan, _C, stream, device)
 
 
-def launch(plan: AttentionPlan, native, stream: int, device: int):
+def launch(plan: AttentionPlan, native, stream: int, device: int, rows: Optional[int] = None):
     """Allocate the outputs and launch the kernels through `native` (latentflow_fast._C, or the host
-    emulation of tests/cuda_emulator, which runs this same path on CPU tensors)."""
+    emulation of tests/cuda_emulator, which runs this same path on CPU tensors). `rows`: query rows per
+    warp of the forward (default: `rows_per_warp(device)`)."""
     q, k, v = (_kernel_layout(t) for t in (plan.q, plan.k, plan.v))
     B, H, Nq, Dv = plan.batch, plan.heads, plan.num_queries, plan.value_dim
     out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=q.device)
@@ -141,6 +164,7 @@ def launch(plan: AttentionPlan, native, stream: int, device: int):
         "value_dim": Dv,
         "num_segments": plan.num_segments,
         "scale": plan.scale,
+        "rows_per_warp": rows if rows is not None else rows_per_warp(q.device),
         "q": q.data_ptr(),
         "q_stride": _strides3(q),
         "k": k.data_ptr(),

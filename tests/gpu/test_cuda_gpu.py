@@ -280,3 +280,17 @@ def test_key_mass_sums_to_live_queries():
     _, caps = probed_attention(q, k, v, backend=BACKEND, capture=("lse", "key_mass"), **kwargs)
     live = torch.isfinite(caps["lse"]).sum(dim=-1).float()
     torch.testing.assert_close(caps["key_mass"].sum(dim=-1), live, rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", backend_cuda.ROWS_PER_WARP_CHOICES)
+@pytest.mark.parametrize(
+    "N,D,dtype", [(4096, 128, torch.bfloat16), (2048, 64, torch.float16), (1000, 128, torch.float16), (129, 64, torch.bfloat16)]
+)
+def test_both_forward_tilings(monkeypatch, rows, N, D, dtype):
+    # 16 rows per warp (64-row CTAs) and 32 (128-row CTAs; 32-key tiles at D=128), whatever the default here.
+    monkeypatch.setenv(backend_cuda.ROWS_PER_WARP_ENV, str(rows))
+    q, k, v, kwargs, gen = _inputs(2, 4, 2, N, N + 37, D, dtype)
+    extra = _interventions(q, v, kwargs, gen)
+    out, caps = _check(q, k, v, capture=ALL, **kwargs, **extra)
+    again = _flat(*probed_attention(q, k, v, backend=BACKEND, capture=ALL, **kwargs, **extra))
+    _assert_bitwise(_flat(out, caps), again)
