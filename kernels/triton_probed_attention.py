@@ -117,11 +117,6 @@ def _fwd_key_block(
         t_i = alpha * (t_i + moved) + tl.sum(p * tl.where(p > 0.0, shifted, 0.0), axis=1)
     l_i = l_i * alpha + p_sum
 
-    v_ptrs = v_head + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    v = _load_tile(v_ptrs, keys_ok, offs_dv < DV, MASK_KEYS, not EVEN_DV)
-    p_lo = p.to(v.dtype)
-    acc = tl.dot(p_lo, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-
     if STORE_SEG:
         offs_g = tl.arange(0, G_PAD)
         seg_acc = seg_acc * alpha[:, None]
@@ -131,9 +126,16 @@ def _fwd_key_block(
             # The usual case (segments are long): the whole block adds its row sums to one segment.
             seg_acc += tl.where(offs_g[None, :] == seg_first, p_sum[:, None], 0.0)
         else:
-            # A boundary inside the block: p @ one_hot(seg(j)) on the tensor cores.
-            one_hot = (_segment_of(offs_n, bounds)[:, None] == offs_g[None, :]).to(v.dtype)
-            seg_acc = tl.dot(p_lo, one_hot, seg_acc, input_precision=DOT_PRECISION)
+            # Boundaries inside the block (rare): one exact float32 row sum per segment present.
+            seg_of_key = _segment_of(offs_n, bounds)
+            for g in range(seg_first, seg_last + 1):
+                part = tl.sum(tl.where(seg_of_key[None, :] == g, p, 0.0), axis=1)
+                seg_acc += tl.where(offs_g[None, :] == g, part[:, None], 0.0)
+    v_ptrs = v_head + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    v = _load_tile(v_ptrs, keys_ok, offs_dv < DV, MASK_KEYS, not EVEN_DV)
+    p_lo = p.to(v.dtype)
+    acc = tl.dot(p_lo, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+
     return acc, l_i, m_new, t_i, seg_acc
 
 
@@ -175,9 +177,10 @@ def latentflow_probed_attn_fwd(
 
     if HAS_SEG_BIAS or STORE_SEG:
         offs_g = tl.arange(0, G_PAD)
-        bounds = tl.load(Segments + 1 + offs_g, mask=offs_g < G, other=2147483647)  # s_1..s_G
+        # s_1..s_G as int32 (Nk < 2^31); padding lanes never count
+        bounds = tl.load(Segments + 1 + offs_g, mask=offs_g < G, other=2147483647).to(tl.int32)
     else:
-        bounds = tl.zeros([G_PAD], dtype=tl.int64)
+        bounds = tl.zeros([G_PAD], dtype=tl.int32)
 
     qk_scale = qk_scale2
     if HAS_LOGIT_SCALE:
@@ -272,9 +275,9 @@ def latentflow_probed_attn_key_mass(
 
     if HAS_SEG_BIAS:
         offs_g = tl.arange(0, G_PAD)
-        bounds = tl.load(Segments + 1 + offs_g, mask=offs_g < G, other=2147483647)
+        bounds = tl.load(Segments + 1 + offs_g, mask=offs_g < G, other=2147483647).to(tl.int32)
     else:
-        bounds = tl.zeros([G_PAD], dtype=tl.int64)
+        bounds = tl.zeros([G_PAD], dtype=tl.int32)
     qk_scale = qk_scale2
     if HAS_LOGIT_SCALE:
         qk_scale = qk_scale * tl.load(LogitScale + bh)

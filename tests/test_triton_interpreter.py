@@ -284,6 +284,21 @@ def bitwise_determinism():
 
 
 @check
+def output_bits_do_not_depend_on_captures():
+    """Asking for statistics never perturbs the output: same tiles, same order, same bits."""
+    torch = _torch()
+    from latentflow_fast.ops import probed_attention
+
+    q, k, v, kwargs, gen = _base(seed=15)
+    extra = _interventions(2, 4, q.shape[2], v.shape[3], gen, q.dtype)
+    extra.pop("out_patch"), extra.pop("patch_mask")
+    plain, _ = probed_attention(q, k, v, backend="triton", **kwargs, **extra)
+    for capture in (("lse",), ("entropy", "segment_mass"), ALL):
+        out, _ = probed_attention(q, k, v, backend="triton", capture=capture, **kwargs, **extra)
+        assert torch.equal(out.view(torch.int32), plain.view(torch.int32)), capture
+
+
+@check
 def batch_invariance():
     """Row b of a heterogeneous batch is bitwise the result of running row b alone."""
     q, k, v, kwargs, gen = _base(seed=14, B=3)

@@ -56,14 +56,18 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-# Pinned per padded head dim (chosen for sm_80/sm_90 shared memory; 16-bit vs 32-bit operands).
-# Keys: largest padded head dim the row serves.
-_FWD_16BIT = ((64, BlockConfig(128, 64, 4, 3)), (128, BlockConfig(128, 64, 8, 3)), (256, BlockConfig(64, 32, 8, 2)))
-_FWD_32BIT = ((64, BlockConfig(64, 32, 4, 2)), (128, BlockConfig(64, 32, 4, 2)), (256, BlockConfig(32, 32, 4, 1)))
+# Pinned per padded head dim: the largest padded head dim each row serves. Chosen so that nothing
+# spills on sm_90 beyond ~50 bytes with every feature on (checked offline with
+# `python -m latentflow_fast.kernels.triton_codegen`,
+# which compiles for sm_80/sm_90 without a GPU); speed is NOT yet measured on a GPU.
+# 16-bit operands use tensor cores (wgmma on sm_90, mma.sync on sm_80); float32 operands use exact
+# "ieee" products (CUDA-core FMA), hence the small tiles.
+_FWD_16BIT = ((64, BlockConfig(128, 64, 8, 3)), (128, BlockConfig(128, 64, 8, 3)), (256, BlockConfig(64, 32, 8, 2)))
+_FWD_32BIT = ((64, BlockConfig(32, 32, 4, 2)), (128, BlockConfig(32, 16, 4, 2)), (256, BlockConfig(16, 16, 4, 1)))
 # key_mass pass: block_n keys stay resident, block_m queries stream.
 _KM_16BIT = ((64, BlockConfig(64, 128, 4, 3)), (128, BlockConfig(64, 128, 8, 3)), (256, BlockConfig(32, 64, 8, 2)))
-_KM_32BIT = ((64, BlockConfig(32, 64, 4, 2)), (128, BlockConfig(32, 64, 4, 2)), (256, BlockConfig(32, 32, 4, 1)))
-_FALLBACK = BlockConfig(32, 32, 4, 1)  # head dims above 256: correct, not tuned
+_KM_32BIT = ((64, BlockConfig(32, 32, 4, 2)), (128, BlockConfig(16, 32, 4, 2)), (256, BlockConfig(16, 16, 4, 1)))
+_FALLBACK = BlockConfig(16, 16, 4, 1)  # head dims above 256: correct, not tuned
 # Under the interpreter (numpy) small tiles keep several blocks per row in the small test shapes.
 INTERPRETER_CONFIG = BlockConfig(32, 32, 1, 1)
 
@@ -122,76 +126,98 @@ def _device_scope(device: torch.device):
     return contextlib.nullcontext()
 
 
-def run(plan: AttentionPlan, fwd_config: Optional[BlockConfig] = None,
-        km_config: Optional[BlockConfig] = None) -> tuple[torch.Tensor, dict]:
-    """Run the plan; `fwd_config`/`km_config` override the pinned block sizes (tests, tuning)."""
-    kernels = _kernels()
+@dataclass
+class Launch:
+    """One kernel launch: grid, positional arguments, constexpr/meta keyword arguments."""
+
+    kernel: str
+    grid: tuple
+    args: list
+    meta: dict
+
+
+def _outputs(plan: AttentionPlan, empty=torch.empty) -> dict:
+    """Output buffers of the plan (lse is kept whenever key_mass needs it, even if not requested)."""
+    B, H, Nq, Nk, G = plan.batch, plan.heads, plan.num_queries, plan.num_keys, plan.num_segments
+    f32 = dict(dtype=torch.float32, device=plan.q.device)
+    wants = plan.wants
+    return {
+        "out": empty((B, H, Nq, plan.value_dim), dtype=plan.q.dtype, device=plan.q.device),
+        "lse": empty((B, H, Nq), **f32) if (wants("lse") or wants("key_mass")) else None,
+        "max": empty((B, H, Nq), **f32) if wants("max") else None,
+        "entropy": empty((B, H, Nq), **f32) if wants("entropy") else None,
+        "segment_mass": empty((B, H, Nq, G), **f32) if wants("segment_mass") else None,
+        "key_mass": empty((B, H, Nk), **f32) if wants("key_mass") else None,
+    }
+
+
+def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[BlockConfig] = None,
+                   km_config: Optional[BlockConfig] = None) -> list[Launch]:
+    """The launches that compute `plan` into `outputs` (also used to compile kernels offline)."""
     q, k, v = plan.q, plan.k, plan.v
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = plan.num_segments
-    device = q.device
     d_pad, dv_pad, g_pad = _pow2(D), _pow2(Dv), _pow2(max(G, 1))
     fwd = fwd_config or forward_config(d_pad, dv_pad, q.dtype)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 needs exact products; 16-bit ignores it
+    out, lse, key_mass = outputs["out"], outputs["lse"], outputs["key_mass"]
 
-    out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=device)
-    wants = plan.wants
-    f32 = dict(dtype=torch.float32, device=device)
-    lse = torch.empty((B, H, Nq), **f32) if (wants("lse") or wants("key_mass")) else None
-    mx = torch.empty((B, H, Nq), **f32) if wants("max") else None
-    ent = torch.empty((B, H, Nq), **f32) if wants("entropy") else None
-    seg_mass = torch.empty((B, H, Nq, G), **f32) if wants("segment_mass") else None
-    key_mass = torch.empty((B, H, Nk), **f32) if wants("key_mass") else None
-
-    def ptr(t: Optional[torch.Tensor], dummy: torch.Tensor = out) -> torch.Tensor:
-        return dummy if t is None else t
+    def ptr(t: Optional[torch.Tensor]) -> torch.Tensor:
+        return out if t is None else t  # never dereferenced: its flag is off
 
     # Bool tensors travel as uint8 views (zero-copy): one byte per flag, no i1 pointer corner cases.
     mask = None if plan.key_padding_mask is None else plan.key_padding_mask.view(torch.uint8)
     patch_mask = None if plan.patch_mask is None else plan.patch_mask.view(torch.uint8)
-    segments = plan.segments if plan.segments is not None else torch.zeros(1, dtype=torch.int64, device=device)
+    segments = plan.segments if plan.segments is not None else ptr(None)
     patch = plan.out_patch
     patch_strides = patch.stride() if patch is not None else (0, 0, 0, 0)
-    captures_any = any(wants(n) for n in ("lse", "max", "entropy", "segment_mass", "key_mass"))
-    store_lse = lse is not None
     qk_scale2 = plan.scale * LOG2E
     group = H // Hkv
+    common = dict(HAS_MASK=mask is not None, HAS_LOGIT_SCALE=plan.logit_scale is not None,
+                  HAS_SEG_BIAS=plan.segment_bias is not None, DOT_PRECISION=precision)
 
     num_m_blocks = triton_cdiv(Nq, fwd.block_m)
-    with _device_scope(device):
-        kernels.latentflow_probed_attn_fwd[(B * H * num_m_blocks,)](
-            q, k, v, out,
-            ptr(mask), segments, ptr(plan.logit_scale), ptr(plan.segment_bias), ptr(plan.head_gate),
-            ptr(plan.out_bias), ptr(patch), ptr(patch_mask),
-            ptr(lse), ptr(mx), ptr(ent), ptr(seg_mass),
-            *q.stride(), *k.stride(), *v.stride(), *patch_strides,
-            H, group, Nq, Nk, D, Dv, max(G, 1), num_m_blocks, qk_scale2,
-            BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, D_PAD=d_pad, DV_PAD=dv_pad, G_PAD=g_pad,
-            EVEN_D=D == d_pad, EVEN_DV=Dv == dv_pad,
-            HAS_MASK=mask is not None, HAS_LOGIT_SCALE=plan.logit_scale is not None,
-            HAS_SEG_BIAS=plan.segment_bias is not None, HAS_GATE=plan.head_gate is not None,
-            HAS_OUT_BIAS=plan.out_bias is not None, HAS_PATCH=patch is not None,
-            STORE_LSE=store_lse, STORE_MAX=mx is not None, STORE_ENT=ent is not None,
-            STORE_SEG=seg_mass is not None,
-            SKIP_PATCHED=patch is not None and not captures_any, DOT_PRECISION=precision,
-            num_warps=fwd.num_warps, num_stages=fwd.num_stages,
-        )
-        if key_mass is not None:
-            km = km_config or key_mass_config(d_pad, q.dtype)
-            num_n_blocks = triton_cdiv(Nk, km.block_n)
-            kernels.latentflow_probed_attn_key_mass[(B * H * num_n_blocks,)](
-                q, k, lse, key_mass,
-                ptr(mask), segments, ptr(plan.logit_scale), ptr(plan.segment_bias),
-                *q.stride(), *k.stride(),
-                H, group, Nq, Nk, D, max(G, 1), num_n_blocks, qk_scale2,
-                BLOCK_N=km.block_n, BLOCK_M=km.block_m, D_PAD=d_pad, G_PAD=g_pad, EVEN_D=D == d_pad,
-                HAS_MASK=mask is not None, HAS_LOGIT_SCALE=plan.logit_scale is not None,
-                HAS_SEG_BIAS=plan.segment_bias is not None, DOT_PRECISION=precision,
-                num_warps=km.num_warps, num_stages=km.num_stages,
-            )
-    captures = {"lse": lse, "max": mx, "entropy": ent, "segment_mass": seg_mass, "key_mass": key_mass}
-    return out, {name: captures[name] for name in plan.capture}
+    launches = [Launch(
+        "latentflow_probed_attn_fwd",
+        (B * H * num_m_blocks,),
+        [q, k, v, out,
+         ptr(mask), segments, ptr(plan.logit_scale), ptr(plan.segment_bias), ptr(plan.head_gate),
+         ptr(plan.out_bias), ptr(patch), ptr(patch_mask),
+         ptr(lse), ptr(outputs["max"]), ptr(outputs["entropy"]), ptr(outputs["segment_mass"]),
+         *q.stride(), *k.stride(), *v.stride(), *patch_strides,
+         H, group, Nq, Nk, D, Dv, max(G, 1), num_m_blocks, qk_scale2],
+        dict(BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, D_PAD=d_pad, DV_PAD=dv_pad, G_PAD=g_pad,
+             EVEN_D=D == d_pad, EVEN_DV=Dv == dv_pad,
+             HAS_GATE=plan.head_gate is not None, HAS_OUT_BIAS=plan.out_bias is not None,
+             HAS_PATCH=patch is not None, STORE_LSE=lse is not None, STORE_MAX=outputs["max"] is not None,
+             STORE_ENT=outputs["entropy"] is not None, STORE_SEG=outputs["segment_mass"] is not None,
+             SKIP_PATCHED=patch is not None and not plan.capture, **common,
+             num_warps=fwd.num_warps, num_stages=fwd.num_stages),
+    )]
+    if key_mass is not None:
+        km = km_config or key_mass_config(d_pad, q.dtype)
+        num_n_blocks = triton_cdiv(Nk, km.block_n)
+        launches.append(Launch(
+            "latentflow_probed_attn_key_mass",
+            (B * H * num_n_blocks,),
+            [q, k, lse, key_mass, ptr(mask), segments, ptr(plan.logit_scale), ptr(plan.segment_bias),
+             *q.stride(), *k.stride(), H, group, Nq, Nk, D, max(G, 1), num_n_blocks, qk_scale2],
+            dict(BLOCK_N=km.block_n, BLOCK_M=km.block_m, D_PAD=d_pad, G_PAD=g_pad, EVEN_D=D == d_pad, **common,
+                 num_warps=km.num_warps, num_stages=km.num_stages),
+        ))
+    return launches
+
+
+def run(plan: AttentionPlan, fwd_config: Optional[BlockConfig] = None,
+        km_config: Optional[BlockConfig] = None) -> tuple[torch.Tensor, dict]:
+    """Run the plan; `fwd_config`/`km_config` override the pinned block sizes (tests, tuning)."""
+    kernels = _kernels()
+    outputs = _outputs(plan)
+    with _device_scope(plan.q.device):
+        for launch in build_launches(plan, outputs, fwd_config, km_config):
+            getattr(kernels, launch.kernel)[launch.grid](*launch.args, **launch.meta)
+    return outputs["out"], {name: outputs[name] for name in plan.capture}
 
 
 def triton_cdiv(a: int, b: int) -> int:

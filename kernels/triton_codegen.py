@@ -1,0 +1,148 @@
+"""Compile the Triton kernels for a GPU target without a GPU, and report their resources.
+
+    python -m latentflow_fast.kernels.triton_codegen            # table for sm_80 / sm_90, D 64/128/256
+
+Triton can lower a kernel to PTX and cubin for any NVIDIA target on a machine without one (ptxas ships
+with Triton). This catches compile-only errors that the CPU interpreter cannot see, and `ptxas -v` tells
+registers, spills and shared memory per block configuration, the first thing to check when tuning.
+The launch arguments come from the real launcher (`backend_triton.build_launches`) applied to a plan of
+meta tensors, mimicking the JIT's specialisation (ints equal to 1 become constants, multiples of 16 and
+tensor pointers get 16-divisibility hints), so what compiles here is what the JIT compiles on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from latentflow_fast.ops import backend_triton
+from latentflow_fast.ops.plan import AttentionPlan
+
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
+          torch.int64: "i64", torch.bool: "i1"}
+
+
+@dataclass
+class KernelReport:
+    kernel: str
+    target: str
+    num_warps: int
+    num_stages: int
+    blocks: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    mma: str
+
+
+def meta_plan(B=1, H=4, Hkv=4, Nq=4096, Nk=4096, D=128, Dv=None, dtype=torch.bfloat16, G=3,
+              interventions=True, capture=("lse", "entropy", "segment_mass")) -> AttentionPlan:
+    """A plan of meta tensors (no data), contiguous like a typical call."""
+    meta = dict(device="meta")
+    Dv = Dv or D
+    row = lambda *shape: torch.empty(*shape, dtype=torch.float32, **meta) if interventions else None
+    seg_needed = interventions or "segment_mass" in capture
+    return AttentionPlan(
+        q=torch.empty(B, H, Nq, D, dtype=dtype, **meta), k=torch.empty(B, Hkv, Nk, D, dtype=dtype, **meta),
+        v=torch.empty(B, Hkv, Nk, Dv, dtype=dtype, **meta), scale=D ** -0.5,
+        key_padding_mask=torch.empty(B, Nk, dtype=torch.bool, **meta) if interventions else None,
+        segments=torch.empty(G + 1, dtype=torch.int64, **meta) if seg_needed else None,
+        logit_scale=row(B, H), segment_bias=row(B, H, G), head_gate=row(B, H), out_bias=row(B, H, Dv),
+        out_patch=torch.empty(B, H, Nq, Dv, dtype=dtype, **meta) if interventions else None,
+        patch_mask=torch.empty(B, H, dtype=torch.bool, **meta) if interventions else None,
+        capture=tuple(capture),
+    )
+
+
+def _ptxas() -> str:
+    import triton.backends.nvidia as nvidia
+
+    return os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+
+
+def _ptxas_resources(ptx: str, arch: str) -> tuple[int, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        proc = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True, check=True)
+    log = proc.stdout + proc.stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return registers, spills
+
+
+def compile_plan(plan: AttentionPlan, capability: int = 90, fwd_config=None, km_config=None) -> list[KernelReport]:
+    """Compile every launch of `plan` for sm_<capability>; return resources per kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from latentflow_fast.kernels import triton_probed_attention as kernels
+
+    if backend_triton.interpreter_enabled():
+        raise RuntimeError("codegen needs real Triton kernels: unset TRITON_INTERPRET")
+    outputs = backend_triton._outputs(plan)
+    reports = []
+    for launch in backend_triton.build_launches(plan, outputs, fwd_config, km_config):
+        fn = getattr(kernels, launch.kernel)
+        meta = dict(launch.meta)
+        options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+        signature, constants, attrs = {}, {}, {}
+        for i, name in enumerate(fn.arg_names):
+            value = launch.args[i] if i < len(launch.args) else meta[name]
+            if name in meta:
+                signature[name], constants[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + _TYPES[value.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(value, float):
+                signature[name] = "fp32"
+            elif value == 1:
+                signature[name], constants[name] = "constexpr", 1
+            else:
+                signature[name] = "i32"
+                if value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        target = GPUTarget("cuda", capability, 32)
+        compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options)
+        arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+        registers, spills = _ptxas_resources(compiled.asm["ptx"], arch)
+        ptx = compiled.asm["ptx"]
+        mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma")
+        blocks = (f"M{meta['BLOCK_M']} N{meta['BLOCK_N']}")
+        reports.append(KernelReport(launch.kernel, arch, options["num_warps"], options["num_stages"], blocks,
+                                    registers, spills, compiled.metadata.shared, mma))
+    return reports
+
+
+def main() -> None:
+    print("| target | D | dtype | variant | kernel | warps | stages | blocks | regs | spill B | smem KiB | mma |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    variants = {
+        "plain": dict(interventions=False, capture=()),
+        "probe": dict(interventions=True, capture=("lse", "entropy", "segment_mass")),
+        "key_mass": dict(interventions=False, capture=("key_mass",)),
+    }
+    for capability in (90, 80):
+        for dtype in (torch.bfloat16, torch.float32):
+            for D in (64, 128, 256):
+                for name, spec in variants.items():
+                    plan = meta_plan(D=D, dtype=dtype, **spec)
+                    for r in compile_plan(plan, capability):
+                        if name == "key_mass" and r.kernel.endswith("fwd"):
+                            continue
+                        print(f"| {r.target} | {D} | {_TYPES[dtype]} | {name} | {r.kernel} | {r.num_warps} | "
+                              f"{r.num_stages} | {r.blocks} | {r.registers} | {r.spill_bytes} | "
+                              f"{r.shared_bytes / 1024:.0f} | {r.mma} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The Triton kernels compile for real GPU targets (sm_90 and sm_80) on a machine without a GPU.
+
+The interpreter tests check the numbers; this catches what only the compiler sees (layouts, dot shapes,
+types of loop-carried values) for the feature combinations that matter, through the real launcher's
+arguments. `python -m latentflow_fast.kernels.triton_codegen` prints the full resource table.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    pytest.skip("codegen needs Triton without the interpreter", allow_module_level=True)
+
+from latentflow_fast.kernels.triton_codegen import compile_plan, meta_plan  # noqa: E402
+
+CASES = [
+    # (capability, head dim, dtype, interventions, captures)
+    (90, 128, torch.bfloat16, False, ()),
+    (90, 128, torch.bfloat16, True, ("lse", "max", "entropy", "segment_mass", "key_mass")),
+    (90, 80, torch.float16, True, ("entropy",)),
+    (80, 64, torch.float16, True, ("segment_mass", "key_mass")),
+    (90, 64, torch.float32, True, ("lse", "segment_mass")),
+]
+
+
+@pytest.mark.parametrize("capability,D,dtype,interventions,capture", CASES)
+def test_kernels_compile_for_gpu_targets(capability, D, dtype, interventions, capture):
+    plan = meta_plan(D=D, dtype=dtype, interventions=interventions, capture=capture)
+    reports = compile_plan(plan, capability)
+    assert [r.kernel for r in reports] == (["latentflow_probed_attn_fwd"]
+                                           + (["latentflow_probed_attn_key_mass"] if "key_mass" in capture else []))
+    for r in reports:
+        assert r.registers <= 255
+        if dtype != torch.float32:  # 16-bit operands must reach the tensor cores
+            assert r.mma == ("wgmma" if capability >= 90 else "mma.sync"), r
