@@ -10,6 +10,12 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags the deliberate `__Y = __Y` (undefined vector) inside its own AVX-512 intrinsic headers.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #define LF_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,avx2")))
 
 namespace latentflow {

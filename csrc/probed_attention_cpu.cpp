@@ -1,7 +1,9 @@
 // Driver of the fused CPU probed-attention kernel.
 //
-// Phases (each a parallel_for over fixed-size tiles, so results never depend on the batch or thread count):
-//   1. pack K (transposed, [D][64] per key tile) and V ([64][Dv padded to 16]) once per kv head, as float32;
+// The (b, kv head) pairs are processed in chunks whose packed operands fit a fixed budget (one buffer,
+// reused chunk after chunk: bounded extra memory, few page faults). Per chunk, three phases, each a
+// parallel_for over fixed-size tiles, so results never depend on the batch, the chunking or the threads:
+//   1. pack K (transposed, [D][64] per key tile) and V ([64][Dv padded to 16]) as float32;
 //   2. forward: per (b, h, 64-query tile) an online softmax over 64-key tiles, with every capture and
 //      intervention applied inside the tile loop (no Nq x Nk map);
 //   3. key_mass (only when asked): per (b, h, 64-key tile) recompute q.k with the final lse and sum p over
@@ -49,14 +51,18 @@ struct FreeDeleter {
 };
 using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
 
-// 64-byte aligned, zero-initialised float buffer.
-FloatBuffer aligned_floats(int64_t count) {
+// 64-byte aligned float buffer, zero-initialised unless `zero` is false (then every read region must
+// be written first).
+FloatBuffer aligned_floats(int64_t count, bool zero = true) {
   const size_t bytes = static_cast<size_t>(((std::max<int64_t>(count, 1) * 4 + 63) / 64) * 64);
   void* p = std::aligned_alloc(64, bytes);
   if (!p) throw std::bad_alloc();
-  std::fill(static_cast<char*>(p), static_cast<char*>(p) + bytes, 0);
+  if (zero) std::fill(static_cast<char*>(p), static_cast<char*>(p) + bytes, 0);
   return FloatBuffer(static_cast<float*>(p));
 }
+
+// Packed operands of one chunk of kv heads stay below this (unless one kv head alone needs more).
+constexpr int64_t kChunkBudgetFloats = int64_t{2} << 20;  // 8 MiB
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -104,22 +110,33 @@ class Runner {
 
   void run() {
     const int threads = std::max(1, a_.num_threads);
-    k_packed_ = aligned_floats(L_.B * L_.Hkv * L_.k_tiles * L_.kt_tile_floats);
-    v_packed_ = aligned_floats(L_.B * L_.Hkv * L_.k_tiles * L_.v_tile_floats);
-    parallel_for(L_.B * L_.Hkv * L_.k_tiles, threads, [&](int, int64_t t) { pack_kv(t); });
-
+    const int64_t total = L_.B * L_.Hkv;  // kv heads, indexed bk = b * Hkv + hk
+    const int64_t q_floats = L_.group * L_.q_tiles * kQueryTile * L_.D;  // scaled queries of one kv head's group
+    const int64_t per_kv_head = L_.k_tiles * (L_.kt_tile_floats + L_.v_tile_floats) +
+                                (a_.key_mass ? q_floats + L_.group * L_.Nq : 0);
+    chunk_ = std::max<int64_t>(1, std::min<int64_t>(total, kChunkBudgetFloats / per_kv_head));
+    // Not zeroed: packing writes every tile in full (padding included), and the forward pass writes every
+    // query row and lse the key_mass pass reads.
+    k_packed_ = aligned_floats(chunk_ * L_.k_tiles * L_.kt_tile_floats, false);
+    v_packed_ = aligned_floats(chunk_ * L_.k_tiles * L_.v_tile_floats, false);
     if (a_.key_mass) {  // the second pass re-reads the scaled queries and the base-2 lse of every row
-      q_packed_ = aligned_floats(L_.B * L_.H * L_.q_tiles * kQueryTile * L_.D);
-      lse2_ = aligned_floats(L_.B * L_.H * L_.Nq);
+      q_packed_ = aligned_floats(chunk_ * q_floats, false);
+      lse2_ = aligned_floats(chunk_ * L_.group * L_.Nq, false);
     }
     std::vector<std::unique_ptr<Scratch>> scratch(threads);
     auto scratch_of = [&](int worker) -> Scratch& {
       if (!scratch[worker]) scratch[worker] = std::make_unique<Scratch>(L_);
       return *scratch[worker];
     };
-    parallel_for(L_.B * L_.H * L_.q_tiles, threads, [&](int w, int64_t t) { forward_tile(scratch_of(w), t); });
-    if (a_.key_mass)
-      parallel_for(L_.B * L_.H * L_.k_tiles, threads, [&](int w, int64_t t) { key_mass_tile(scratch_of(w), t); });
+    for (int64_t first = 0; first < total; first += chunk_) {
+      const int64_t count = std::min(chunk_, total - first);
+      parallel_for(count * L_.k_tiles, threads, [&](int, int64_t t) { pack_kv(first, t); });
+      parallel_for(count * L_.group * L_.q_tiles, threads,
+                   [&](int w, int64_t t) { forward_tile(scratch_of(w), first, t); });
+      if (a_.key_mass)
+        parallel_for(count * L_.group * L_.k_tiles, threads,
+                     [&](int w, int64_t t) { key_mass_tile(scratch_of(w), first, t); });
+    }
   }
 
  private:
@@ -127,27 +144,37 @@ class Runner {
   const MicroKernels& mk_;
   Layout L_{};
   bool want_stats_ = false;
+  int64_t chunk_ = 1;  // kv heads per chunk
+  // Indexed by the kv head's slot in the chunk (bk - first) and, for queries, the head within its group.
   FloatBuffer k_packed_, v_packed_, q_packed_, lse2_;
 
   static float load(const void* base, int64_t offset) { return T::load(static_cast<const Storage*>(base)[offset]); }
 
-  const float* kt_tile(int64_t bk, int64_t kt) const { return k_packed_.get() + (bk * L_.k_tiles + kt) * L_.kt_tile_floats; }
-  const float* v_tile(int64_t bk, int64_t kt) const { return v_packed_.get() + (bk * L_.k_tiles + kt) * L_.v_tile_floats; }
+  float* kt_tile(int64_t slot, int64_t kt) const { return k_packed_.get() + (slot * L_.k_tiles + kt) * L_.kt_tile_floats; }
+  float* v_tile(int64_t slot, int64_t kt) const { return v_packed_.get() + (slot * L_.k_tiles + kt) * L_.v_tile_floats; }
+  // Slot of head (slot, head-in-group gi) for the per-query buffers of the key_mass pass.
+  int64_t query_slot(int64_t slot, int64_t gi) const { return slot * L_.group + gi; }
 
-  // Phase 1: one key tile of one kv head, converted to float32; padding keys and lanes are zero.
-  void pack_kv(int64_t task) {
-    const int64_t bk = task / L_.k_tiles, kt = task % L_.k_tiles;
-    const int64_t b = bk / L_.Hkv, hk = bk % L_.Hkv;
+  // Phase 1: one key tile of one kv head, converted to float32; padding keys and lanes written as zero.
+  void pack_kv(int64_t first, int64_t task) {
+    const int64_t slot = task / L_.k_tiles, kt = task % L_.k_tiles;
+    const int64_t bk = first + slot, b = bk / L_.Hkv, hk = bk % L_.Hkv;
     const int64_t k0 = kt * kKeyTile, keys = std::min<int64_t>(kKeyTile, L_.Nk - k0);
-    float* kd = k_packed_.get() + (bk * L_.k_tiles + kt) * L_.kt_tile_floats;
-    float* vd = v_packed_.get() + (bk * L_.k_tiles + kt) * L_.v_tile_floats;
+    float* kd = kt_tile(slot, kt);
+    float* vd = v_tile(slot, kt);
     const auto& ks = a_.k_strides;
     const auto& vs = a_.v_strides;
     for (int64_t j = 0; j < keys; ++j) {
       const int64_t kbase = b * ks[0] + hk * ks[1] + (k0 + j) * ks[2];
       load_row(a_.k, kbase, ks[3], L_.D, kKeyTile, kd + j);
       const int64_t vbase = b * vs[0] + hk * vs[1] + (k0 + j) * vs[2];
-      load_row(a_.v, vbase, vs[3], L_.Dv, 1, vd + j * L_.dv_padded);
+      float* vrow = vd + j * L_.dv_padded;
+      load_row(a_.v, vbase, vs[3], L_.Dv, 1, vrow);
+      std::fill(vrow + L_.Dv, vrow + L_.dv_padded, 0.0f);
+    }
+    if (keys < kKeyTile) {
+      for (int64_t d = 0; d < L_.D; ++d) std::fill(kd + d * kKeyTile + keys, kd + (d + 1) * kKeyTile, 0.0f);
+      std::fill(vd + keys * L_.dv_padded, vd + L_.v_tile_floats, 0.0f);
     }
   }
 
@@ -207,10 +234,10 @@ class Runner {
   }
 
   // Phase 2: one (b, h, query tile).
-  void forward_tile(Scratch& sc, int64_t task) {
-    const int64_t bh = task / L_.q_tiles, qt = task % L_.q_tiles;
-    const int64_t b = bh / L_.H, h = bh % L_.H;
-    const int64_t bk = b * L_.Hkv + h / L_.group;
+  void forward_tile(Scratch& sc, int64_t first, int64_t task) {
+    const int64_t slot = task / (L_.group * L_.q_tiles), gi = (task / L_.q_tiles) % L_.group, qt = task % L_.q_tiles;
+    const int64_t bk = first + slot, b = bk / L_.Hkv, h = (bk % L_.Hkv) * L_.group + gi;
+    const int64_t bh = b * L_.H + h, qs = query_slot(slot, gi);
     const int64_t q0 = qt * kQueryTile;
     const int64_t rows = std::min<int64_t>(kQueryTile, L_.Nq - q0);
     const int rows4 = static_cast<int>(ceil_div(rows, kRowBlock) * kRowBlock);
@@ -228,22 +255,22 @@ class Runner {
     float* o = sc.o.get();
     if (attend) {
       const float qscale = a_.scale * (a_.logit_scale ? a_.logit_scale[bh] : 1.0f) * kLog2e;
-      float* qtile = a_.key_mass ? q_packed_.get() + (bh * L_.q_tiles + qt) * kQueryTile * L_.D : sc.q.get();
+      float* qtile = a_.key_mass ? q_packed_.get() + (qs * L_.q_tiles + qt) * kQueryTile * L_.D : sc.q.get();
       pack_queries(b, h, q0, rows, rows4, qscale, qtile);
       std::fill(o, o + rows4 * L_.dv_padded, 0.0f);
       TileOptions opt{a_.entropy != nullptr, a_.segment_mass != nullptr, sc.pieces.get(), 0};
       for (int64_t kt = 0; kt < L_.k_tiles; ++kt) {
         if (!key_tile_bias(b, bh, kt, sc.key_bias.get(), sc.pieces.get(), &opt.num_pieces)) continue;
-        mk_.qk_tile(qtile, kt_tile(bk, kt), static_cast<int>(L_.D), rows4, sc.s.get());
+        mk_.qk_tile(qtile, kt_tile(slot, kt), static_cast<int>(L_.D), rows4, sc.s.get());
         mk_.softmax_tile(sc.s.get(), rows4, sc.key_bias.get(), st, opt);
-        mk_.pv_tile(sc.s.get(), v_tile(bk, kt), st.alpha, rows4, static_cast<int>(L_.dv_padded), o);
+        mk_.pv_tile(sc.s.get(), v_tile(slot, kt), st.alpha, rows4, static_cast<int>(L_.dv_padded), o);
       }
     }
-    finish_rows(sc, st, b, h, bh, q0, rows, patched, gate, attend);
+    finish_rows(sc, st, b, h, bh, qs, q0, rows, patched, gate, attend);
   }
 
   // Normalise, apply patch / gate / bias, write the output rows and the captures of one query tile.
-  void finish_rows(Scratch& sc, const RowState& st, int64_t b, int64_t h, int64_t bh, int64_t q0, int64_t rows,
+  void finish_rows(Scratch& sc, const RowState& st, int64_t b, int64_t h, int64_t bh, int64_t qs, int64_t q0, int64_t rows,
                    bool patched, float gate, bool attend) {
     Storage* out = static_cast<Storage*>(a_.out);
     const float* bias = a_.out_bias ? a_.out_bias + bh * L_.Dv : nullptr;
@@ -274,15 +301,15 @@ class Runner {
         float* dst_seg = a_.segment_mass + row * L_.G;
         for (int64_t g = 0; g < L_.G; ++g) dst_seg[g] = seg[g] * inv;
       }
-      if (a_.key_mass) lse2_[row] = lse2;
+      if (a_.key_mass) lse2_[qs * L_.Nq + i] = lse2;
     }
   }
 
   // Phase 3: attention received by one key tile of row (b, h), summed over query tiles in order.
-  void key_mass_tile(Scratch& sc, int64_t task) {
-    const int64_t bh = task / L_.k_tiles, kt = task % L_.k_tiles;
-    const int64_t b = bh / L_.H, h = bh % L_.H;
-    const int64_t bk = b * L_.Hkv + h / L_.group;
+  void key_mass_tile(Scratch& sc, int64_t first, int64_t task) {
+    const int64_t slot = task / (L_.group * L_.k_tiles), gi = (task / L_.k_tiles) % L_.group, kt = task % L_.k_tiles;
+    const int64_t bk = first + slot, b = bk / L_.Hkv, h = (bk % L_.Hkv) * L_.group + gi;
+    const int64_t bh = b * L_.H + h, qs = query_slot(slot, gi);
     float* acc = sc.acc.get();
     std::fill(acc, acc + kKeyTile, 0.0f);
     int num_pieces = 0;
@@ -291,9 +318,9 @@ class Runner {
         const int64_t q0 = qt * kQueryTile;
         const int64_t rows = std::min<int64_t>(kQueryTile, L_.Nq - q0);
         const int rows4 = static_cast<int>(ceil_div(rows, kRowBlock) * kRowBlock);
-        const float* lse2 = lse2_.get() + bh * L_.Nq + q0;
-        const float* qtile = q_packed_.get() + (bh * L_.q_tiles + qt) * kQueryTile * L_.D;
-        mk_.qk_tile(qtile, kt_tile(bk, kt), static_cast<int>(L_.D), rows4, sc.s.get());
+        const float* lse2 = lse2_.get() + qs * L_.Nq + q0;
+        const float* qtile = q_packed_.get() + (qs * L_.q_tiles + qt) * kQueryTile * L_.D;
+        mk_.qk_tile(qtile, kt_tile(slot, kt), static_cast<int>(L_.D), rows4, sc.s.get());
         for (int64_t r = 0; r < rows; ++r)
           if (lse2[r] != kNegInf) mk_.key_mass_row(sc.s.get() + r * kKeyTile, sc.key_bias.get(), lse2[r], acc);
       }

@@ -163,6 +163,18 @@ def test_expanded_and_sliced_inputs(isa):
     _compare(big[1:2, :, 3:12, 5:21], k, v, out_patch=big[:1, :, :9, 20:36], patch_mask=torch.tensor([True, False] * 2))
 
 
+def test_several_kv_head_chunks(isa):
+    """Long keys: the packed K/V of all kv heads exceed the kernel's chunk budget (8 MiB), so the (b, kv head)
+    pairs run in several chunks through one reused buffer; GQA heads and key_mass must still line up."""
+    q, k, v, gen = _inputs(B=2, H=6, Hkv=3, Nq=9, Nk=8200, D=64, Dv=64)
+    mask = torch.rand(2, 8200, generator=gen) < 0.9
+    ls = torch.rand(2, 6, generator=gen) + 0.5
+    kwargs = dict(segments=[0, 100, 8199, 8200], capture=CAPTURE_NAMES)
+    out, caps = _compare(q, k, v, key_padding_mask=mask, logit_scale=ls, **kwargs)
+    alone = probed_attention(q[1:], k[1:], v[1:], backend="cpu", key_padding_mask=mask[1:], logit_scale=ls[1:], **kwargs)
+    _assert_bitwise(alone, (out[1:], {name: t[1:] for name, t in caps.items()}))
+
+
 def test_bfloat16_large_logits(isa):
     q, k, v, _ = _inputs(dtype=torch.bfloat16)
     _compare(q * 4, k, v, dtype_tol=2e-2, capture=CAPTURE_NAMES, segments=[0, 64, 65, 130])
