@@ -26,11 +26,9 @@ namespace device {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kBlockN = 64;           // keys per tile (key_mass: keys per CTA, 16 per warp)
 constexpr int kQueryTile = 64;        // query rows per step of the key_mass loop
-constexpr int kPad = 8;               // 16-bit elements of padding per shared-memory row (see load_frag_pair)
+constexpr int kPad = 8;               // 16-bit elements of padding per shared-memory row (see load_pair)
 
-static_assert(kBlockN == 16 * kWarps, "key_mass gives every warp 16 keys of the key tile");
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 

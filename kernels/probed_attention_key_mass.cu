@@ -1,7 +1,7 @@
 // CUDA second pass of probed attention: key_mass[b,h,j] = sum_i exp(s_ij - lse_i), the attention each
 // key receives, with lse from the forward pass. Like a flash backward it recomputes the logits: one
-// CTA = 64 keys of one (b, h), each warp owns 16 of them as the M dimension of S^T = K Q^T, and the CTA
-// walks the query tiles in a fixed order. A key's sum lives in the registers of its own warp (per-lane
+// CTA = 128 keys of one (b, h), each warp owns 32 of them (two 16-key sub-tiles) as the M dimension of
+// S^T = K Q^T, and the CTA walks the query tiles of 64 in a fixed order. A key's sum lives in the registers of its own warp (per-lane
 // partials, then a quad sum), so there are no atomics and no cross-CTA reductions: deterministic and
 // batch invariant.
 #ifndef LATENTFLOW_EMULATE
@@ -17,30 +17,33 @@
 namespace latentflow {
 namespace device {
 
-template <int D>
+template <int D, int kM>
 constexpr int key_mass_smem_bytes() {
   // K tile + 2 Q tiles (16-bit, padded rows) + 2 lse tiles + per-key bias.
-  return (kBlockN + 2 * kQueryTile) * (D + kPad) * 2 + 2 * kQueryTile * 4 + kBlockN * 4;
+  return (16 * kWarps * kM + 2 * kQueryTile) * (D + kPad) * 2 + 2 * kQueryTile * 4 + 16 * kWarps * kM * 4;
 }
 
-template <typename T, int D>
+template <typename T, int D, int kM>
 __global__ void __launch_bounds__(kThreads)
     latentflow_probed_attn_key_mass_cuda(const ProbedAttentionArgs args) {
+  constexpr int kKeys = 16 * kWarps * kM;  // keys per CTA: kM sub-tiles of 16 per warp
   constexpr int kPitch = D + kPad;
   constexpr int kQTileElems = kQueryTile * kPitch;
-  constexpr int kNTiles = kQueryTile / 8;  // 8-query MMA tiles of S^T per warp
+  constexpr int kNTiles = kQueryTile / 8;  // 8-query MMA tiles of S^T
+  static_assert(kQueryTile <= kThreads, "one lse per thread");
 
   LATENTFLOW_DYNAMIC_SMEM(smem_raw);
-  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);  // [kBlockN][kPitch]
-  uint16_t* q_s = k_s + kBlockN * kPitch;                   // [2][kQueryTile][kPitch]
+  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);          // [kKeys][kPitch]
+  uint16_t* q_s = k_s + kKeys * kPitch;                            // [2][kQueryTile][kPitch]
   float* lse_s = reinterpret_cast<float*>(q_s + 2 * kQTileElems);  // [2][kQueryTile]
-  float* bias_s = lse_s + 2 * kQueryTile;                          // [kBlockN]
+  float* bias_s = lse_s + 2 * kQueryTile;                          // [kKeys]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const int b = blockIdx.z, h = blockIdx.y;
   const int Nq = args.num_queries, Nk = args.num_keys;
-  const int k0 = blockIdx.x * kBlockN;
+  const int k0 = blockIdx.x * kKeys;
+  const int warp_key0 = warp * 16 * kM;  // first key of the warp's sub-tiles within the CTA's keys
   const int hk = h / (args.heads / args.kv_heads);
   const int64_t bh = static_cast<int64_t>(b) * args.heads + h;
 
@@ -52,18 +55,20 @@ __global__ void __launch_bounds__(kThreads)
   const int num_tiles = (Nq + kQueryTile - 1) / kQueryTile;
 
   // Prologue: the K tile and the first Q tile in one copy group; lse and key bias by plain stores.
-  load_tile_async<kBlockN, D>(k_s, k_g, args.k_stride[2], min(kBlockN, Nk - k0), tid);
+  load_tile_async<kKeys, D>(k_s, k_g, args.k_stride[2], min(kKeys, Nk - k0), tid);
   load_tile_async<kQueryTile, D>(q_s, q_g, args.q_stride[2], min(kQueryTile, Nq), tid);
   cp_async_commit();
   if (tid < kQueryTile) lse_s[tid] = tid < Nq ? lse_g[tid] : neg_inf();
-  if (tid < kBlockN) {
+  for (int key = tid; key < kKeys; key += kThreads) {
     int segment;
-    bias_s[tid] = key_bias(args, bh, b, k0 + tid, &segment);
+    bias_s[key] = key_bias(args, bh, b, k0 + key, &segment);
   }
 
-  float mass[2] = {0.0f, 0.0f};  // per-lane partial sums for keys g and g + 8 of the warp
-  float bias[2];
-  uint32_t k_frag[D / 16][4];
+  float mass[kM][2];  // per-lane partial sums for keys g and g + 8 of each sub-tile
+  float bias[kM][2];
+  uint32_t k_frag[kM][D / 16][4];
+#pragma unroll
+  for (int i = 0; i < kM; ++i) mass[i][0] = mass[i][1] = 0.0f;
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int buf = tile & 1;
@@ -84,38 +89,51 @@ __global__ void __launch_bounds__(kThreads)
 
     if (tile == 0) {
 #pragma unroll
-      for (int c = 0; c < D / 16; ++c) load_a_frag(k_frag[c], k_s, kPitch, warp * 16, c * 16, lane);
-      bias[0] = bias_s[warp * 16 + g];
-      bias[1] = bias_s[warp * 16 + g + 8];
+      for (int i = 0; i < kM; ++i) {
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c) load_a_frag(k_frag[i][c], k_s, kPitch, warp_key0 + 16 * i, c * 16, lane);
+        bias[i][0] = bias_s[warp_key0 + 16 * i + g];
+        bias[i][1] = bias_s[warp_key0 + 16 * i + g + 8];
+      }
     }
 
     const uint16_t* qt = q_s + buf * kQTileElems;
     const float* lse_t = lse_s + buf * kQueryTile;
 #pragma unroll
     for (int n = 0; n < kNTiles; ++n) {
-      float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // S^T: rows = keys g, g+8; columns = queries 2t4, 2t4+1
+      float st[kM][4];  // S^T of sub-tile i: rows = keys g, g+8; columns = queries 2t4, 2t4+1 of tile n
+#pragma unroll
+      for (int i = 0; i < kM; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
 #pragma unroll
       for (int c = 0; c < D / 16; ++c) {
         uint32_t bf[2];
-        load_b_frag_rows(bf, qt, kPitch, n * 8, c * 16, lane);
-        mma_16816<T>(st, k_frag[c], bf);
-      }
+        load_b_frag_rows(bf, qt, kPitch, n * 8, c * 16, lane);  // each Q fragment feeds kM MMAs
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float lse = lse_t[n * 8 + 2 * t4 + (e & 1)];
-        const float s = st[e] * logit_mult + bias[e >> 1];
-        // A query row with lse = -inf (fully masked, or past Nq) has p = 0; s = -inf gives exp(-inf) = 0.
-        mass[e >> 1] += lse == neg_inf() ? 0.0f : __expf(s - lse);
+        for (int i = 0; i < kM; ++i) mma_16816<T>(st[i], k_frag[i][c], bf);
+      }
+      const float lse0 = lse_t[n * 8 + 2 * t4], lse1 = lse_t[n * 8 + 2 * t4 + 1];
+#pragma unroll
+      for (int i = 0; i < kM; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float lse = (e & 1) ? lse1 : lse0;
+          const float s = st[i][e] * logit_mult + bias[i][e >> 1];
+          // A query row with lse = -inf (fully masked, or past Nq) has p = 0; s = -inf gives exp(-inf) = 0.
+          mass[i][e >> 1] += lse == neg_inf() ? 0.0f : __expf(s - lse);
+        }
       }
     }
     __syncthreads();  // all warps are done with this buffer before it is overwritten
   }
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float total = quad_sum(mass[r]);
-    const int key = k0 + warp * 16 + g + 8 * r;
-    if (t4 == 0 && key < Nk) args.key_mass[bh * Nk + key] = total;
+  for (int i = 0; i < kM; ++i) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float total = quad_sum(mass[i][r]);
+      const int key = k0 + warp_key0 + 16 * i + g + 8 * r;
+      if (t4 == 0 && key < Nk) args.key_mass[bh * Nk + key] = total;
+    }
   }
 }
 
@@ -132,11 +150,13 @@ void check_cuda(cudaError_t status, const char* what) {
 
 template <typename T, int D>
 void launch_key_mass_typed(const ProbedAttentionArgs& args, cudaStream_t stream) {
-  auto kernel = device::latentflow_probed_attn_key_mass_cuda<T, D>;
-  constexpr int smem = device::key_mass_smem_bytes<D>();
+  constexpr int kM = 2;  // 32 keys per warp: each Q fragment read from shared memory feeds two MMAs
+  auto kernel = device::latentflow_probed_attn_key_mass_cuda<T, D, kM>;
+  constexpr int smem = device::key_mass_smem_bytes<D, kM>();
+  constexpr int keys = 16 * device::kWarps * kM;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "cudaFuncSetAttribute(latentflow_probed_attn_key_mass_cuda)");
-  const dim3 grid((args.num_keys + device::kBlockN - 1) / device::kBlockN, args.heads, args.batch);
+  const dim3 grid((args.num_keys + keys - 1) / keys, args.heads, args.batch);
 #ifdef LATENTFLOW_EMULATE
   ::latentflow_emu::launch(kernel, grid, device::kThreads, smem, args);
 #else

@@ -55,7 +55,7 @@ def _run_and_check(emu, plan, rows):
 
 
 # Seeds alternate dtype and head dim; every 4th seed takes every intervention and capture.
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(4))
 def test_random_cases_match_reference(emu, seed, rows):
     dtype = (torch.bfloat16, torch.float16)[seed % 2]
     head_dims = (128,) if seed % 3 == 0 else (64,)
