@@ -125,6 +125,7 @@ def test_p3_convergence_columns(results):
     assert df["kstar"].between(0, 3).all() and df["sim_prev"].isna().sum() == 2 * LAYERS
     summary = p3_convergence.summarize(df, results[0][1])
     assert sorted(summary["stable_layers"] + summary["fast_layers"]) == list(range(LAYERS))
+    assert summary["split_basis"] in ("kstar", "kstar_centered")
 
 
 def test_p5_scaffold_columns(results):
@@ -142,6 +143,8 @@ def test_convergence_index_split_and_pooling():
     assert p3_convergence.convergence_index([0.99, 0.99, 1.0], 0.95) == 0
     assert p3_convergence.split_layers({0: 1, 1: 5, 2: 2, 3: 8}) == ([0, 2], [1, 3])
     assert p3_convergence.split_layers({0: 2, 1: 2}) == ([0, 1], [])
+    assert p3_convergence.stable_fast({0: 0, 1: 0}, {0: 3, 1: 1}) == ([1], [0], "kstar_centered")
+    assert p3_convergence.stable_fast({0: 0, 1: 2}, {0: 3, 1: 1}) == ([0], [1], "kstar")
     uniform = torch.full((3, 2, 8, 4), 0.25)
     pooled = p3_convergence.pooled_maps(uniform, [0, 2, 4, 6, 8])
     assert pooled.shape == (3, 4, 4) and torch.allclose(pooled, torch.full_like(pooled, 0.25))

@@ -17,7 +17,10 @@ evaluation 0 to the end (window None) and continued to t=1:
 Effects are defined in effects.py (semantic: movement of the output toward B's source; acoustic:
 MR-STFT distance to the identity-matched clean output). Statistic: the 2x2 dissociation of stats.py over
 clips for the all-layer additive vs routing swaps, overall and per complexity group (number of sources,
-gain spread), and per layer.
+gain spread), and per layer. A clip whose semantic effect is undefined (prompting B moves the output by
+less than 1 dB of SI-SDR margin, see effects.py) drops out of the semantic cells, the semantic contrast and
+the interaction; ``secondary_dissociation_db`` repeats the analysis with the raw margin shift in dB and the
+log-mel distance, which are defined for every clip with stems.
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ From the clean run of each clip (captures only, no intervention):
   attention maps share the uniform component, so they can sit near 1 from the start; the centred version
   shows whether the map's *structure* has converged.
 * Stable vs fast layers (rule): per layer, the median of k*_l over clips; layers whose median k* is <= the
-  median over layers are "stable", the others "fast". (With ties at the median, stable can hold more than
-  half of the layers; if all layers tie, all are stable and none fast.)
+  median over layers are "stable", the others "fast" (with ties at the median, stable can hold more than
+  half of the layers). If that leaves no fast layer (every layer has the same k*, e.g. all maps are
+  within tau of their final value from the first evaluation on), the same rule is applied to the centred
+  k* instead, and ``split_basis`` says so; if those tie as well, all layers are stable and none fast.
 """
 
 from __future__ import annotations
@@ -83,6 +85,15 @@ def split_layers(kstar: dict) -> tuple[list, list]:
     return stable, sorted(l for l in kstar if l not in stable)
 
 
+def stable_fast(kstar: dict, kstar_centered: dict) -> tuple[list, list, str]:
+    """(stable, fast, basis): `split_layers` on k*, falling back to the centred k* when k* splits nothing."""
+    stable, fast = split_layers(kstar)
+    if fast or not kstar_centered:
+        return stable, fast, "kstar"
+    stable, fast = split_layers(kstar_centered)
+    return stable, fast, "kstar_centered"
+
+
 def layer_convergence(traj, tau: float) -> pd.DataFrame:
     """Per (layer, evaluation) convergence rows of one trajectory (needs segment_mass captures of the
     self-attention sites and their cached head outputs)."""
@@ -141,11 +152,14 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
     if df.empty:
         return {"clips": 0}
     per_clip = df.groupby(["clip_id", "layer"])["kstar"].first().unstack("layer")  # clips x layers
+    per_clip_centered = df.groupby(["clip_id", "layer"])["kstar_centered"].first().unstack("layer")
     kstar_median = {int(l): float(per_clip[l].median()) for l in per_clip.columns}
-    stable, fast = split_layers(kstar_median)
+    centered_median = {int(l): float(per_clip_centered[l].median()) for l in per_clip_centered.columns}
+    stable, fast, basis = stable_fast(kstar_median, centered_median)
     agreement = []
-    for clip_id, row in per_clip.iterrows():
-        s, _ = split_layers({int(l): float(v) for l, v in row.items()})
+    for clip_id in per_clip.index:
+        s, _, _ = stable_fast({int(l): float(v) for l, v in per_clip.loc[clip_id].items()},
+                              {int(l): float(v) for l, v in per_clip_centered.loc[clip_id].items()})
         agreement.append(s == stable)
     curves = df.groupby(["layer", "evaluation"])[
         ["sim_prev", "sim_final", "rel_change_prev", "sim_final_centered"]].mean()
@@ -155,13 +169,13 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
         "num_evaluations": int(df["evaluation"].max() + 1),
         "kstar_median_by_layer": kstar_median,
         "kstar_by_clip": {str(c): {int(l): int(v) for l, v in r.items()} for c, r in per_clip.iterrows()},
-        "kstar_centered_median_by_layer": {
-            int(l): float(v) for l, v in df.groupby(["clip_id", "layer"])["kstar_centered"].first()
-            .groupby("layer").median().items()},
+        "kstar_centered_median_by_layer": centered_median,
         "stable_layers": stable,
         "fast_layers": fast,
+        "split_basis": basis,
         "clips_with_same_split": int(sum(agreement)),
-        "split_rule": "stable: median over clips of k*_l <= median over layers of it; fast: the rest",
+        "split_rule": "stable: median over clips of k*_l <= median over layers of it; fast: the rest "
+                      "(centred k* when k* splits nothing)",
         "mean_sim_final_by_layer": {int(l): g["sim_final"].mean() for l, g in df.groupby("layer")},
         "curves": {int(l): {col: curves.loc[l][col].tolist() for col in curves.columns}
                    for l in curves.index.get_level_values(0).unique()},

@@ -11,7 +11,8 @@ Per clip, layer l and evaluation k, from the exact self-attention maps p [H, T, 
 * Settling: the evaluation from which a curve stays within 5% of its range (max - min over evaluations) of
   its final value (``locality_settle``, ``active_mass_settle``); a flat curve settles at 0.
 * Layer groups: ``depth_group`` (early = first half of the layers, late = the rest) and
-  ``convergence_group`` (stable / fast by P3's rule on this clip's k*_l, from the same run's captures).
+  ``convergence_group`` (stable / fast by P3's rule, fallback included, on this clip's k*_l, from the same
+  run's captures).
 
 Segmentation cue (rows with layer = -1): boundary contrast of an energy envelope at the target's on/off
 boundaries. For a boundary at sample b (onsets and offsets at least 50 ms inside the clip), level
@@ -36,7 +37,7 @@ from ..probe import MapRequest, expand_sites
 from .base import Experiment, ProtocolContext
 from .effects import clip_columns, json_ready
 from .p1_pathways import save_figure
-from .p3_convergence import SELF_SITES, convergence_trajectory, layer_convergence, split_layers
+from .p3_convergence import SELF_SITES, convergence_trajectory, layer_convergence, stable_fast
 
 SETTLE_TOLERANCE = 0.05
 MAP_MEMORY_BYTES = 256 * 2**20
@@ -113,7 +114,7 @@ def scaffold_rows(ctx: ProtocolContext, pclip) -> list[dict]:
     clean = convergence_trajectory(ctx, pclip)  # shared with P3 (same cached run)
     kstar_table = layer_convergence(clean, cfg.tau)
     kstar = kstar_table.groupby("layer")["kstar"].first().to_dict()
-    stable, _ = split_layers(kstar)
+    stable, _, _ = stable_fast(kstar, kstar_table.groupby("layer")["kstar_centered"].first().to_dict())
     E, T = clean.num_evaluations, clean.states[0].shape[1]
     active = pclip.active_frames
     if active is not None and active.numel() != T:
