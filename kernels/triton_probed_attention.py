@@ -285,9 +285,12 @@ def latentflow_probed_attn_key_mass(
     key_terms = _key_logit_terms(tl.zeros([BLOCK_N, 1], dtype=tl.float32), offs_n, Nk, G, Mask + b * Nk,
                                  SegBias + bh * G, bounds, HAS_MASK, HAS_SEG_BIAS, True, True)
 
+    # Keys that are all masked or knocked out (padding) receive no mass: skip their query loop.
+    q_end = tl.where(tl.max(key_terms) > float("-inf"), Nq, 0)
+
     q_head = Q + b * stride_qb + h * stride_qh
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start_m in range(0, Nq, BLOCK_M):
+    for start_m in range(0, q_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows_ok = offs_m < Nq
         qt_ptrs = q_head + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm
