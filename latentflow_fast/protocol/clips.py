@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..data.synthetic import EVAL_SEEDS, SAMPLE_RATE, make_mixture
+from ..data.synthetic import EVAL_SEEDS, make_mixture
 from ..probe import Clip
 from .base import ProtocolClip
 
@@ -162,4 +162,4 @@ def clips_from_files(paths: Sequence, prompts: Sequence[str], counterfactual_pro
     return clips
 
 
-__all__ = ["active_frames", "clips_from_files", "default_clips", "GAIN_SPREAD_SPLIT_DB", "SAMPLE_RATE"]
+__all__ = ["active_frames", "clips_from_files", "default_clips", "GAIN_SPREAD_SPLIT_DB"]

@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import pandas as pd
