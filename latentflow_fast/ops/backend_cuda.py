@@ -139,6 +139,8 @@ def launch(plan: AttentionPlan, native, stream: int, device: int, rows: Optional
     out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=q.device)
     shapes = capture_shapes(plan)
     captures = {name: torch.empty(shape, dtype=torch.float32, device=q.device) for name, shape in shapes.items()}
+    if out.numel() == 0 and all(t.numel() == 0 for t in captures.values()):  # e.g. H = 0: nothing to launch
+        return out, captures
     lse = captures.get("lse")
     if lse is None and "key_mass" in captures:  # the second pass needs the forward's lse
         lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
