@@ -16,6 +16,9 @@ Definitions
   ``mrstft_to_clean`` (multi-resolution STFT distance, FFT 256/512/1024), ``logmel_to_clean``,
   ``si_sdr_to_clean_db`` (fidelity to the clean output), ``latent_change`` = |x1 - x1_clean| / |x1_clean|.
   ``frozen_fraction`` = |F| (E - k0) / (L E): the share of all self-attention calls that were frozen.
+* Stable vs fast: whole groups freeze different amounts when the groups differ in size, so the headline
+  compares single-layer freezing: per clip, the mean damage of freezing one stable layer vs one fast layer
+  (``stable_vs_fast_single_layer``, paired Wilcoxon over clips); the group rows are reported beside it.
 * Execution: a clean run records every layer's self-attention output and the state at every step start;
   the rows of one clip that branch in the same ODE step run as one batch from that step's start state
   (the cache seeded with the clean outputs of evaluation k0 - 1), so nothing before the branch is recomputed.
@@ -38,6 +41,7 @@ from ..lsac import SelfAttentionCache, freeze_policy
 from ..probe.invariance import batch_invariant
 from ..sampler import METHODS, sample_ode
 from .base import Experiment, ProtocolContext
+from .stats import paired_wilcoxon
 
 MAX_ROWS = 16  # rows per batch of branched runs
 
@@ -316,11 +320,30 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
                 "stable_frozen_fraction": float(stable_frac), "fast_frozen_fraction": float(fast_frac),
             }
         summary["stable_vs_fast"] = comparison
-        earliest = min(comparison, key=int)
+        # Groups of different sizes freeze different amounts; the per-layer comparison freezes one layer per
+        # row: mean over the group's single-layer rows (then over clips).
+        stable_names = {f"L{l}" for l in split["stable_layers"]}
+        fast_names = {f"L{l}" for l in split["fast_layers"]}
+        per_layer = {}
+        for k0, part in singles.groupby("k0"):
+            st = part[part["layer_set"].isin(stable_names)].groupby("clip_id")["mrstft_to_clean"].mean()
+            fa = part[part["layer_set"].isin(fast_names)].groupby("clip_id")["mrstft_to_clean"].mean()
+            st_drop = part[part["layer_set"].isin(stable_names)].groupby("clip_id")["si_sdr_drop_db"].mean()
+            fa_drop = part[part["layer_set"].isin(fast_names)].groupby("clip_id")["si_sdr_drop_db"].mean()
+            per_layer[str(int(k0))] = {
+                "stable_mrstft": float(st.mean()), "fast_mrstft": float(fa.mean()),
+                "stable_si_sdr_drop_db": _mean(st_drop), "fast_si_sdr_drop_db": _mean(fa_drop),
+                "clips_stable_less_damaged": int((st < fa.reindex(st.index)).sum()), "clips": int(len(st)),
+                "wilcoxon_p_mrstft": paired_wilcoxon(st.to_numpy(), fa.reindex(st.index).to_numpy())["p_value"],
+            }
+        summary["stable_vs_fast_single_layer"] = per_layer
+        earliest = min(per_layer, key=int)
+        e = per_layer[earliest]
         summary["headline"] = (
-            f"freezing from k0={earliest}: stable layers mrstft {comparison[earliest]['stable_mrstft']:.3f} vs "
-            f"fast layers {comparison[earliest]['fast_mrstft']:.3f} "
-            f"(stable less damaged on {comparison[earliest]['clips_stable_less_damaged']}/{comparison[earliest]['clips']} clips)"
+            f"freezing one layer from k0={earliest}: stable layers MR-STFT {e['stable_mrstft']:.3f} vs fast layers "
+            f"{e['fast_mrstft']:.3f} (stable less damaged on {e['clips_stable_less_damaged']}/{e['clips']} clips, "
+            f"Wilcoxon p={e['wilcoxon_p_mrstft']:.3g}); "
+            f"whole groups: stable {comparison[earliest]['stable_mrstft']:.3f} vs fast {comparison[earliest]['fast_mrstft']:.3f}"
         )
     return summary
 
