@@ -184,3 +184,19 @@ def test_killed_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path):
     full = ResultStore(complete).load()
     assert len(list(killed.glob("*.tmp"))) == 0
     pd.testing.assert_frame_equal(resumed, full, check_exact=True)
+
+
+def test_exact_mode_is_batch_invariant_with_several_threads(setup):
+    """torch's multi-threaded element-wise kernels split at batch-dependent offsets; exact mode avoids it."""
+    engine, traj = setup
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows in (3, 17):
+            probes = [Probe("layers.0.cross_attn", "head_ablation", value=0.01 * i) for i in range(rows - 1)]
+            probes.append(Probe("layers.1.self_attn", "none"))
+            results = engine.run_batch(traj, 0, probes)
+            assert results[-1]["local_effect"] == 0.0
+        assert torch.get_num_threads() == 2  # restored after each forward
+    finally:
+        torch.set_num_threads(threads)

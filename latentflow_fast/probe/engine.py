@@ -30,7 +30,7 @@ from ..ops.profiling import nvtx_range
 from ..sampler import METHODS, evaluation_schedule
 from . import distributed
 from .batching import BatchSizer, is_out_of_memory
-from .invariance import batch_invariant
+from .invariance import batch_invariant, single_threaded
 from .probes import MapRequest, Probe, expand_sites
 from .store import ResultStore
 
@@ -108,15 +108,21 @@ class ProbeEngine:
     backend: operator backend ("auto" picks the fused kernel for the device).
     time_bins: number of time bins = key segments of self-attention sites (captures and segment probes);
         cross-attention segments are the text tokens.
+    exact: bitwise batch invariance on CPU (default True): forward passes run on one intra-op thread, so
+        a probe's row has the same bits whatever else is in its batch (identity probes give effects of
+        exactly 0; sweeps give identical tables however they are batched or sharded). With exact=False
+        CPU forwards use all torch threads and such rows may differ in the last bits (~1e-7 relative).
+        Scale out with more processes instead (torchrun, one thread per rank). No effect on CUDA.
     """
 
-    def __init__(self, model, backend: str = "auto", time_bins: int = 16):
+    def __init__(self, model, backend: str = "auto", time_bins: int = 16, exact: bool = True):
         if not hasattr(model, "attention_router"):
             raise TypeError("model must expose an `attention_router` (a SAM-Audio-architecture model); "
                             "for other modules use latentflow_fast.probe.trace")
         self.model = model.eval()
         self.backend = backend
         self.time_bins = int(time_bins)
+        self.exact = bool(exact)
         self.sites = model_sites(model)
         self.num_heads = model.config.n_heads
         self.runs: dict = {}  # name -> Trajectory: sources for output patches and swaps
@@ -251,7 +257,8 @@ class ProbeEngine:
     # ------------------------------------------------------------------ forward helpers
     def _forward(self, ctx: _Context, inputs, state: torch.Tensor, evaluation: int, t: float) -> torch.Tensor:
         ctx.evaluation = evaluation
-        with self._installed(ctx), batch_invariant(), nvtx_range(f"latentflow.evaluation.{evaluation}"):
+        threads = single_threaded() if self.exact and state.device.type == "cpu" else contextlib.nullcontext()
+        with self._installed(ctx), batch_invariant(), threads, nvtx_range(f"latentflow.evaluation.{evaluation}"):
             time_ = torch.full((state.shape[0],), t, dtype=torch.float32, device=state.device)
             return self.model(state, time_, inputs.mixture, inputs.text, inputs.text_mask)
 
@@ -373,6 +380,7 @@ class ProbeEngine:
             "end_effect": bool(end_effect),
             "backend": self.backend,
             "time_bins": self.time_bins,
+            "exact": self.exact,
         }
 
     @torch.no_grad()

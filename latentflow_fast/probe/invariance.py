@@ -12,6 +12,8 @@ The attention itself goes through the probed operator, whose kernels are batch i
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -51,3 +53,23 @@ class _BatchInvariantMode(TorchFunctionMode):
 def batch_invariant():
     """Context manager: linear layers computed per batch row (see module docstring)."""
     return _BatchInvariantMode()
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch CPU ops on one intra-op thread.
+
+    torch's multi-threaded element-wise kernels split a tensor at offsets that depend on its total size,
+    and the elements at the end of each thread's chunk take a scalar path whose transcendental functions
+    (exp, silu, ...) round differently from the vectorised one. With several threads a row's bits
+    therefore depend on how many rows share the batch; with one thread they do not.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
