@@ -15,10 +15,14 @@ Online forms, all rescaled by alpha = 2^(m_old - m_new) when the running max m m
   l   = sum_j 2^(s_j - m)                       (the normaliser)
   t   = sum_j 2^(s_j - m) (s_j - m)              (entropy numerator, kept relative to m: no cancellation)
         moving m adds (m_old - m_new) * l_old before the rescale
-  seg = sum_{j in segment g} 2^(s_j - m)         (per-segment normalisers, [BLOCK_M, G_PAD])
+  seg = sum_{j in segment g} 2^(s_j - m)         (per-segment normalisers, [BLOCK_M, G_PAD]; a key block
+        inside one segment adds its row sums, a block straddling boundaries adds one exact float32 masked
+        row sum per segment present, so segment_mass costs almost nothing when segments are long)
 At the end: lse = (m + log2 l) ln2, entropy = (log2 l - t / l) ln2, segment_mass = seg / l.
 A row whose logits are all -inf keeps l = 0 and gets p = 0: out = gate * 0 + bias (or the patch),
 lse = max = -inf, entropy = 0, segment_mass = 0.
+
+A patched head (out_patch + patch_mask) whose statistics nobody asked for skips its key loop entirely.
 
 Head dims that are not a power of two are padded to the next one (at least 16, tl.dot's minimum)
 with masked loads (EVEN_D / EVEN_DV flags drop the masks when no padding is needed).
@@ -27,8 +31,8 @@ with masked loads (EVEN_D / EVEN_DV flags drop the masks when no padding is need
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -62,7 +66,7 @@ def _key_logit_terms(
     """
     if HAS_SEG_BIAS:
         seg = tl.minimum(_segment_of(offs_n, bounds), G - 1)  # padded keys (j >= Nk) are masked below
-        bias = tl.load(seg_bias_row + seg) * 1.4426950408889634
+        bias = tl.load(seg_bias_row + seg) * LOG2E
         if KEYS_ON_ROWS:
             s = s + bias[:, None]
         else:
@@ -235,12 +239,12 @@ def latentflow_probed_attn_fwd(
     row_index = bh * Nq + offs_m
     log2_l = tl.log2(l_safe)
     if STORE_LSE:
-        tl.store(Lse + row_index, tl.where(alive, (m_i + log2_l) * 0.6931471805599453, float("-inf")),
+        tl.store(Lse + row_index, tl.where(alive, (m_i + log2_l) * LN2, float("-inf")),
                  mask=rows_ok)
     if STORE_MAX:
-        tl.store(Max + row_index, m_i * 0.6931471805599453, mask=rows_ok)
+        tl.store(Max + row_index, m_i * LN2, mask=rows_ok)
     if STORE_ENT:
-        tl.store(Entropy + row_index, tl.where(alive, (log2_l - t_i / l_safe) * 0.6931471805599453, 0.0),
+        tl.store(Entropy + row_index, tl.where(alive, (log2_l - t_i / l_safe) * LN2, 0.0),
                  mask=rows_ok)
     if STORE_SEG:
         offs_g = tl.arange(0, G_PAD)
@@ -296,7 +300,7 @@ def latentflow_probed_attn_key_mass(
         qt_ptrs = q_head + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm
         qt = _load_tile(qt_ptrs, offs_d < D, rows_ok, not EVEN_D, True)
         s = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale + key_terms  # [BLOCK_N, BLOCK_M]
-        lse = tl.load(Lse + bh * Nq + offs_m, mask=rows_ok, other=float("-inf")) * 1.4426950408889634
+        lse = tl.load(Lse + bh * Nq + offs_m, mask=rows_ok, other=float("-inf")) * LOG2E
         live = lse > float("-inf")
         p = tl.math.exp2(s - tl.where(live, lse, 0.0)[None, :])
         mass += tl.sum(tl.where(live[None, :], p, 0.0), axis=1)
