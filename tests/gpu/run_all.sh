@@ -8,6 +8,17 @@ cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python}"
 status=0
 
+# The kernels live in kernels/ and are installed as latentflow_fast.kernels: the package must be installed.
+if ! "$PY" -c "import latentflow_fast.kernels" >/dev/null 2>&1; then
+  echo "latentflow_fast is not installed for $PY: run 'pip install -e .' (builds the CUDA extension) first"
+  exit 2
+fi
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device: the GPU tests and sanitizers cannot run here (nothing verified)"
+  exit 3
+fi
+"$PY" -c "import torch; print('== device:', torch.cuda.get_device_name(0))"
+
 echo "== pytest tests/gpu"
 "$PY" -m pytest tests/gpu -v -rs "$@" || status=1
 
