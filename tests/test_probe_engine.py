@@ -136,8 +136,8 @@ def test_bad_probes_are_refused(setup):
         engine.sweep(traj, [Probe("layers.0.self_attn", "head_ablation", evaluation=99)], progress=False)
     with pytest.raises(ValueError, match="source run"):
         engine.sweep(traj, [Probe("layers.0.cross_attn", "output_patch", source="nope")], progress=False)
-    with pytest.raises(ValueError, match="pattern"):
-        Probe("layers.*.self_attn", "head_ablation")
+    with pytest.raises(ValueError, match="unknown site"):
+        engine.sweep(traj, [Probe("decoder.*", "head_ablation")], progress=False)
     with pytest.raises(ValueError, match="matches no site"):
         probe_grid("decoder.*", engine.sites, {"intervention": "head_ablation"}, evaluations=[0])
     with pytest.raises(ValueError, match="intervention"):
@@ -200,3 +200,16 @@ def test_exact_mode_is_batch_invariant_with_several_threads(setup):
         assert torch.get_num_threads() == 2  # restored after each forward
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_pattern_probe_acts_at_every_matching_site_in_one_row(setup):
+    engine, traj = setup
+    both = Probe("layers.*.self_attn", "head_ablation", evaluation=1)
+    singles = [Probe(f"layers.{i}.self_attn", "head_ablation", evaluation=1) for i in (0, 1)]
+    df = engine.sweep(traj, [both] + singles, progress=False).set_index("probe_id")
+    assert df.loc[both.probe_id, "layer"] == -1 and df.loc[both.probe_id, "site"] == "layers.*.self_attn"
+    effects = [df.loc[p.probe_id, "local_effect"] for p in singles]
+    assert df.loc[both.probe_id, "local_effect"] not in effects and min(effects) > 0
+    # Sequential composition: ablating layer 0 then layer 1 changes more than either alone.
+    assert df.loc[both.probe_id, "local_effect"] > 0
+    assert not engine.model.attention_router.handlers  # handlers removed after the sweep

@@ -196,7 +196,7 @@ class ProbeEngine:
         """Per-row operator arguments (and a post-op for component swaps) for the rows active at `site`."""
         ctx = self._ctx
         active = [(r, p) for r, p in enumerate(ctx.rows)
-                  if p is not None and p.site == site and p.intervention != "none" and p.active_at(ctx.evaluation)]
+                  if p is not None and p.intervention != "none" and p.matches(site) and p.active_at(ctx.evaluation)]
         if not active:
             return {}, None
         R, H, Nq = q.shape[0], q.shape[1], q.shape[2]
@@ -344,26 +344,30 @@ class ProbeEngine:
 
     # ------------------------------------------------------------------ sweeps
     def _check_probe(self, probe: Probe, traj: Trajectory) -> None:
-        if probe.site not in self.sites:
-            raise ValueError(f"probe {probe.probe_id}: unknown site {probe.site!r}")
+        where = f"probe {probe.probe_id} ({probe.intervention} at {probe.site})"
+        sites = [s for s in self.sites if probe.matches(s)]
+        if not sites:
+            raise ValueError(f"{where}: unknown site {probe.site!r}; sites look like {self.sites[:2]}")
         if probe.evaluation >= traj.num_evaluations:
-            raise ValueError(f"probe {probe.probe_id}: evaluation {probe.evaluation} >= {traj.num_evaluations}")
+            raise ValueError(f"{where}: evaluation {probe.evaluation} >= {traj.num_evaluations}")
         if probe.heads is not None and max(probe.heads) >= self.num_heads:
-            raise ValueError(f"probe {probe.probe_id}: head {max(probe.heads)} >= {self.num_heads} heads")
-        if probe.segments is not None:
-            G = len(traj.segments[probe.site]) - 1
-            if max(probe.segments) >= G or min(probe.segments) < 0:
-                raise ValueError(f"probe {probe.probe_id}: segments {probe.segments} out of range 0..{G - 1}")
+            raise ValueError(f"{where}: head {max(probe.heads)} >= {self.num_heads} heads")
         if probe.intervention == "output_bias" and probe.source not in self.vectors:
-            raise ValueError(f"probe {probe.probe_id}: steering vector {probe.source!r} not registered")
+            raise ValueError(f"{where}: steering vector {probe.source!r} not registered")
+        run = None
         if probe.intervention in ("output_patch", "additive_swap", "routing_swap"):
             run = self.runs.get(probe.source)
             if run is None:
-                raise ValueError(f"probe {probe.probe_id}: source run {probe.source!r} not registered")
-            if probe.site not in run.head_outputs:
-                raise ValueError(f"probe {probe.probe_id}: source run {probe.source!r} did not cache {probe.site}")
-        if probe.intervention == "mean_ablation" and probe.site not in traj.head_outputs:
-            raise ValueError(f"probe {probe.probe_id}: the clean run did not cache head outputs of {probe.site}")
+                raise ValueError(f"{where}: source run {probe.source!r} not registered")
+        for site in sites:
+            if probe.segments is not None:
+                G = len(traj.segments[site]) - 1
+                if max(probe.segments) >= G or min(probe.segments) < 0:
+                    raise ValueError(f"{where}: segments {probe.segments} out of range 0..{G - 1} at {site}")
+            if run is not None and site not in run.head_outputs:
+                raise ValueError(f"{where}: source run {probe.source!r} did not cache {site}")
+            if probe.intervention == "mean_ablation" and site not in traj.head_outputs:
+                raise ValueError(f"{where}: the clean run did not cache head outputs of {site}")
 
     def fingerprint(self, traj: Trajectory, probes: Sequence[Probe], end_effect: bool) -> dict:
         """What must agree between ranks (and between a sweep and the one it resumes)."""

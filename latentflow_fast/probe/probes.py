@@ -8,6 +8,7 @@ such as "layers.*.self_attn" against the sites of a model.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import itertools
 import json
@@ -30,11 +31,18 @@ NEEDS_SOURCE = {"output_patch", "output_bias", "additive_swap", "routing_swap"}
 NEEDS_SEGMENTS = {"segment_knockout", "segment_bias"}
 
 
+@functools.lru_cache(maxsize=4096)
+def _site_matches(pattern: str, site: str) -> bool:
+    return pattern == site or fnmatch.fnmatchcase(site, pattern)
+
+
 @dataclass(frozen=True)
 class Probe:
     """One intervention at one attention site, starting at one sampling evaluation.
 
-    site: exact site name, e.g. "layers.3.cross_attn" (use `probe_grid` for patterns).
+    site: a site name, e.g. "layers.3.cross_attn", or a glob pattern such as "layers.*.cross_attn": the
+        intervention then acts at every matching site at once, in the same batch row (to sweep over
+        sites one at a time, expand the pattern with `probe_grid` instead).
     intervention: a key of INTERVENTIONS.
     heads: affected heads (None = all heads of the site).
     evaluation: evaluation index at which the sweep branches from the clean trajectory.
@@ -61,8 +69,6 @@ class Probe:
     def __post_init__(self):
         if not isinstance(self.site, str) or not self.site:
             raise ValueError(f"site must be a non-empty string, got {self.site!r}")
-        if any(ch in self.site for ch in "*?["):
-            raise ValueError(f"site {self.site!r} is a pattern: expand it with probe_grid(...)")
         if self.intervention not in INTERVENTIONS:
             raise ValueError(f"intervention must be one of {sorted(INTERVENTIONS)}, got {self.intervention!r}")
         if self.heads is not None:
@@ -87,7 +93,15 @@ class Probe:
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     @property
+    def is_pattern(self) -> bool:
+        return any(ch in self.site for ch in "*?[")
+
+    def matches(self, site: str) -> bool:
+        return _site_matches(self.site, site)
+
+    @property
     def layer(self) -> Optional[int]:
+        """The layer index of a single-layer site; None for patterns and other names."""
         parts = self.site.split(".")
         return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else None
 
@@ -106,7 +120,7 @@ class Probe:
         return {
             "probe_id": self.probe_id,
             "site": self.site,
-            "layer": self.layer,
+            "layer": -1 if self.layer is None else self.layer,  # -1: a pattern over several layers
             "attention": self.kind,
             "intervention": self.intervention,
             "heads": "all" if self.heads is None else ",".join(map(str, self.heads)),

@@ -33,7 +33,6 @@ import pandas as pd
 from ..probe import Probe, expand_sites
 from .base import Experiment, ProtocolContext
 from .effects import json_ready, make_end_metrics
-from .multisite import SiteGroupProbe, grouped
 from .stats import by_group, dissociation, summarize_values
 
 CLEAN_RUN = "clean"
@@ -67,7 +66,7 @@ def pathway_probes(sites, text_tokens: int, evaluation: int = 0, window=None, pe
         if spec["intervention"] == "segment_knockout":
             spec["segments"] = tuple(range(text_tokens))
         common = dict(evaluation=evaluation, window=window, label=label_prefix + name, **spec)
-        probes.append(SiteGroupProbe.over(sites, scope="all layers", **common))
+        probes.append(Probe(site=CROSS_SITES, **common))  # every cross-attention layer at once
         if per_layer and name in PER_LAYER:
             probes.extend(Probe(site=s, **common) for s in sites)
     return probes
@@ -84,7 +83,7 @@ def prepare_runs(ctx: ProtocolContext, pclip):
 
 def run(ctx: ProtocolContext) -> pd.DataFrame:
     store = ctx.store("p1")
-    engine = grouped(ctx.engine)
+    engine = ctx.engine
     sites = expand_sites(CROSS_SITES, engine.sites)
     for pclip in ctx.clips:
         if not pclip.counterfactual_prompt:
