@@ -147,8 +147,11 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(model, cfg: TrainConfig, work_dir: str | Path, log=None) -> dict:
+def train(model, cfg: TrainConfig, work_dir: str | Path, log=None, stop_at: int | None = None) -> dict:
     """Train ``model`` in place; resumes from ``work_dir/checkpoint.pt`` when it exists.
+
+    ``stop_at``: stop (after writing a checkpoint) once this many steps are done, as an interruption
+    would; calling again resumes.
 
     Returns the training record (losses per step, wall time, ...).
     """
@@ -204,11 +207,13 @@ def train(model, cfg: TrainConfig, work_dir: str | Path, log=None) -> dict:
             log(f"step {done}/{cfg.steps} loss {recent:.4f} x1-snr {recent_snr:.2f} dB lr {lr:.2e} "
                 f"grad {float(grad_norm):.2f} crop {cfg.phase(step)[0]:.1f}s x{cfg.phase(step)[1]} "
                 f"wall {elapsed:.0f}s eta {eta:.0f}s")
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == stop_at:
             _save_atomic({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
                 "losses": losses, "target_snr_db": snrs, "wall_seconds": wall(), "train_config": dataclasses.asdict(cfg),
             }, ckpt_path)
+        if done == stop_at:
+            break
     model.eval()
     return {
         "train_config": dataclasses.asdict(cfg),

@@ -210,6 +210,6 @@ def test_a_pattern_probe_acts_at_every_matching_site_in_one_row(setup):
     assert df.loc[both.probe_id, "layer"] == -1 and df.loc[both.probe_id, "site"] == "layers.*.self_attn"
     effects = [df.loc[p.probe_id, "local_effect"] for p in singles]
     assert df.loc[both.probe_id, "local_effect"] not in effects and min(effects) > 0
-    # Sequential composition: ablating layer 0 then layer 1 changes more than either alone.
+    # Its effect is its own (not either single-site effect) and the router is left clean.
     assert df.loc[both.probe_id, "local_effect"] > 0
     assert not engine.model.attention_router.handlers  # handlers removed after the sweep
