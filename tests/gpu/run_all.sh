@@ -23,12 +23,22 @@ echo "== pytest tests/gpu"
 "$PY" -m pytest tests/gpu -v -rs "$@" || status=1
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  for backend in triton cuda; do
+  # Triton: tests/gpu/sanitize_case.py; CUDA: its own, more thorough tests/gpu/sanitize_cuda_case.py when present.
+  cases=("triton:tests/gpu/sanitize_case.py triton")
+  if [ -f tests/gpu/sanitize_cuda_case.py ]; then
+    cases+=("cuda:tests/gpu/sanitize_cuda_case.py")
+  else
+    cases+=("cuda:tests/gpu/sanitize_case.py cuda")
+  fi
+  for entry in "${cases[@]}"; do
+    backend="${entry%%:*}"
+    script="${entry#*:}"
     for tool in memcheck racecheck; do
-      echo "== compute-sanitizer --tool $tool: $backend"
-      # No caching allocator: out-of-bounds accesses land outside any allocation and are reported.
+      echo "== compute-sanitizer --tool $tool: $backend ($script)"
+      # Only our kernels (stable names); no caching allocator, so out-of-bounds accesses are reported.
+      # shellcheck disable=SC2086
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-        "$PY" tests/gpu/sanitize_case.py "$backend" || status=1
+        --kernel-name regex:latentflow_probed "$PY" $script || status=1
     done
   done
 else
