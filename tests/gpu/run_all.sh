@@ -38,7 +38,7 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
       # Only our kernels (stable names); no caching allocator, so out-of-bounds accesses are reported.
       # shellcheck disable=SC2086
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-        --kernel-name regex:latentflow_probed "$PY" $script || status=1
+        --kernel-name kns=latentflow_probed_attn "$PY" $script || status=1
     done
   done
 else
