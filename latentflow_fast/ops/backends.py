@@ -82,11 +82,14 @@ def choose_backend(plan: AttentionPlan) -> str:
 
 
 def resolve(backend: str, plan: AttentionPlan) -> str:
+    """The backend that runs `plan`: "auto" applies `choose_backend`; a named backend must be usable."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         return choose_backend(plan)
     reason = unavailable_reason(backend, plan.q.device.type)
+    if reason is None and backend == "cuda":
+        reason = _module("cuda").unsupported_reason(plan)
     if reason is not None:
         raise ValueError(f"backend: {reason}")
     return backend
