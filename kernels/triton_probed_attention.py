@@ -56,8 +56,14 @@ def _segment_of(positions, bounds):
 
 
 @triton.jit
+def _segment_bias(offs_n, G, seg_bias_row, bounds):
+    """segment_bias[seg(j)] for each key j (padded keys j >= Nk read the last segment; they are masked)."""
+    return tl.load(seg_bias_row + tl.minimum(_segment_of(offs_n, bounds), G - 1))
+
+
+@triton.jit
 def _key_logit_terms(
-    s, offs_n, Nk, G, mask_row, seg_bias_row, bounds,
+    s, offs_n, Nk, mask_row, bias,
     HAS_MASK: tl.constexpr, HAS_SEG_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, KEYS_ON_ROWS: tl.constexpr,
 ):
     """Add the per-key terms to a score tile (log2 units): segment bias, then -inf for masked/padded keys.
@@ -65,8 +71,7 @@ def _key_logit_terms(
     The key axis is the column axis of `s` (forward pass) or its row axis (key_mass pass, KEYS_ON_ROWS).
     """
     if HAS_SEG_BIAS:
-        seg = tl.minimum(_segment_of(offs_n, bounds), G - 1)  # padded keys (j >= Nk) are masked below
-        bias = tl.load(seg_bias_row + seg) * LOG2E
+        bias = bias * LOG2E
         if KEYS_ON_ROWS:
             s = s + bias[:, None]
         else:
@@ -88,16 +93,22 @@ def _key_logit_terms(
 
 @triton.jit
 def _fwd_key_block(
-    acc, l_i, m_i, t_i, seg_acc,
-    q, k_head, v_head, mask_row, seg_bias_row, bounds,
+    acc, l_i, m_i, t_i, seg_acc, seg_cur, seg_end,
+    q, k_head, v_head, mask_row, seg_bias_row, Segments, bounds,
     start_n, Nk, D, DV, G, qk_scale2,
     stride_kn, stride_kd, stride_vn, stride_vd,
     BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, G_PAD: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SEG_BIAS: tl.constexpr, STORE_ENT: tl.constexpr, STORE_SEG: tl.constexpr,
     MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Fold one block of keys [start_n, start_n + BLOCK_N) into the running softmax state of a query block."""
+    """Fold one block of keys [start_n, start_n + BLOCK_N) into the running softmax state of a query block.
+
+    seg_cur is the segment of key start_n and seg_end its end (scalars carried from block to block), so a
+    block inside one segment -- nearly all of them -- needs no per-key segment lookup.
+    """
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    block_end = tl.minimum(start_n + BLOCK_N, Nk)
+    in_one_segment = block_end <= seg_end
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     keys_ok = offs_n < Nk
@@ -106,8 +117,13 @@ def _fwd_key_block(
     kt_ptrs = k_head + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
     kt = _load_tile(kt_ptrs, offs_d < D, keys_ok, not EVEN_D, MASK_KEYS)
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale2
-    s = _key_logit_terms(s, offs_n, Nk, G, mask_row, seg_bias_row, bounds,
-                         HAS_MASK, HAS_SEG_BIAS, MASK_KEYS, False)
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_SEG_BIAS:
+        if in_one_segment:
+            bias += tl.load(seg_bias_row + seg_cur)
+        else:
+            bias += _segment_bias(offs_n, G, seg_bias_row, bounds)
+    s = _key_logit_terms(s, offs_n, Nk, mask_row, bias, HAS_MASK, HAS_SEG_BIAS, MASK_KEYS, False)
 
     # Online softmax; a row with no finite logit so far keeps base 0 so that nothing becomes NaN.
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -124,15 +140,14 @@ def _fwd_key_block(
     if STORE_SEG:
         offs_g = tl.arange(0, G_PAD)
         seg_acc = seg_acc * alpha[:, None]
-        seg_first = tl.sum((start_n >= bounds).to(tl.int32))
-        seg_last = tl.sum((tl.minimum(start_n + BLOCK_N, Nk) - 1 >= bounds).to(tl.int32))
-        if seg_first == seg_last:
+        if in_one_segment:
             # The usual case (segments are long): the whole block adds its row sums to one segment.
-            seg_acc += tl.where(offs_g[None, :] == seg_first, p_sum[:, None], 0.0)
+            seg_acc += tl.where(offs_g[None, :] == seg_cur, p_sum[:, None], 0.0)
         else:
             # Boundaries inside the block (rare): one exact float32 row sum per segment present.
             seg_of_key = _segment_of(offs_n, bounds)
-            for g in range(seg_first, seg_last + 1):
+            seg_last = tl.sum((block_end - 1 >= bounds).to(tl.int32))
+            for g in range(seg_cur, seg_last + 1):
                 part = tl.sum(tl.where(seg_of_key[None, :] == g, p, 0.0), axis=1)
                 seg_acc += tl.where(offs_g[None, :] == g, part[:, None], 0.0)
     v_ptrs = v_head + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
@@ -140,7 +155,12 @@ def _fwd_key_block(
     p_lo = p.to(v.dtype)
     acc = tl.dot(p_lo, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
 
-    return acc, l_i, m_new, t_i, seg_acc
+    if HAS_SEG_BIAS or STORE_SEG:
+        next_start = start_n + BLOCK_N
+        if next_start >= seg_end:  # the next block starts in a later segment
+            seg_cur = tl.sum((next_start >= bounds).to(tl.int32))
+            seg_end = tl.load(Segments + 1 + tl.minimum(seg_cur, G - 1)).to(tl.int32)
+    return acc, l_i, m_new, t_i, seg_acc, seg_cur, seg_end
 
 
 @triton.jit
@@ -195,6 +215,10 @@ def latentflow_probed_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     seg_acc = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    seg_cur = tl.zeros([], dtype=tl.int32)  # segment of the current block's first key ...
+    seg_end = seg_cur + Nk                   # ... and where that segment ends
+    if HAS_SEG_BIAS or STORE_SEG:
+        seg_end = tl.load(Segments + 1).to(tl.int32)
 
     n_full = (Nk // BLOCK_N) * BLOCK_N
     n_end = Nk
@@ -205,15 +229,15 @@ def latentflow_probed_attn_fwd(
         n_end = tl.where(patched, 0, n_end)
 
     for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i, t_i, seg_acc = _fwd_key_block(
-            acc, l_i, m_i, t_i, seg_acc, q, k_head, v_head, mask_row, seg_bias_row, bounds,
+        acc, l_i, m_i, t_i, seg_acc, seg_cur, seg_end = _fwd_key_block(
+            acc, l_i, m_i, t_i, seg_acc, seg_cur, seg_end, q, k_head, v_head, mask_row, seg_bias_row, Segments, bounds,
             start_n, Nk, D, DV, G, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
             BLOCK_N, D_PAD, DV_PAD, G_PAD, HAS_MASK, HAS_SEG_BIAS, STORE_ENT, STORE_SEG,
             False, EVEN_D, EVEN_DV, DOT_PRECISION,
         )
     for start_n in range(n_full, n_end, BLOCK_N):  # the ragged last block, if any
-        acc, l_i, m_i, t_i, seg_acc = _fwd_key_block(
-            acc, l_i, m_i, t_i, seg_acc, q, k_head, v_head, mask_row, seg_bias_row, bounds,
+        acc, l_i, m_i, t_i, seg_acc, seg_cur, seg_end = _fwd_key_block(
+            acc, l_i, m_i, t_i, seg_acc, seg_cur, seg_end, q, k_head, v_head, mask_row, seg_bias_row, Segments, bounds,
             start_n, Nk, D, DV, G, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
             BLOCK_N, D_PAD, DV_PAD, G_PAD, HAS_MASK, HAS_SEG_BIAS, STORE_ENT, STORE_SEG,
             True, EVEN_D, EVEN_DV, DOT_PRECISION,
@@ -286,8 +310,11 @@ def latentflow_probed_attn_key_mass(
     if HAS_LOGIT_SCALE:
         qk_scale = qk_scale * tl.load(LogitScale + bh)
     # The per-key terms are the same for every query block: compute them once as a [BLOCK_N, 1] column.
-    key_terms = _key_logit_terms(tl.zeros([BLOCK_N, 1], dtype=tl.float32), offs_n, Nk, G, Mask + b * Nk,
-                                 SegBias + bh * G, bounds, HAS_MASK, HAS_SEG_BIAS, True, True)
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_SEG_BIAS:
+        bias = _segment_bias(offs_n, G, SegBias + bh * G, bounds)
+    key_terms = _key_logit_terms(tl.zeros([BLOCK_N, 1], dtype=tl.float32), offs_n, Nk, Mask + b * Nk, bias,
+                                 HAS_MASK, HAS_SEG_BIAS, True, True)
 
     # Keys that are all masked or knocked out (padding) receive no mass: skip their query loop.
     q_end = tl.where(tl.max(key_terms) > float("-inf"), Nq, 0)
