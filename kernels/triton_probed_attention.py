@@ -15,9 +15,11 @@ Online forms, all rescaled by alpha = 2^(m_old - m_new) when the running max m m
   l   = sum_j 2^(s_j - m)                       (the normaliser)
   t   = sum_j 2^(s_j - m) (s_j - m)              (entropy numerator, kept relative to m: no cancellation)
         moving m adds (m_old - m_new) * l_old before the rescale
-  seg = sum_{j in segment g} 2^(s_j - m)         (per-segment normalisers, [BLOCK_M, G_PAD]; a key block
-        inside one segment adds its row sums, a block straddling boundaries adds one exact float32 masked
-        row sum per segment present, so segment_mass costs almost nothing when segments are long)
+  seg = sum_{j in segment g} 2^(s_j - m)         (per-segment normalisers. Segments are contiguous and key
+        blocks advance in order, so only the current segment's mass is live, in a [BLOCK_M] vector
+        rescaled like l; it moves into a [BLOCK_M, G_PAD] accumulator, kept relative to the base of that
+        moment, when the segment ends. A block straddling boundaries adds one exact float32 masked row sum
+        per segment present. Inside a segment segment_mass costs one FMA per row per key block.)
 At the end: lse = (m + log2 l) ln2, entropy = (log2 l - t / l) ln2, segment_mass = seg / l.
 A row whose logits are all -inf keeps l = 0 and gets p = 0: out = gate * 0 + bias (or the patch),
 lse = max = -inf, entropy = 0, segment_mass = 0.
@@ -93,7 +95,7 @@ def _key_logit_terms(
 
 @triton.jit
 def _fwd_key_block(
-    acc, l_i, m_i, t_i, seg_acc, seg_cur, seg_end,
+    acc, l_i, m_i, t_i, seg_acc, l_seg, m_snap, seg_cur, seg_end,
     q, k_head, v_head, mask_row, seg_bias_row, Segments, bounds,
     start_n, Nk, D, DV, G, qk_scale2,
     stride_kn, stride_kd, stride_vn, stride_vd,
@@ -104,7 +106,10 @@ def _fwd_key_block(
     """Fold one block of keys [start_n, start_n + BLOCK_N) into the running softmax state of a query block.
 
     seg_cur is the segment of key start_n and seg_end its end (scalars carried from block to block), so a
-    block inside one segment -- nearly all of them -- needs no per-key segment lookup.
+    block inside one segment -- nearly all of them -- needs no per-key segment lookup. segment_mass keeps
+    the running mass of the current segment in l_seg (rescaled like l_i: one FMA per row per block); a
+    segment's mass moves into seg_acc [BLOCK_M, G_PAD] only when the segment ends, and seg_acc is kept
+    relative to the base m_snap of that moment, so the wide accumulator is touched once per boundary.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     block_end = tl.minimum(start_n + BLOCK_N, Nk)
@@ -137,30 +142,45 @@ def _fwd_key_block(
         t_i = alpha * (t_i + moved) + tl.sum(p * tl.where(p > 0.0, shifted, 0.0), axis=1)
     l_i = l_i * alpha + p_sum
 
+    seg_last = seg_cur  # segment of the block's last key
+    if HAS_SEG_BIAS or STORE_SEG:
+        if not in_one_segment:
+            seg_last = tl.sum((block_end - 1 >= bounds).to(tl.int32))
     if STORE_SEG:
         offs_g = tl.arange(0, G_PAD)
-        seg_acc = seg_acc * alpha[:, None]
         if in_one_segment:
-            # The usual case (segments are long): the whole block adds its row sums to one segment.
-            seg_acc += tl.where(offs_g[None, :] == seg_cur, p_sum[:, None], 0.0)
+            l_seg = l_seg * alpha + p_sum
         else:
-            # Boundaries inside the block (rare): one exact float32 row sum per segment present.
+            # Boundaries inside the block (rare): exact float32 row sums per segment present; the ones
+            # that end here go to seg_acc, the last one continues in l_seg.
+            seg_acc = seg_acc * tl.math.exp2(tl.minimum(m_snap - m_base, 0.0))[:, None]
+            m_snap = m_base
             seg_of_key = _segment_of(offs_n, bounds)
-            seg_last = tl.sum((block_end - 1 >= bounds).to(tl.int32))
+            carried = l_seg * alpha
             for g in range(seg_cur, seg_last + 1):
                 part = tl.sum(tl.where(seg_of_key[None, :] == g, p, 0.0), axis=1)
-                seg_acc += tl.where(offs_g[None, :] == g, part[:, None], 0.0)
+                part += tl.where(g == seg_cur, carried, 0.0)
+                seg_acc = tl.where(offs_g[None, :] == g, part[:, None], seg_acc)
+            l_seg = tl.sum(tl.where(offs_g[None, :] == seg_last, seg_acc, 0.0), axis=1)
+            seg_acc = tl.where(offs_g[None, :] == seg_last, 0.0, seg_acc)
     v_ptrs = v_head + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     v = _load_tile(v_ptrs, keys_ok, offs_dv < DV, MASK_KEYS, not EVEN_DV)
     p_lo = p.to(v.dtype)
     acc = tl.dot(p_lo, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
 
     if HAS_SEG_BIAS or STORE_SEG:
-        next_start = start_n + BLOCK_N
-        if next_start >= seg_end:  # the next block starts in a later segment
-            seg_cur = tl.sum((next_start >= bounds).to(tl.int32))
+        if not in_one_segment:
+            seg_cur = seg_last
+            seg_end = tl.load(Segments + 1 + seg_last).to(tl.int32)
+        if seg_end <= start_n + BLOCK_N:  # the current segment ends with this block
+            if STORE_SEG:
+                seg_acc = seg_acc * tl.math.exp2(tl.minimum(m_snap - m_base, 0.0))[:, None]
+                m_snap = m_base
+                seg_acc = tl.where(tl.arange(0, G_PAD)[None, :] == seg_cur, l_seg[:, None], seg_acc)
+                l_seg = l_seg * 0.0
+            seg_cur = seg_cur + 1
             seg_end = tl.load(Segments + 1 + tl.minimum(seg_cur, G - 1)).to(tl.int32)
-    return acc, l_i, m_new, t_i, seg_acc, seg_cur, seg_end
+    return acc, l_i, m_new, t_i, seg_acc, l_seg, m_snap, seg_cur, seg_end
 
 
 @triton.jit
@@ -214,7 +234,9 @@ def latentflow_probed_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    seg_acc = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    seg_acc = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)  # masses of ended segments, relative to m_snap
+    l_seg = tl.zeros([BLOCK_M], dtype=tl.float32)             # mass of the current segment, relative to m
+    m_snap = tl.zeros([BLOCK_M], dtype=tl.float32)
     seg_cur = tl.zeros([], dtype=tl.int32)  # segment of the current block's first key ...
     seg_end = seg_cur + Nk                   # ... and where that segment ends
     if HAS_SEG_BIAS or STORE_SEG:
@@ -229,15 +251,15 @@ def latentflow_probed_attn_fwd(
         n_end = tl.where(patched, 0, n_end)
 
     for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i, t_i, seg_acc, seg_cur, seg_end = _fwd_key_block(
-            acc, l_i, m_i, t_i, seg_acc, seg_cur, seg_end, q, k_head, v_head, mask_row, seg_bias_row, Segments, bounds,
+        acc, l_i, m_i, t_i, seg_acc, l_seg, m_snap, seg_cur, seg_end = _fwd_key_block(
+            acc, l_i, m_i, t_i, seg_acc, l_seg, m_snap, seg_cur, seg_end, q, k_head, v_head, mask_row, seg_bias_row, Segments, bounds,
             start_n, Nk, D, DV, G, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
             BLOCK_N, D_PAD, DV_PAD, G_PAD, HAS_MASK, HAS_SEG_BIAS, STORE_ENT, STORE_SEG,
             False, EVEN_D, EVEN_DV, DOT_PRECISION,
         )
     for start_n in range(n_full, n_end, BLOCK_N):  # the ragged last block, if any
-        acc, l_i, m_i, t_i, seg_acc, seg_cur, seg_end = _fwd_key_block(
-            acc, l_i, m_i, t_i, seg_acc, seg_cur, seg_end, q, k_head, v_head, mask_row, seg_bias_row, Segments, bounds,
+        acc, l_i, m_i, t_i, seg_acc, l_seg, m_snap, seg_cur, seg_end = _fwd_key_block(
+            acc, l_i, m_i, t_i, seg_acc, l_seg, m_snap, seg_cur, seg_end, q, k_head, v_head, mask_row, seg_bias_row, Segments, bounds,
             start_n, Nk, D, DV, G, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
             BLOCK_N, D_PAD, DV_PAD, G_PAD, HAS_MASK, HAS_SEG_BIAS, STORE_ENT, STORE_SEG,
             True, EVEN_D, EVEN_DV, DOT_PRECISION,
@@ -273,7 +295,10 @@ def latentflow_probed_attn_fwd(
     if STORE_SEG:
         offs_g = tl.arange(0, G_PAD)
         seg_ptrs = SegMass + row_index[:, None] * G + offs_g[None, :]
-        tl.store(seg_ptrs, seg_acc / l_safe[:, None], mask=rows_ok[:, None] & (offs_g[None, :] < G))
+        # Every segment ended by the last key block, so seg_acc holds them all (relative to m_snap).
+        m_final = tl.where(m_i == float("-inf"), 0.0, m_i)
+        scale = tl.math.exp2(tl.minimum(m_snap - m_final, 0.0)) / l_safe
+        tl.store(seg_ptrs, seg_acc * scale[:, None], mask=rows_ok[:, None] & (offs_g[None, :] < G))
 
 
 @triton.jit
