@@ -56,10 +56,10 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-# Pinned per padded head dim: the largest padded head dim each row serves. Chosen so that nothing
-# spills on sm_90 beyond ~50 bytes with every feature on (checked offline with
-# `python -m latentflow_fast.kernels.triton_codegen`,
-# which compiles for sm_80/sm_90 without a GPU); speed is NOT yet measured on a GPU.
+# Pinned per padded head dim: the largest padded head dim each row serves. Chosen so that no variant
+# spills registers on sm_90, even with every feature on (checked offline with
+# `python -m latentflow_fast.kernels.triton_codegen`, which compiles for sm_80/sm_90 without a GPU; on
+# sm_80 the all-features variant spills ~1 KiB at D=128). Speed is NOT yet measured on a GPU.
 # 16-bit operands use tensor cores (wgmma on sm_90, mma.sync on sm_80); float32 operands use exact
 # "ieee" products (CUDA-core FMA), hence the small tiles.
 _FWD_16BIT = ((64, BlockConfig(128, 64, 8, 3)), (128, BlockConfig(128, 64, 8, 3)), (256, BlockConfig(64, 32, 8, 2)))
