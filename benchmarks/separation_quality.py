@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help='"tiny" or a local model directory')
     p.add_argument("--count", type=int, default=200)
+    p.add_argument("--offset", type=int, default=0, help="skip this many held-out seeds (to split a run)")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--method", default="midpoint", choices=["midpoint", "euler"])
     p.add_argument("--seed", type=int, default=0)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
 
     model = load_model(args.model)
     t0 = time.perf_counter()
-    rows = evaluate(model, args.count, args.steps, args.method, args.seed)
+    rows = evaluate(model, args.count, args.steps, args.method, args.seed, offset=args.offset)
     wall = time.perf_counter() - t0
     summary = summarize(rows)
     print(f"model {args.model}: {args.count} held-out mixtures, {args.method} {args.steps} steps, seed {args.seed} "

@@ -23,14 +23,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from latentflow_fast.models.tiny import DEFAULT_TINY_CONFIG, build_tiny_model  # noqa: E402
-from latentflow_fast.training import TrainConfig, save_model, train  # noqa: E402
+from latentflow_fast.training import TIME_SAMPLINGS, TrainConfig, save_model, train  # noqa: E402
 
 
 def parse_args(argv=None):
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch", type=int, default=d.phases[-1][2],
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch", type=int, default=4,
                    help="batch of full 2 s clips; shorter curriculum crops use proportionally larger batches")
     p.add_argument("--phases", default=None,
                    help='curriculum "end_fraction:crop_seconds:batch,..." (overrides --batch), '
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--seed", type=int, default=d.seed, help="init, data and noise seed")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (fixed for determinism)")
-    p.add_argument("--time-sampling", default=d.time_sampling, choices=["uniform", "logit_normal"])
+    p.add_argument("--time-sampling", default=d.time_sampling, choices=list(TIME_SAMPLINGS))
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--dim", type=int, default=DEFAULT_TINY_CONFIG["model"]["dim"])
@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--hop", type=int, default=DEFAULT_TINY_CONFIG["codec"]["hop"], help="codec hop = latent channels")
     p.add_argument("--out-dir", default=str(REPO / "latentflow_fast" / "assets" / "tiny"))
     p.add_argument("--work-dir", default=str(REPO / "runs" / "train_tiny"))
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"],
+                   help="storage dtype of model.safetensors (float16 halves the file)")
     p.add_argument("--eval-mixtures", type=int, default=32, help="held-out mixtures scored at the end (0 = skip)")
     return p.parse_args(argv)
 
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         record["quick_eval"] = quick_eval(model, args.eval_mixtures)
         print(f"quick eval: {record['quick_eval']}", flush=True)
-    save_model(model, model_config, args.out_dir, record)
+    save_model(model, model_config, args.out_dir, record, dtype=getattr(torch, args.save_dtype))
     print(f"wrote {args.out_dir} (training wall {record['wall_seconds']:.0f}s, total {time.time() - t0:.0f}s)")
     return 0
 

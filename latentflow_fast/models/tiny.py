@@ -172,9 +172,11 @@ class TinyTextEncoder(TextEncoder):
 # Sizes of the shipped model; the DiT part is SAMAudioConfig's fields.
 DEFAULT_TINY_CONFIG: dict = {
     "name": "tiny",
-    "codec": {"type": "tiny_dct", "sample_rate": 16_000, "hop": 64, "scale": 10.0},
+    "codec": {"type": "tiny_dct", "sample_rate": 16_000, "hop": 32, "scale": 10.0},
     "text_encoder": {"type": "tiny_vocab", "vocabulary": list(TINY_VOCABULARY), "dim": 64, "max_tokens": 4},
-    "model": {"dim": 128, "n_heads": 4, "n_layers": 4, "latent_dim": 64, "text_dim": 64},
+    # dim = 4 x latent channels: the input projection must carry the noisy state (2C) and the mixture (C)
+    # without an information bottleneck (a first run with dim = 2C plateaued far below the quality target)
+    "model": {"dim": 128, "n_heads": 4, "n_layers": 3, "latent_dim": 32, "text_dim": 64},
 }
 
 
