@@ -29,7 +29,7 @@ import torch
 
 from latentflow_fast.data.synthetic import EVAL_SEEDS, make_mixture
 from latentflow_fast.models import load_model
-from latentflow_fast.probe import Clip, ProbeEngine, standard_probes
+from latentflow_fast.probe import Clip, ProbeEngine, probe_grid, standard_probes
 
 
 def eager_attention(q, k, v, key_padding_mask, edit_logits=None, edit_heads=None):
@@ -56,16 +56,19 @@ def hook_edits(rows):
             for r, p in site_rows:
                 if p.intervention == "temperature":
                     heads = list(p.heads) if p.heads else slice(None)
-                    logits[r, heads] = torch.where(torch.isfinite(logits[r, heads]), 0.0, logits[r, heads])
+                    scaled = logits[r, heads] * p.value
+                    logits[r, heads] = torch.where(torch.isfinite(logits[r, heads]), scaled, logits[r, heads])
                 elif p.intervention == "segment_knockout":
                     logits[r, :, :, list(p.segments)] = -math.inf
             return logits
 
         def edit_heads(out):
             for r, p in site_rows:
+                heads = list(p.heads) if p.heads else slice(None)
                 if p.intervention == "head_ablation":
-                    heads = list(p.heads) if p.heads else slice(None)
                     out[r, heads] = 0.0
+                elif p.intervention == "mean_ablation":  # (time-mean of the live output: a cheap stand-in)
+                    out[r, heads] = out[r, heads].mean(dim=1, keepdim=True)
             return out
 
         return edit_logits, edit_heads
@@ -119,9 +122,11 @@ def main(argv=None):
     L = traj.inputs.text.shape[1]
     probes = standard_probes(engine.sites, engine.num_heads, L, range(traj.num_evaluations),
                              ("head_ablation", "text_knockout", "uniform"))
-    if len(probes) < args.min_probes:  # small models: add all-heads variants until the sweep is large enough
-        probes += standard_probes(engine.sites, engine.num_heads, L, range(traj.num_evaluations),
-                                  ("head_ablation", "uniform", "mean_ablation"), per_head=True, label="extra")
+    if len(probes) < args.min_probes:  # small models: add per-head temperatures and mean ablations
+        probes += standard_probes(engine.sites, engine.num_heads, L, range(traj.num_evaluations), ("mean_ablation",))
+        for value in (0.5, 2.0, 4.0):
+            probes += probe_grid(engine.sites, engine.sites, {"intervention": "temperature", "value": value},
+                                 range(traj.num_evaluations), heads=[(h,) for h in range(engine.num_heads)])
     print(f"model {args.model}: {model.config.n_layers} layers x {model.config.n_heads} heads, "
           f"T={traj.states[0].shape[1]} frames, {traj.num_evaluations} evaluations, {len(probes)} probes, "
           f"batch {args.batch_size}, {args.threads} threads, backend {engine.backend}")

@@ -93,6 +93,9 @@ def run(args) -> int:
     from latentflow_fast.protocol.report import format_table, headline_rows
     from latentflow_fast.protocol.run import QUICK_CLIP_SECONDS, load_protocol_model, run_protocol
 
+    from latentflow_fast.probe import distributed
+
+    distributed.init_from_env()  # under torchrun: sweeps shard over the ranks (see latentflow_fast.probe.distributed)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.audio is None and (args.prompt or args.counterfactual):
@@ -112,6 +115,8 @@ def run(args) -> int:
     except ValueError as exc:
         raise SystemExit(f"latentflow probe: {exc}") from None
     elapsed = time.perf_counter() - started
+    if not distributed.is_main_process():
+        return 0
     print()
     print(format_table(headline_rows(summary)))
     print(f"\n{len(summary['clips'])} clips, {len(summary['experiments'])} experiments in {elapsed:.0f} s")

@@ -512,7 +512,7 @@ class ProbeEngine:
                         continue
                     sizer.observe(len(batch))
                     if store is not None:
-                        store.write(rows)
+                        store.write_shard(rows)
                     results.extend(rows)
                     pending = pending[len(batch):]
                     bar.update(len(batch))

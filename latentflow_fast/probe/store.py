@@ -68,6 +68,19 @@ class ResultStore:
         return keys
 
     def write(self, rows: Iterable[dict]) -> Optional[Path]:
+        """Store rows that every rank computed identically (replicated work): under torch.distributed only
+        rank 0 writes them, and all ranks wait until they are on disk. Alone, it just writes a shard."""
+        from . import distributed
+
+        info = distributed.current()
+        if info is None or info.world_size == 1:
+            return self.write_shard(rows)
+        path = self.write_shard(rows) if info.rank == 0 else None
+        distributed.barrier()
+        return path
+
+    def write_shard(self, rows: Iterable[dict]) -> Optional[Path]:
+        """Store rows that this rank alone computed (its share of a sharded sweep) as one new shard."""
         rows = list(rows)
         if not rows:
             return None
