@@ -1,6 +1,7 @@
 """Fast CI check that the shipped tiny model (and the sampler) really separate."""
 
 import numpy as np
+import pytest
 import torch
 
 from latentflow_fast import load_model
@@ -8,6 +9,7 @@ from latentflow_fast.data import eval_seeds, make_batch
 from latentflow_fast.metrics import identity_correct, si_sdr_improvement
 
 
+@pytest.mark.slow  # 20 x 32 network evaluations at 1000 frames (~1-4 min on 2 shared cores)
 def test_tiny_model_separates_held_out_mixtures():
     torch.manual_seed(0)
     model = load_model("tiny")
