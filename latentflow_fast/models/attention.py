@@ -20,7 +20,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Plain attention as SAM Audio runs it: key_padding_mask bool [B, Nk], True = attend."""
     attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    # Strided heads arrive non-contiguous; CPU SDPA would fall back to its slow math path on them.
+    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=attn_mask)
 
 
 class AttentionRouter:
