@@ -30,6 +30,7 @@ import torch
 from latentflow_fast.data.synthetic import EVAL_SEEDS, make_mixture
 from latentflow_fast.models import load_model
 from latentflow_fast.probe import Clip, ProbeEngine, probe_grid, standard_probes
+from latentflow_fast.probe.engine import expand_inputs
 
 
 def eager_attention(q, k, v, key_padding_mask, edit_logits=None, edit_heads=None):
@@ -135,7 +136,7 @@ def main(argv=None):
     R = args.batch_size
     batch = [p for p in probes if p.evaluation == 8][:R]
     state_R = traj.states[8].expand(len(batch), -1, -1).contiguous()
-    inputs_R = engine._expand_inputs(traj.inputs, len(batch))
+    inputs_R = expand_inputs(traj.inputs, len(batch))
     t8 = traj.schedule[8][1]
 
     def engine_sweep():

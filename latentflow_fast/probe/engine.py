@@ -75,6 +75,17 @@ class Trajectory:
         return len(self.schedule)
 
 
+def expand_inputs(inputs, rows: int):
+    """A batch-1 SeparationInputs repeated to `rows` rows (the shared inputs of a batch of probes)."""
+
+    def grow(x):
+        return None if x is None else x.expand(rows, *x.shape[1:]).contiguous()
+
+    return dataclasses.replace(inputs, mixture=grow(inputs.mixture), text=grow(inputs.text),
+                               text_mask=grow(inputs.text_mask), noise=grow(inputs.noise),
+                               prompts=list(inputs.prompts) * rows, squeeze=False)
+
+
 def model_sites(model) -> list[str]:
     """Attention site names of a model with an attention router, in layer order."""
     return [m.site for m in model.modules() if hasattr(m, "site") and hasattr(m, "router")]
@@ -262,15 +273,6 @@ class ProbeEngine:
             time_ = torch.full((state.shape[0],), t, dtype=torch.float32, device=state.device)
             return self.model(state, time_, inputs.mixture, inputs.text, inputs.text_mask)
 
-    @staticmethod
-    def _expand_inputs(inputs, rows: int):
-        def grow(x):
-            return None if x is None else x.expand(rows, *x.shape[1:]).contiguous()
-
-        return dataclasses.replace(inputs, mixture=grow(inputs.mixture), text=grow(inputs.text),
-                                   text_mask=grow(inputs.text_mask), noise=grow(inputs.noise),
-                                   prompts=list(inputs.prompts) * rows, squeeze=False)
-
     # ------------------------------------------------------------------ clean trajectory
     @torch.no_grad()
     def trajectory(self, clip: Clip, steps: int = 16, method: str = "midpoint", seed: int = 0,
@@ -392,7 +394,7 @@ class ProbeEngine:
                   end_effect: bool = False, end_metrics: Optional[Callable] = None) -> list[dict]:
         """Run probes branching at `evaluation` as the rows of one batch; one result dict per probe."""
         R = len(probes)
-        inputs = self._expand_inputs(traj.inputs, R)
+        inputs = expand_inputs(traj.inputs, R)
         state = traj.states[evaluation].expand(R, *traj.states[evaluation].shape[1:]).contiguous()
         t = traj.schedule[evaluation][1]
         ctx = _Context(rows=list(probes), trajectory=traj)

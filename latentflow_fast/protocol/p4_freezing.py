@@ -38,6 +38,7 @@ import torch
 
 from .. import metrics
 from ..lsac import SelfAttentionCache, freeze_policy
+from ..probe.engine import expand_inputs
 from ..probe.invariance import batch_invariant
 from ..sampler import METHODS, sample_ode
 from .base import Experiment, ProtocolContext
@@ -107,17 +108,6 @@ def _inputs(ctx: ProtocolContext, pclip):
     return ctx._trajectories[key]
 
 
-def _expand(inputs, rows: int):
-    import dataclasses
-
-    def grow(x):
-        return None if x is None else x.expand(rows, *x.shape[1:]).contiguous()
-
-    return dataclasses.replace(inputs, mixture=grow(inputs.mixture), text=grow(inputs.text),
-                               text_mask=grow(inputs.text_mask), noise=grow(inputs.noise),
-                               prompts=list(inputs.prompts) * rows, squeeze=False)
-
-
 @torch.no_grad()
 def clean_run(ctx: ProtocolContext, pclip) -> dict:
     """Clean sampling with batch-invariant linear layers, recording every layer's self-attention output
@@ -155,7 +145,7 @@ def run_branch(model, inputs, clean: dict, rows: list, steps: int, method: str) 
     R = len(rows)
     L = model.config.n_layers
     h = 1.0 / steps
-    batch = _expand(inputs, R)
+    batch = expand_inputs(inputs, R)
     fn = model.velocity_fn(batch)
     x = clean["step_starts"][step].expand(R, *clean["step_starts"][step].shape[1:]).contiguous()
     E = steps * per_step
