@@ -111,6 +111,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hook-probes", type=int, default=96, help="probes timed for the hook loop")
     parser.add_argument("--min-probes", type=int, default=4096)
+    parser.add_argument("--evaluations", default="all",
+                        help='"all" or a comma list: time only probes branching at these evaluations')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -128,6 +130,9 @@ def main(argv=None):
         for value in (0.5, 2.0, 4.0):
             probes += probe_grid(engine.sites, engine.sites, {"intervention": "temperature", "value": value},
                                  range(traj.num_evaluations), heads=[(h,) for h in range(engine.num_heads)])
+    if args.evaluations != "all":
+        keep = {int(e) for e in args.evaluations.split(",")}
+        probes = [p for p in probes if p.evaluation in keep]
     print(f"model {args.model}: {model.config.n_layers} layers x {model.config.n_heads} heads, "
           f"T={traj.states[0].shape[1]} frames, {traj.num_evaluations} evaluations, {len(probes)} probes, "
           f"batch {args.batch_size}, {args.threads} threads, backend {engine.backend}")
