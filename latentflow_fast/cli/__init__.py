@@ -20,7 +20,6 @@ SUBCOMMANDS = {
     "sweep": "latentflow_fast.cli.sweep",
     "probe": "latentflow_fast.cli.probe",
     "profile": "latentflow_fast.cli.profile",
-    "demo": "latentflow_fast.cli.demo",
 }
 
 
