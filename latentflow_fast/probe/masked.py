@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..ops import AttentionPlan
+from ..ops.reference import reference_attention
 
 QUERY_CHUNK = 256
 
@@ -30,56 +31,5 @@ def biased_attention(plan: AttentionPlan, attn_bias: Tensor, query_chunk: int = 
     except RuntimeError:
         raise ValueError(f"attn_bias of shape {tuple(attn_bias.shape)} is not broadcastable to "
                          f"{(B, H, Nq, Nk)}") from None
-    f64 = torch.float64
-    if Nq == 0:
-        empty = plan.q.new_zeros((B, H, 0, plan.value_dim))
-        from ..ops.plan import capture_shapes
-
-        return empty, {n: plan.q.new_zeros(shape, dtype=torch.float32) for n, shape in capture_shapes(plan).items()}
-    group = H // plan.kv_heads
-    q = plan.q.to(f64)
-    k = plan.k.to(f64).repeat_interleave(group, dim=1)
-    v = plan.v.to(f64).repeat_interleave(group, dim=1)
-    bias = attn_bias.to(f64)
-    key_bias = torch.zeros(1, 1, 1, Nk, dtype=f64, device=q.device)
-    if plan.segment_bias is not None:
-        seg_of_key = torch.bucketize(torch.arange(Nk, device=q.device), plan.segments[1:], right=True)
-        key_bias = key_bias + plan.segment_bias.to(f64)[:, :, seg_of_key][:, :, None, :]
-    if plan.key_padding_mask is not None:
-        key_bias = key_bias.masked_fill(~plan.key_padding_mask[:, None, None, :], float("-inf"))
-
-    outs, lses, maxes, entropies, seg_masses = [], [], [], [], []
-    key_mass = torch.zeros(B, H, Nk, dtype=f64, device=q.device)
-    for start in range(0, Nq, query_chunk):
-        stop = min(Nq, start + query_chunk)
-        s = torch.einsum("bhid,bhjd->bhij", q[:, :, start:stop], k) * plan.scale
-        if plan.logit_scale is not None:
-            s = s * plan.logit_scale.to(f64)[:, :, None, None]
-        s = s + key_bias + (bias if bias.shape[2] == 1 else bias[:, :, start:stop])
-        lse = torch.logsumexp(s, dim=-1)
-        alive = torch.isfinite(lse)[..., None]
-        p = torch.where(alive, torch.exp(s - torch.where(alive, lse[..., None], 0)), 0)
-        outs.append(p @ v)
-        lses.append(lse)
-        maxes.append(s.amax(dim=-1))
-        entropies.append(-torch.special.xlogy(p, p).sum(dim=-1))
-        if plan.wants("segment_mass"):
-            bounds = plan.segments.tolist()
-            seg_masses.append(torch.stack([p[..., a:b].sum(-1) for a, b in zip(bounds, bounds[1:])], dim=-1))
-        key_mass += p.sum(dim=2)
-
-    o = torch.cat(outs, dim=2)
-    if plan.out_patch is not None:
-        o = torch.where(plan.patch_mask[:, :, None, None], plan.out_patch.to(f64), o)
-    if plan.head_gate is not None:
-        o = o * plan.head_gate.to(f64)[:, :, None, None]
-    if plan.out_bias is not None:
-        o = o + plan.out_bias.to(f64)[:, :, None, :]
-    captures = {
-        "lse": lambda: torch.cat(lses, dim=2),
-        "max": lambda: torch.cat(maxes, dim=2),
-        "entropy": lambda: torch.cat(entropies, dim=2),
-        "segment_mass": lambda: torch.cat(seg_masses, dim=2),
-        "key_mass": lambda: key_mass,
-    }
-    return o.to(plan.q.dtype), {name: captures[name]().to(torch.float32) for name in plan.capture}
+    out, captures = reference_attention(plan, torch.float64, query_chunk, attn_bias=attn_bias)
+    return out.to(plan.q.dtype), {name: t.to(torch.float32) for name, t in captures.items()}
