@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from latentflow_fast.models.tiny import DEFAULT_TINY_CONFIG, build_tiny_model  # noqa: E402
-from latentflow_fast.training import TIME_SAMPLINGS, TrainConfig, save_model, train  # noqa: E402
+from training.flow_matching import TIME_SAMPLINGS, TrainConfig, save_model, train  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -8,7 +8,7 @@ import torch
 
 from latentflow_fast.cli import main
 from latentflow_fast.models.tiny import DEFAULT_TINY_CONFIG, build_tiny_model
-from latentflow_fast.training import save_model
+from training.flow_matching import save_model
 
 
 @pytest.fixture(scope="module")

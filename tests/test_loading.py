@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from latentflow_fast.models import check_state_dict, load_model
-from latentflow_fast.models.loading import TINY_DIR
+from latentflow_fast.models.loading import SHIPPED_MODELS, TINY_DIR
 from model_fixtures import random_inputs, small_model
 
 
@@ -99,10 +99,11 @@ def test_not_found(tmp_path):
         load_model(3)
 
 
-def test_tiny_missing_assets_message(monkeypatch, tmp_path):
-    monkeypatch.setattr("latentflow_fast.models.loading.TINY_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="tiny"):
-        load_model("tiny")
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_shipped_missing_assets_message(monkeypatch, tmp_path, name):
+    monkeypatch.setitem(SHIPPED_MODELS, name, tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"the {name} model's assets are missing"):
+        load_model(name)
 
 
 @pytest.mark.skipif(not (TINY_DIR / "model.safetensors").is_file(), reason="tiny assets not built yet")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latentflow_fast.models.tiny import DEFAULT_TINY_CONFIG, build_tiny_model
-from latentflow_fast.training import TrainConfig, data_seeds, learning_rate, train
+from training.flow_matching import TrainConfig, data_seeds, learning_rate, train
 
 
 def _small_model():

@@ -1,4 +1,4 @@
-"""load_model: the shipped tiny default, or a local SAM Audio directory, with strict key matching."""
+"""load_model: the shipped stand-ins ("tiny", "small"), or a local SAM Audio directory, with strict key matching."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ from .config import SAMAudioConfig
 from .sam_audio import SAMAudio
 from .text import T5TextEncoder, TextEncoder
 
-TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+TINY_DIR = ASSETS_DIR / "tiny"
+SMALL_DIR = ASSETS_DIR / "small"
+# shipped stand-in models by name (same architecture as SAM Audio, trained here on synthetic data)
+SHIPPED_MODELS = {"tiny": TINY_DIR, "small": SMALL_DIR}
 
 # Checkpoint keys of SAM Audio parts this package does not implement; skipped *explicitly* and listed in
 # model.load_report["ignored"]. (SAM Audio loads the text encoder, rankers and span predictor elsewhere.)
@@ -92,7 +96,7 @@ def _check_device_dtype(device, dtype) -> torch.device:
 
 def load_model(name_or_path: Union[str, os.PathLike] = "tiny", device="cpu", dtype: torch.dtype = torch.float32,
                text_encoder: Union[TextEncoder, str, os.PathLike, None] = None) -> SAMAudio:
-    """Load "tiny" (the shipped default) or a local directory.
+    """Load a shipped stand-in ("tiny": fast tests; "small": 8 layers, the protocol's default) or a local directory.
 
     A directory holds config.json (SAM Audio's nested format or SAMAudioConfig.to_dict()) and checkpoint.pt
     or *.safetensors. Keys match strictly; SAM Audio parts not implemented here (IGNORED_PREFIXES) are
@@ -102,8 +106,8 @@ def load_model(name_or_path: Union[str, os.PathLike] = "tiny", device="cpu", dty
     device = _check_device_dtype(device, dtype)
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
-    if str(name_or_path) == "tiny":
-        model = _load_tiny(TINY_DIR)
+    if str(name_or_path) in SHIPPED_MODELS:
+        model = _load_tiny(SHIPPED_MODELS[str(name_or_path)], name=str(name_or_path))
     elif _is_tiny_format(Path(name_or_path)):
         model = _load_tiny(Path(name_or_path))
     else:
@@ -142,21 +146,24 @@ def save_tiny_format(model: SAMAudio, config_dict: dict, directory: Union[str, o
     return directory
 
 
-def _load_tiny(directory: Path) -> SAMAudio:
+def _load_tiny(directory: Path, name: Optional[str] = None) -> SAMAudio:
+    """A stand-in model saved in the shipped layout (config.json with codec/text_encoder/model sections)."""
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(
-            f"name_or_path: the tiny default model's assets are missing ({config_path}, {weights_path}); "
-            "train it with the repository's training script"
+            f"name_or_path: the {name or 'stand-in'} model's assets are missing ({config_path}, {weights_path}); "
+            f"train it with the repository's training script (scripts/train_{name or 'small'}.py)"
         )
     from safetensors.torch import load_file
 
-    from .tiny import build_tiny_model
+    from .standins import build_standin_model
 
     with open(config_path) as f:
-        model = build_tiny_model(json.load(f))
-    load_state_dict_strict(model, load_file(str(weights_path), device="cpu"))
-    model.load_report = {"source": "tiny", "ignored": {}}
+        config = json.load(f)
+    model = build_standin_model(config)
+    load_state_dict_strict(model, load_file(str(weights_path), device="cpu"), dtype=torch.float32)
+    model.standin_config = config
+    model.load_report = {"source": name or str(directory), "ignored": {}}
     return model
 
 

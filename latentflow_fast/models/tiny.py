@@ -183,25 +183,6 @@ DEFAULT_TINY_CONFIG: dict = {
 def build_tiny_model(config_dict: dict | None = None):
     """SAMAudio with the tiny codec and text encoder attached, from a config dict like
     ``DEFAULT_TINY_CONFIG`` (keys ``codec``, ``text_encoder``, ``model``). Weights are random."""
-    from .config import SAMAudioConfig
-    from .sam_audio import SAMAudio
+    from .standins import build_standin_model
 
-    cfg = copy.deepcopy(DEFAULT_TINY_CONFIG if config_dict is None else config_dict)
-    if not isinstance(cfg, dict):
-        raise TypeError(f"config_dict must be a dict, got {type(cfg).__name__}")
-    for key in ("codec", "text_encoder", "model"):
-        if key not in cfg:
-            raise ValueError(f"config_dict is missing the {key!r} section")
-    codec_cfg = {k: v for k, v in cfg["codec"].items() if k != "type"}
-    text_cfg = {k: v for k, v in cfg["text_encoder"].items() if k != "type"}
-    codec = TinyCodec(**codec_cfg)
-    text_encoder = TinyTextEncoder(**text_cfg)
-    model_cfg = dict(cfg["model"])
-    model_cfg.setdefault("latent_dim", codec.latent_dim)
-    model_cfg.setdefault("text_dim", text_encoder.dim)
-    if model_cfg["latent_dim"] != codec.latent_dim:
-        raise ValueError(f"model.latent_dim ({model_cfg['latent_dim']}) must equal codec hop ({codec.latent_dim})")
-    if model_cfg["text_dim"] != text_encoder.dim:
-        raise ValueError(f"model.text_dim ({model_cfg['text_dim']}) must equal text_encoder.dim ({text_encoder.dim})")
-    config = SAMAudioConfig(**model_cfg)
-    return SAMAudio(config, audio_codec=codec, text_encoder=text_encoder)
+    return build_standin_model(copy.deepcopy(DEFAULT_TINY_CONFIG if config_dict is None else config_dict))

@@ -1,8 +1,8 @@
-"""Deterministic flow-matching training of the tiny default model on synthetic mixtures.
+"""Deterministic flow-matching training of the shipped stand-in models on seeded synthetic mixtures.
 
 Determinism: every step's data seeds, noise and times are functions of (seed, step) only, so a run
 resumed from a checkpoint produces the same weights as an uninterrupted one (same thread count;
-``torch.use_deterministic_algorithms(True)``). Flow convention (as the sampler): x_t = (1 - t) x0 + t x1,
+``torch.use_deterministic_algorithms(True)`` while training; both settings are restored afterwards). Flow convention (as the sampler): x_t = (1 - t) x0 + t x1,
 x0 ~ N(0, I), x1 = cat(target latent, residual latent), velocity target x1 - x0, MSE loss.
 """
 
@@ -18,10 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
-from .data import synthetic
+from latentflow_fast.data import scenes, synthetic
+from latentflow_fast.metrics import identity_correct, si_sdr_improvement
+
+# name -> data module (make_batch, TRAIN_SEEDS, CLIP_SECONDS, SAMPLE_RATE, eval_seeds)
+DATASETS = {"tiny_synthetic": synthetic, "scenes": scenes}
 
 CHECKPOINT_NAME = "checkpoint.pt"
+HELD_OUT_CHECK_OFFSET = 900_000_000
 TIME_SAMPLINGS = ("uniform", "low_t", "logit_normal")
 
 
@@ -45,8 +51,21 @@ class TrainConfig:
     time_sampling: str = "low_t"
     checkpoint_every: int = 100
     log_every: int = 20
+    dataset: str = "tiny_synthetic"
+    # held-out check every `eval_every` steps (0 = never): separation of `eval_mixtures` held-out mixtures
+    # with `eval_steps` midpoint steps; median SI-SDRi and identity accuracy go into the log
+    eval_every: int = 0
+    eval_mixtures: int = 16
+    eval_steps: int = 4
+
+    @property
+    def data(self):
+        return DATASETS[self.dataset]
 
     def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
+        synthetic = self.data
         for name in ("steps", "threads", "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -63,7 +82,8 @@ class TrainConfig:
             raise ValueError(f"phases must end at increasing fractions with the last at 1.0, got {ends}")
         for _, seconds, batch in self.phases:
             if not (0 < seconds <= synthetic.CLIP_SECONDS) or int(batch) < 1:
-                raise ValueError(f"phases: crop seconds must be in (0, 2] and batch >= 1, got {seconds}, {batch}")
+                raise ValueError(f"phases: crop seconds must be in (0, {synthetic.CLIP_SECONDS}] and batch >= 1, "
+                                 f"got {seconds}, {batch}")
         if self.steps * self.max_batch > 1_000_000:
             raise ValueError("steps * batch must be <= 1_000_000 (the per-seed slice of the training seed range)")
 
@@ -79,9 +99,22 @@ class TrainConfig:
         return float(self.phases[-1][1]), int(self.phases[-1][2])
 
 
-def setup_determinism(threads: int) -> None:
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+class deterministic_torch:
+    """Within the block: ``threads`` intra-op threads and deterministic algorithms; restored on exit."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def __enter__(self):
+        self._saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+        torch.set_num_threads(self.threads)
+        torch.use_deterministic_algorithms(True)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self._saved[0])
+        torch.use_deterministic_algorithms(self._saved[1])
+        return False
 
 
 def data_seeds(cfg: TrainConfig, step: int) -> list[int]:
@@ -109,12 +142,13 @@ def sample_times(cfg: TrainConfig, n: int, generator: torch.Generator) -> torch.
 
 def make_training_batch(model, cfg: TrainConfig, step: int):
     """(noisy x_t, t, mixture latent, velocity target, prompts) for one step; deterministic in step."""
-    batch = synthetic.make_batch(data_seeds(cfg, step))
+    data = cfg.data
+    batch = data.make_batch(data_seeds(cfg, step))
     codec = model.audio_codec
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     seconds, size = cfg.phase(step)
     waves = torch.from_numpy(np.stack([batch.target, batch.residual, batch.mixture]))  # [3, B, S]
-    crop = int(round(seconds * synthetic.SAMPLE_RATE))
+    crop = int(round(seconds * data.SAMPLE_RATE))
     if crop < waves.shape[-1]:
         hop = codec.hop_length
         starts = torch.randint(0, (waves.shape[-1] - crop) // hop + 1, (size,), generator=gen) * hop
@@ -165,8 +199,30 @@ def train(model, cfg: TrainConfig, work_dir: str | Path, log=None, stop_at: int 
     if log is None:
         def log(message: str) -> None:
             print(message, flush=True)
-    setup_determinism(cfg.threads)
-    work_dir = Path(work_dir)
+    with deterministic_torch(cfg.threads):
+        return _train(model, cfg, Path(work_dir), log, stop_at)
+
+
+def held_out_check(model, cfg: TrainConfig) -> dict:
+    """Separate the first ``cfg.eval_mixtures`` held-out mixtures with ``cfg.eval_steps`` midpoint steps:
+    median SI-SDR improvement (dB) and identity accuracy. Uses no global random state."""
+
+    data = cfg.data
+    # held-out seeds far from the start of the range, which the quality benchmark and the protocol use
+    batch = data.make_batch(data.eval_seeds(cfg.eval_mixtures, offset=HELD_OUT_CHECK_OFFSET))
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.separate(torch.from_numpy(batch.mixture), data.SAMPLE_RATE, list(batch.prompts),
+                             steps=cfg.eval_steps, seed=0)
+    finally:
+        model.train(was_training)
+    sdri = si_sdr_improvement(out.target, batch.target, batch.mixture)
+    ident = identity_correct(out.target, [m.sources for m in batch.items], [m.target_index for m in batch.items])
+    return {"median_si_sdri_db": float(sdri.median()), "identity_accuracy": float(ident.float().mean())}
+
+
+def _train(model, cfg: TrainConfig, work_dir: Path, log, stop_at):
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / CHECKPOINT_NAME
     params = [p for p in model.parameters() if p.requires_grad]
@@ -176,7 +232,7 @@ def train(model, cfg: TrainConfig, work_dir: str | Path, log=None, stop_at: int 
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8,
     )
-    start_step, losses, snrs, wall_before = 0, [], [], 0.0
+    start_step, losses, snrs, wall_before, checks = 0, [], [], 0.0, []
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
         if state["train_config"] != dataclasses.asdict(cfg):
@@ -185,6 +241,7 @@ def train(model, cfg: TrainConfig, work_dir: str | Path, log=None, stop_at: int 
         optimizer.load_state_dict(state["optimizer"])
         start_step, losses, wall_before = state["step"], state["losses"], state["wall_seconds"]
         snrs = state["target_snr_db"]
+        checks = state.get("held_out", [])
         log(f"resumed from {ckpt_path} at step {start_step}")
     model.train()
     t_start = time.perf_counter()
@@ -213,10 +270,16 @@ def train(model, cfg: TrainConfig, work_dir: str | Path, log=None, stop_at: int 
             log(f"step {done}/{cfg.steps} loss {recent:.4f} x1-snr {recent_snr:.2f} dB lr {lr:.2e} "
                 f"grad {float(grad_norm):.2f} crop {cfg.phase(step)[0]:.1f}s x{cfg.phase(step)[1]} "
                 f"wall {elapsed:.0f}s eta {eta:.0f}s")
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            check = {"step": done, **held_out_check(model, cfg)}
+            checks.append(check)
+            log(f"held-out @ {done}: median SI-SDRi {check['median_si_sdri_db']:.2f} dB, "
+                f"identity {check['identity_accuracy']:.2f} ({cfg.eval_mixtures} mixtures, {cfg.eval_steps} steps)")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == stop_at:
             _save_atomic({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
                 "losses": losses, "target_snr_db": snrs, "wall_seconds": wall(), "train_config": dataclasses.asdict(cfg),
+                "held_out": checks,
             }, ckpt_path)
         if done == stop_at:
             break
@@ -225,6 +288,7 @@ def train(model, cfg: TrainConfig, work_dir: str | Path, log=None, stop_at: int 
         "train_config": dataclasses.asdict(cfg),
         "losses": losses,
         "target_snr_db": snrs,
+        "held_out": checks,
         "wall_seconds": wall(),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "torch_version": torch.__version__,
@@ -236,7 +300,7 @@ def save_model(model, model_config: dict, out_dir: str | Path, record: dict | No
                dtype: torch.dtype = torch.float32) -> None:
     """Write ``config.json``, ``model.safetensors`` (weights stored as ``dtype``; loading casts them back to
     the model's dtype) and ``training_log.json`` into ``out_dir``."""
-    from safetensors.torch import save_file
+
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
