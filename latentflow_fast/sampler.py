@@ -61,21 +61,37 @@ def evaluation_schedule(steps: int = 16, method: str = "midpoint") -> list[tuple
 
 
 def sample_ode(velocity_fn: VelocityFn, x0: torch.Tensor, steps: int = 16, method: str = "midpoint",
-               record: bool = False) -> SampleResult:
+               record: bool = False, *, start_evaluation: int = 0,
+               velocity: Optional[torch.Tensor] = None) -> SampleResult:
     """Integrate dx/dt = velocity_fn(x, t, evaluation) from t=0 (x0 = noise) to t=1.
 
     euler:    x_{k+1} = x_k + h v(x_k, t_k)
     midpoint: v1 = v(x_k, t_k); v2 = v(x_k + h/2 v1, t_k + h/2); x_{k+1} = x_k + h v2
     With record=True the result's trajectory lists every evaluation (cloned state, velocity, t).
+
+    Starting mid-trajectory (the one sampler every branch uses): with ``start_evaluation`` = e, ``x0`` is
+    the state at the start of e's step, and ``velocity`` is the velocity already computed at evaluation
+    e (a branched or intervened evaluation). Integration continues from there with exactly the arithmetic
+    of an uninterrupted run, so a branch whose velocity equals the clean one reproduces the clean result
+    bit for bit. Without ``velocity`` the run starts by evaluating e, which must then open a step.
     """
     _check(steps, method)
     if not isinstance(x0, torch.Tensor):
         raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
     if not callable(velocity_fn):
         raise TypeError("velocity_fn must be callable")
+    per_step = METHODS[method]
+    if isinstance(start_evaluation, bool) or not isinstance(start_evaluation, int) or \
+            not 0 <= start_evaluation < steps * per_step:
+        raise ValueError(f"start_evaluation must be an int in [0, {steps * per_step}), got {start_evaluation!r}")
+    first_step, position = divmod(start_evaluation, per_step)
+    if velocity is None and position:
+        raise ValueError("velocity: starting at the midpoint evaluation of a step needs its velocity")
+    if velocity is not None and velocity.shape != x0.shape:
+        raise ValueError(f"velocity must have the shape of x0 {tuple(x0.shape)}, got {tuple(velocity.shape)}")
     h = 1.0 / steps
     trajectory: Optional[list[Evaluation]] = [] if record else None
-    counter = 0
+    counter = start_evaluation
 
     def evaluate(state: torch.Tensor, t: float, step: int) -> torch.Tensor:
         nonlocal counter
@@ -89,11 +105,17 @@ def sample_ode(velocity_fn: VelocityFn, x0: torch.Tensor, steps: int = 16, metho
         return v
 
     x = x0
-    for k in range(steps):
+    for k in range(first_step, steps):
         t = k * h
-        v = evaluate(x, t, k)
-        if method == "midpoint":
-            v = evaluate(x + (0.5 * h) * v, t + 0.5 * h, k)
+        if k == first_step and velocity is not None:
+            v = velocity  # evaluation start_evaluation, computed by the caller
+            counter += 1
+            if method == "midpoint" and position == 0:
+                v = evaluate(x + (0.5 * h) * v, t + 0.5 * h, k)
+        else:
+            v = evaluate(x, t, k)
+            if method == "midpoint":
+                v = evaluate(x + (0.5 * h) * v, t + 0.5 * h, k)
         x = x + h * v
     return SampleResult(final=x, trajectory=trajectory)
 

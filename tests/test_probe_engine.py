@@ -92,7 +92,7 @@ def test_results_do_not_depend_on_batching(setup):
 def test_out_of_memory_halves_the_batch_and_retries(setup, monkeypatch):
     engine, traj = setup
     probes = mixed_probes(engine.sites, evaluations=(2,))
-    expected = engine.sweep(traj, probes, progress=False, batch_size=16)
+    expected = engine.sweep(traj, probes, progress=False, batch_size=8)
     original = engine.run_batch
     seen = []
 
@@ -103,8 +103,8 @@ def test_out_of_memory_halves_the_batch_and_retries(setup, monkeypatch):
         return original(traj_, evaluation, batch, *args, **kwargs)
 
     monkeypatch.setattr(engine, "run_batch", limited)
-    got = engine.sweep(traj, probes, progress=False, batch_size=16)
-    assert max(seen) == 16 and seen[-1] <= 4
+    got = engine.sweep(traj, probes, progress=False, batch_size=8)
+    assert max(seen) == 8 and seen[-1] <= 4
     pd.testing.assert_frame_equal(expected.sort_values("probe_id").reset_index(drop=True),
                                   got.sort_values("probe_id").reset_index(drop=True), check_exact=True)
 
@@ -213,3 +213,56 @@ def test_a_pattern_probe_acts_at_every_matching_site_in_one_row(setup):
     # Its effect is its own (not either single-site effect) and the router is left clean.
     assert df.loc[both.probe_id, "local_effect"] > 0
     assert not engine.model.attention_router.handlers  # handlers removed after the sweep
+
+
+def test_prefix_reuse_gives_the_same_table_and_skips_layers(setup):
+    """Batches start at the first layer their probes act at, from the clean run's recorded layer inputs:
+    bitwise the same results as full forwards, with fewer layers run."""
+    engine, traj = setup
+    assert sorted(traj.layer_inputs) == list(range(traj.num_evaluations))
+    assert len(traj.layer_inputs[0]) == len(engine.model.transformer.layers)
+    probes = mixed_probes(engine.sites, evaluations=(1, 2))
+    full = ProbeEngine(engine.model, time_bins=4, prefix_reuse=False)
+    full.runs, full.vectors = engine.runs, engine.vectors
+    a = engine.sweep(traj, probes, progress=False, end_effect=True)
+    b = full.sweep(traj, probes, progress=False, end_effect=True)
+    key = ["probe_id"]
+    pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True),
+                                  check_exact=True)
+    # a probe at layer 1 runs layer 1 only at its branch evaluation
+    ran = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i))
+             for i, layer in enumerate(engine.model.transformer.layers)]
+    try:
+        engine.run_batch(traj, 2, [Probe("layers.1.cross_attn", "head_ablation", heads=(0,), evaluation=2)])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == [1]
+    assert engine.first_layer([Probe("layers.*.self_attn", "head_ablation")]) == 0
+
+
+def test_prefix_cache_respects_its_budget(setup):
+    engine, traj = setup
+    per_evaluation = sum(x.numel() * x.element_size() for x in traj.layer_inputs[0])
+    small = ProbeEngine(engine.model, time_bins=4, prefix_cache_bytes=per_evaluation * 2)
+    limited = small.trajectory(traj.clip, steps=STEPS)
+    assert sorted(limited.layer_inputs) == [0, 1]
+    with pytest.raises(ValueError, match="prefix_cache_bytes"):
+        ProbeEngine(engine.model, prefix_cache_bytes=-1)
+
+
+def test_shared_conditioning_is_bitwise_the_per_row_computation(setup):
+    """Rows sharing one prompt and one time: conditioning and cross-attention keys/values computed once
+    and broadcast give the same bits as computing them for every row."""
+    from latentflow_fast.probe.engine import expand_inputs
+    from latentflow_fast.probe.invariance import batch_invariant
+
+    engine, traj = setup
+    model, inputs = engine.model, traj.inputs
+    state = traj.states[1].expand(3, -1, -1).contiguous()
+    rows = expand_inputs(inputs, 3)
+    with torch.no_grad(), batch_invariant():
+        shared = model(state, torch.full((1,), 0.25), inputs.mixture, inputs.text, inputs.text_mask)
+        per_row = model(state, torch.full((3,), 0.25), rows.mixture, rows.text, rows.text_mask)
+    assert torch.equal(shared, per_row)

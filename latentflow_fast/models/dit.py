@@ -108,6 +108,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
+        if k.shape[0] != q.shape[0]:  # a context shared by every row: keys/values computed once
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.expand(q.shape[0], -1)
         out = self.router(self.site, q, k, v, key_padding_mask)
         return self.wo(merge_heads(out))
 
@@ -216,7 +220,7 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor,
                 padding_mask: Optional[torch.Tensor], memory_mask: Optional[torch.Tensor],
                 rope: RotaryEmbedding) -> torch.Tensor:
-        mods = self.scale_shift_table[None] + t0.reshape(x.shape[0], 6, -1)  # [B, 6, D]
+        mods = self.scale_shift_table[None] + t0.reshape(t0.shape[0], 6, -1)  # [B or 1, 6, D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
         h = x + gate_msa * self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa),
                                           key_padding_mask=padding_mask, rope=rope)
@@ -242,17 +246,31 @@ class DiT(nn.Module):
         self.t_block = nn.Linear(D, 6 * D, bias=cfg.t_block_bias)
         self.final_layer_scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
 
-    def forward(self, x: torch.Tensor, time: torch.Tensor, memory: torch.Tensor,
+    def forward(self, x: Optional[torch.Tensor], time: torch.Tensor, memory: torch.Tensor,
                 memory_mask: Optional[torch.Tensor] = None,
-                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [B,T,D] (after `proj`), time [B], memory [B,L,D] -> [B,T,out_channels]."""
-        h = F.dropout(self.x_embedder(x), self.dropout, self.training)
-        t = self.t_embedder(time)  # [B, D]
-        t0 = self.t_block(F.silu(t))  # [B, 6D]
-        y = self.y_embedder(memory)
-        for name, layer in zip(self._range_names, self.layers):
-            with nvtx_range(name):  # latentflow.layer.<i>: Nsight / torch profiler
-                h = layer(h, y, t0, padding_mask, memory_mask, self.rope)
+                padding_mask: Optional[torch.Tensor] = None, *,
+                start_layer: int = 0, hidden: Optional[torch.Tensor] = None,
+                layer_inputs: Optional[list] = None) -> torch.Tensor:
+        """x [B,T,D] (after `proj`), time [B], memory [B,L,D] -> [B,T,out_channels].
+
+        Resuming (prefix reuse): with ``start_layer`` = l > 0, ``hidden`` [B,T,D] is the input of layer l
+        (as recorded by an earlier pass) and ``x`` is ignored; layers 0..l-1 are skipped.
+        ``layer_inputs``: a list that receives the input of every layer that runs, in order.
+        ``time`` and ``memory`` may have batch 1 while the hidden state has batch B: the conditioning is
+        then computed once and broadcast (the rows share it).
+        """
+        if not 0 <= start_layer < len(self.layers) or (start_layer > 0) != (hidden is not None):
+            raise ValueError(f"start_layer must be in [0, {len(self.layers)}) and hidden given exactly when "
+                             f"start_layer > 0; got start_layer={start_layer}, hidden={hidden is not None}")
+        h = hidden if start_layer > 0 else F.dropout(self.x_embedder(x), self.dropout, self.training)
+        t = self.t_embedder(time)  # [B or 1, D]
+        t0 = self.t_block(F.silu(t))  # [B or 1, 6D]
+        y = self.y_embedder(memory)  # [B or 1, L, D]: broadcast by the cross-attention
+        for i in range(start_layer, len(self.layers)):
+            if layer_inputs is not None:
+                layer_inputs.append(h)
+            with nvtx_range(self._range_names[i]):  # latentflow.layer.<i>: Nsight / torch profiler
+                h = self.layers[i](h, y, t0, padding_mask, memory_mask, self.rope)
         shift, scale = (self.final_layer_scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
         h = modulate(self.norm(h), shift, scale)
         return self.output(F.dropout(h, self.dropout, self.training))

@@ -149,34 +149,52 @@ class SAMAudio(nn.Module):
                 padding_mask: Optional[torch.Tensor] = None,
                 video_features: Optional[torch.Tensor] = None,
                 anchor_ids: Optional[torch.Tensor] = None,
-                anchor_alignment: Optional[torch.Tensor] = None) -> torch.Tensor:
+                anchor_alignment: Optional[torch.Tensor] = None,
+                start_layer: int = 0, hidden: Optional[torch.Tensor] = None,
+                layer_inputs: Optional[list] = None) -> torch.Tensor:
         """One network evaluation.
 
         noisy [B, T, 2C] state x_t; time [B] (or a float) in [0, 1]; mixture [B, T, C] codec latent;
         memory [B, L, text_dim] text features (None: time embedding only); memory_mask [B, L] bool
         True = valid; padding_mask [B, T] bool True = valid frame. Returns the velocity [B, T, 2C].
+
+        time, memory and memory_mask may also have batch 1 for a batch of rows that share them (one
+        prompt, one evaluation): the conditioning is computed once and broadcast.
+        Prefix reuse: ``start_layer`` = l > 0 with ``hidden`` [B, T, D], the recorded input of layer l,
+        skips the input projection and layers 0..l-1 (``noisy`` and ``mixture`` are then only shape-checked).
+        ``layer_inputs``: a list that receives the input of every layer that runs.
         """
         B, T, C2 = noisy.shape
         C = self.config.latent_dim
-        if C2 != 2 * C or mixture.shape != (B, T, C):
-            raise ValueError(f"noisy must be [B, T, {2 * C}] and mixture [B, T, {C}]; "
+        if C2 != 2 * C or mixture.shape[1:] != (T, C) or mixture.shape[0] not in (1, B):
+            raise ValueError(f"noisy must be [B, T, {2 * C}] and mixture [B or 1, T, {C}]; "
                              f"got {tuple(noisy.shape)} and {tuple(mixture.shape)}")
         if not torch.is_tensor(time):
             time = torch.tensor(float(time))
         if time.ndim == 0:
             time = time.expand(B)
-        if time.shape != (B,):
-            raise ValueError(f"time must be a float or a tensor [B={B}], got shape {tuple(time.shape)}")
+        if time.ndim != 1 or time.shape[0] not in (1, B):
+            raise ValueError(f"time must be a float or a tensor [B={B}] or [1], got shape {tuple(time.shape)}")
         time = time.to(device=noisy.device, dtype=torch.float32)
-        x = self.embed_inputs(noisy, mixture, video_features, anchor_ids, anchor_alignment, padding_mask)
-        t_emb = self.timestep_emb(time)[:, None].to(x.dtype)  # [B, 1, D]
+        if start_layer > 0:
+            if hidden is None or hidden.shape != (B, T, self.config.dim):
+                raise ValueError(f"hidden must be [B={B}, T={T}, {self.config.dim}] with start_layer > 0")
+            x = None
+            dtype = hidden.dtype
+        else:
+            if mixture.shape[0] != B:
+                mixture = mixture.expand(B, -1, -1)
+            x = self.embed_inputs(noisy, mixture, video_features, anchor_ids, anchor_alignment, padding_mask)
+            dtype = x.dtype
+        t_emb = self.timestep_emb(time)[:, None].to(dtype)  # [B or 1, 1, D]
         if memory is None:
             if memory_mask is not None:
                 raise ValueError("memory_mask given without memory")
             memory = t_emb
         else:
             memory = self.memory_proj(memory) + t_emb
-        return self.transformer(x, time, memory, memory_mask=memory_mask, padding_mask=padding_mask)
+        return self.transformer(x, time, memory, memory_mask=memory_mask, padding_mask=padding_mask,
+                                start_layer=start_layer, hidden=hidden, layer_inputs=layer_inputs)
 
     # ------------------------------------------------------------------ separation pipeline
     @property

@@ -3,11 +3,18 @@
 1. `trajectory(clip)` runs the clean sampling once, every attention site going through the probed
    operator (with neutral arguments), and caches the state and velocity of every evaluation, the
    requested captures, and the per-head outputs that patching needs.
-2. `sweep(trajectory, probes)` groups probes by the evaluation they branch at; each group runs as the
-   rows of one batch, every row carrying its own intervention through the operator's per-row arguments
-   (head_gate, logit_scale, segment_bias, out_patch/patch_mask, out_bias). The local effect is the change
-   of the predicted velocity; with `end_effect=True` the batch is integrated on to t=1, decoded and
-   compared with the clean output and the reference stems.
+2. `sweep(trajectory, probes)` groups probes by the evaluation they branch at and the first layer they
+   act at; each group runs as the rows of one batch, every row carrying its own intervention through the
+   operator's per-row arguments (head_gate, logit_scale, segment_bias, out_patch/patch_mask, out_bias).
+   The local effect is the change of the predicted velocity; with `end_effect=True` the batch is
+   integrated on to t=1 (by the one sampler, `sampler.sample_ode`), decoded and compared with the clean
+   output and the reference stems.
+
+Work a probe cannot change is skipped, not repeated per row:
+- prefix reuse: the clean run records every layer's input (the residual stream) per evaluation, within
+  `prefix_cache_bytes`; a batch whose probes all act at layer >= l starts at layer l from that record;
+- shared conditioning: the rows of a batch share one prompt and one evaluation, so the time embedding,
+  the text memory and the cross-attention keys and values are computed once and broadcast.
 
 Clean and probed runs share one numerical path (the operator is batch invariant), so a probe that changes
 nothing has effects that are exactly zero, and results do not depend on how probes were batched.
@@ -27,7 +34,7 @@ import torch
 
 from ..ops import probed_attention
 from ..ops.profiling import nvtx_range
-from ..sampler import METHODS, evaluation_schedule
+from ..sampler import METHODS, evaluation_schedule, sample_ode
 from . import distributed
 from .batching import BatchSizer, is_out_of_memory
 from .invariance import batch_invariant, single_threaded
@@ -69,6 +76,8 @@ class Trajectory:
     maps: dict  # (site, evaluation) -> [h, q, Nk] exact attention probabilities
     segments: dict  # site -> list of key-segment boundaries used for captures and segment probes
     wall_seconds: float = 0.0
+    # evaluation -> [layer input of every layer, each [1, T, D]] (prefix reuse; absent beyond the budget)
+    layer_inputs: dict = field(default_factory=dict)
 
     @property
     def num_evaluations(self) -> int:
@@ -126,7 +135,8 @@ class ProbeEngine:
         Scale out with more processes instead (torchrun, one thread per rank). No effect on CUDA.
     """
 
-    def __init__(self, model, backend: str = "auto", time_bins: int = 16, exact: bool = True):
+    def __init__(self, model, backend: str = "auto", time_bins: int = 16, exact: bool = True,
+                 prefix_reuse: bool = True, prefix_cache_bytes: int = 2 << 30):
         if not hasattr(model, "attention_router"):
             raise TypeError("model must expose an `attention_router` (a SAM-Audio-architecture model); "
                             "for other modules use latentflow_fast.probe.trace")
@@ -134,7 +144,12 @@ class ProbeEngine:
         self.backend = backend
         self.time_bins = int(time_bins)
         self.exact = bool(exact)
+        self.prefix_reuse = bool(prefix_reuse)
+        if isinstance(prefix_cache_bytes, bool) or not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be a non-negative int, got {prefix_cache_bytes!r}")
+        self.prefix_cache_bytes = prefix_cache_bytes
         self.sites = model_sites(model)
+        self.site_layers = {s: site_layer(s) for s in self.sites}
         self.num_heads = model.config.n_heads
         self.runs: dict = {}  # name -> Trajectory: sources for output patches and swaps
         self.vectors: dict = {}  # name -> [H, hd] steering vectors
@@ -266,12 +281,23 @@ class ProbeEngine:
         return kwargs, post
 
     # ------------------------------------------------------------------ forward helpers
-    def _forward(self, ctx: _Context, inputs, state: torch.Tensor, evaluation: int, t: float) -> torch.Tensor:
+    def _forward(self, ctx: _Context, inputs, state: torch.Tensor, evaluation: int, t: float,
+                 start_layer: int = 0, hidden: Optional[torch.Tensor] = None,
+                 layer_inputs: Optional[list] = None) -> torch.Tensor:
+        """One evaluation of the rows of `state`; `inputs` (batch 1) are shared by every row."""
         ctx.evaluation = evaluation
         threads = single_threaded() if self.exact and state.device.type == "cpu" else contextlib.nullcontext()
         with self._installed(ctx), batch_invariant(), threads, nvtx_range(f"latentflow.evaluation.{evaluation}"):
-            time_ = torch.full((state.shape[0],), t, dtype=torch.float32, device=state.device)
-            return self.model(state, time_, inputs.mixture, inputs.text, inputs.text_mask)
+            time_ = torch.full((1,), t, dtype=torch.float32, device=state.device)
+            return self.model(state, time_, inputs.mixture, inputs.text, inputs.text_mask,
+                              start_layer=start_layer, hidden=hidden, layer_inputs=layer_inputs)
+
+    def first_layer(self, probes: Sequence[Probe]) -> int:
+        """The first layer any of `probes` acts at: the layers before it are the same as in the clean run."""
+        layers = [self.site_layers[s] for p in probes if p.intervention != "none" for s in self.sites
+                  if p.matches(s)]
+        layers = [layer for layer in layers if layer is not None]
+        return min(layers, default=len(self.model.transformer.layers) - 1)
 
     # ------------------------------------------------------------------ clean trajectory
     @torch.no_grad()
@@ -293,15 +319,21 @@ class ProbeEngine:
         heads_at = frozenset(expand_sites(cache_heads, self.sites)) if cache_heads else frozenset()
         captures: dict = {s: {n: [] for n in capture} for s in capture_at}
         head_outputs: dict = {s: [] for s in heads_at}
-        states, velocities, step_starts = [], [], []
+        states, velocities = [], []
         map_results: dict = {}
-        h = 1.0 / steps
+        layer_cache: dict = {}
+        cache_left = self.prefix_cache_bytes if self.prefix_reuse else 0
 
-        def evaluate(state, evaluation):
-            t = schedule[evaluation][1]
+        def evaluate(state, t, evaluation):
+            nonlocal cache_left
             ctx = _Context(rows=[None], capture={s: tuple(capture) for s in capture_at}, cache_heads=heads_at)
             ctx.maps = {m.site: m for m in maps if m.evaluations is None or evaluation in m.evaluations}
-            v = self._forward(ctx, inputs, state, evaluation, t)
+            recorded: list = []
+            v = self._forward(ctx, inputs, state, evaluation, t, layer_inputs=recorded)
+            size = sum(x.numel() * x.element_size() for x in recorded)
+            if recorded and size <= cache_left:
+                layer_cache[evaluation] = recorded
+                cache_left -= size
             states.append(state.clone())
             velocities.append(v.clone())
             for s in capture_at:
@@ -313,17 +345,9 @@ class ProbeEngine:
                 map_results[(s, evaluation)] = p
             return v
 
-        x = inputs.noise
-        evaluation = 0
-        for _ in range(steps):
-            step_starts.append(x.clone())
-            v = evaluate(x, evaluation)
-            evaluation += 1
-            if method == "midpoint":
-                v = evaluate(x + (0.5 * h) * v, evaluation)
-                evaluation += 1
-            x = x + h * v
-        step_starts.append(x.clone())
+        x = sample_ode(evaluate, inputs.noise, steps=steps, method=method).final
+        per_step = METHODS[method]
+        step_starts = [states[k * per_step] for k in range(steps)] + [x.clone()]
         target, residual = model.decode(x, inputs)
         traj = Trajectory(
             clip=clip, inputs=inputs, steps=steps, method=method, seed=seed, schedule=schedule,
@@ -335,6 +359,7 @@ class ProbeEngine:
             segments={s: self._segments(s, inputs.text.shape[1] if s.endswith("cross_attn") else x.shape[1])
                       for s in self.sites},
             wall_seconds=time.perf_counter() - started,
+            layer_inputs=layer_cache,
         )
         if name is not None:
             self.runs[name] = traj
@@ -394,12 +419,18 @@ class ProbeEngine:
                   end_effect: bool = False, end_metrics: Optional[Callable] = None) -> list[dict]:
         """Run probes branching at `evaluation` as the rows of one batch; one result dict per probe."""
         R = len(probes)
-        inputs = expand_inputs(traj.inputs, R)
+        inputs = traj.inputs  # batch 1: shared by every row
         state = traj.states[evaluation].expand(R, *traj.states[evaluation].shape[1:]).contiguous()
         t = traj.schedule[evaluation][1]
         ctx = _Context(rows=list(probes), trajectory=traj)
-        with nvtx_range(f"latentflow.probe_batch.e{evaluation}.r{R}"):
-            v = self._forward(ctx, inputs, state, evaluation, t)
+        start, hidden = 0, None
+        cached = traj.layer_inputs.get(evaluation) if self.prefix_reuse else None
+        if cached is not None:
+            start = self.first_layer(probes)
+            if start > 0:
+                hidden = cached[start].expand(R, *cached[start].shape[1:]).contiguous()
+        with nvtx_range(f"latentflow.probe_batch.e{evaluation}.l{start}.r{R}"):
+            v = self._forward(ctx, inputs, state, evaluation, t, start_layer=start, hidden=hidden)
         clean_v = traj.velocities[evaluation]
         diff = (v - clean_v).float()
         clean_norm = clean_v.float().norm()
@@ -411,30 +442,21 @@ class ProbeEngine:
                    "local_effect": float(local[r]), "local_effect_frames": frame[r].tolist()}
             rows.append(row)
         if end_effect:
-            final = self._continue(traj, evaluation, probes, v, inputs)
-            rows = self._end_metrics(traj, final, inputs, rows, end_metrics)
+            final = self._continue(traj, evaluation, probes, v)
+            rows = self._end_metrics(traj, final, expand_inputs(traj.inputs, R), rows, end_metrics)
         return rows
 
-    def _continue(self, traj, evaluation, probes, v, inputs):
-        """Integrate the branched rows from `evaluation` to t=1 with the same arithmetic as the sampler."""
-        per_step = METHODS[traj.method]
-        h = 1.0 / traj.steps
-        R = len(probes)
-        step, position = divmod(evaluation, per_step)
-        x = traj.step_starts[step].expand(R, *traj.step_starts[step].shape[1:])
+    def _continue(self, traj, evaluation, probes, v):
+        """Integrate the branched rows from `evaluation` (velocity `v`) to t=1 with the one sampler."""
+        step = evaluation // METHODS[traj.method]
+        x = traj.step_starts[step].expand(len(probes), *traj.step_starts[step].shape[1:])
         ctx = _Context(rows=list(probes), trajectory=traj)
-        if traj.method == "midpoint" and position == 0:
-            mid = x + (0.5 * h) * v
-            v = self._forward(ctx, inputs, mid, evaluation + 1, traj.schedule[evaluation + 1][1])
-        x = x + h * v
-        e = (step + 1) * per_step
-        for _ in range(step + 1, traj.steps):
-            v = self._forward(ctx, inputs, x, e, traj.schedule[e][1])
-            if traj.method == "midpoint":
-                v = self._forward(ctx, inputs, x + (0.5 * h) * v, e + 1, traj.schedule[e + 1][1])
-            x = x + h * v
-            e += per_step
-        return x
+
+        def velocity(state, t, e):
+            return self._forward(ctx, traj.inputs, state, e, t)
+
+        return sample_ode(velocity, x, steps=traj.steps, method=traj.method, start_evaluation=evaluation,
+                          velocity=v).final
 
     def _end_metrics(self, traj, final, inputs, rows, end_metrics):
         from .. import metrics
@@ -493,9 +515,10 @@ class ProbeEngine:
         todo = [p for p in mine if (clip_id, p.probe_id) not in done]
         sizer = BatchSizer(self.model, traj, batch_size=batch_size, memory_budget=memory_budget,
                            end_effect=end_effect)
+        # one group per (branch evaluation, first layer acted at): a batch starts at its group's layer
         by_evaluation: dict = {}
         for p in todo:
-            by_evaluation.setdefault(p.evaluation, []).append(p)
+            by_evaluation.setdefault((p.evaluation, self.first_layer([p])), []).append(p)
         results = []
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="probe", disable=not progress,
                    desc=f"probes {clip_id}", dynamic_ncols=True)
@@ -506,7 +529,7 @@ class ProbeEngine:
                     size = sizer.size()
                     batch = pending[:size]
                     try:
-                        rows = self.run_batch(traj, evaluation, batch, end_effect, end_metrics)
+                        rows = self.run_batch(traj, evaluation[0], batch, end_effect, end_metrics)
                     except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
                         if not is_out_of_memory(exc) or size == 1:
                             raise
@@ -527,6 +550,12 @@ class ProbeEngine:
             ids = {p.probe_id for p in mine}
             return stored[(stored["clip_id"] == clip_id) & stored["probe_id"].isin(ids)].reset_index(drop=True)
         return pd.DataFrame(results)
+
+
+def site_layer(site: str) -> Optional[int]:
+    """The layer index of a site name "layers.{i}.<kind>" (None for other names)."""
+    parts = site.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else None
 
 
 def shard_of(clip_id: str, probe_id: str, world: int) -> int:
