@@ -1,103 +1,98 @@
-"""Probe throughput: the batched engine vs hook-based probing as hook-library users write it today.
+#!/usr/bin/env python
+"""Probe throughput: the probe engine against a competent hook loop, and what the engine skips.
 
-One clean trajectory of the tiny default model (16 midpoint steps = 32 evaluations), and a sweep of
-layers x heads x evaluations x {head ablation, cross-attention text-token knockout, uniform self-attention}
-measuring the local effect (change of the predicted velocity). Variants, measured interleaved (round robin,
-medians over rounds):
+One clean trajectory (16 midpoint steps = 32 evaluations) of a shipped model on a held-out mixture, and the
+local-effect sweep of every single-head ablation and single-head temperature probe (values 0 and 2: uniform
+and sharpened attention) at every attention site, branching at a few evaluations. Local effect = the change
+of the predicted velocity at the branch evaluation. Variants, interleaved (round robin, medians over rounds):
 
-  engine         ProbeEngine.sweep: probes as rows of one batch, fused probed attention, per-row arguments
-                 (exact=True, the default: bitwise batch invariant, forwards on one intra-op thread)
-  engine fast    the same with exact=False: forwards on all threads (last-bit batch dependence)
-  hook loop      one forward per probe at batch 1; attention computed eagerly (materialised softmax) so that
-                 hooks can edit the pattern / head outputs (what TransformerLens / nnsight / pyvene users run)
-  batched hooks  the same eager hooks, but many probes per forward, hooks indexing batch rows
+  engine              ProbeEngine.sweep, exact mode (bitwise batch invariant), prefix reuse on
+  engine fast         the same with exact=False (all intra-op threads)
+  engine no prefix    exact, prefix reuse off: every batch runs every layer
+  hook loop           what a competent hook user writes: one forward per probe at batch 1, torch SDPA at every
+                      site; at the hooked site SDPA runs too and only the probed head is edited (its output
+                      zeroed, or recomputed by SDPA with the scaled logit scale, or the mean of V for
+                      temperature 0). No attention map is materialised anywhere.
+  batched hooks       the same hooks on batches of probes (one row per probe, rows indexed in the hook)
 
-Also: the cost of a probed forward vs a plain (SDPA, nothing probed) forward at the same batch size.
-The hook loop is timed on a subset of the probes (it is slow); probes/s is what is compared.
+Also measured: the engine's cost per probe against one plain batched forward (SDPA, nothing probed) of only
+the layers the batch recomputes, and the clean trajectory with captures against a plain sampler run.
 
-    python benchmarks/probe_throughput.py [--model tiny] [--batch-size 64] [--rounds 3] [--threads 2]
+    python benchmarks/probe_throughput.py --model small --evaluations 0,8,16,24
+    python benchmarks/probe_throughput.py --model tiny --evaluations 8 --rounds 1   # quick
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import platform
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
-from latentflow_fast.data.synthetic import EVAL_SEEDS, make_mixture
+from latentflow_fast.data import dataset_for
 from latentflow_fast.models import load_model
-from latentflow_fast.probe import Clip, ProbeEngine, probe_grid, standard_probes
-from latentflow_fast.probe.engine import expand_inputs
+from latentflow_fast.models.attention import sdpa
+from latentflow_fast.probe import Clip, Probe, ProbeEngine
+
+TEMPERATURES = (0.0, 2.0)
 
 
-def eager_attention(q, k, v, key_padding_mask, edit_logits=None, edit_heads=None):
-    """softmax(q k^T / sqrt(d)) v with the map materialised, and hook points on logits and head outputs."""
-    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
-    if key_padding_mask is not None:
-        logits = logits.masked_fill(~key_padding_mask[:, None, None, :], -math.inf)
-    if edit_logits is not None:
-        logits = edit_logits(logits)
-    out = torch.softmax(logits, dim=-1) @ v
-    if edit_heads is not None:
-        out = edit_heads(out)
-    return out
+def sweep_probes(sites, num_heads: int, evaluations) -> list[Probe]:
+    """Every single-head ablation and temperature probe at every site and evaluation."""
+    probes = []
+    for e in evaluations:
+        for site in sites:
+            for h in range(num_heads):
+                probes.append(Probe(site, "head_ablation", heads=(h,), evaluation=e))
+                probes += [Probe(site, "temperature", heads=(h,), value=v, evaluation=e) for v in TEMPERATURES]
+    return probes
 
 
-def hook_edits(rows):
-    """Per-site edit functions for a list of (row index, probe): what a hook user writes by hand."""
-    by_site: dict = {}
-    for r, p in rows:
-        by_site.setdefault(p.site, []).append((r, p))
-
-    def make(site_rows):
-        def edit_logits(logits):
-            for r, p in site_rows:
-                if p.intervention == "temperature":
-                    heads = list(p.heads) if p.heads else slice(None)
-                    scaled = logits[r, heads] * p.value
-                    logits[r, heads] = torch.where(torch.isfinite(logits[r, heads]), scaled, logits[r, heads])
-                elif p.intervention == "segment_knockout":
-                    logits[r, :, :, list(p.segments)] = -math.inf
-            return logits
-
-        def edit_heads(out):
-            for r, p in site_rows:
-                heads = list(p.heads) if p.heads else slice(None)
-                if p.intervention == "head_ablation":
-                    out[r, heads] = 0.0
-                elif p.intervention == "mean_ablation":  # (time-mean of the live output: a cheap stand-in)
-                    out[r, heads] = out[r, heads].mean(dim=1, keepdim=True)
-            return out
-
-        return edit_logits, edit_heads
-
-    return {site: make(site_rows) for site, site_rows in by_site.items()}
-
-
-def hooked_forward(model, sites, inputs, state, t, rows):
-    """Forward with eager attention at every site (hooks force it) and the rows' edits applied."""
-    edits = hook_edits(rows)
-    router = model.attention_router
-
+def hooked_attention(rows_by_site):
+    """A router handler: SDPA everywhere; at a hooked site, only the hooked rows' heads are edited."""
     def handler(site, q, k, v, mask):
-        edit_logits, edit_heads = edits.get(site, (None, None))
-        return eager_attention(q, k, v, mask, edit_logits, edit_heads)
+        out = sdpa(q, k, v, mask)
+        for r, p in rows_by_site.get(site, ()):
+            h = p.heads[0]
+            if p.intervention == "head_ablation":
+                out[r, h] = 0.0
+            elif p.value == 0.0:  # uniform attention over the unmasked keys: the mean of V
+                keep = None if mask is None else mask[r].to(v.dtype)
+                vv = v[r, h]
+                out[r, h] = vv.mean(0) if keep is None else (keep[:, None] * vv).sum(0) / keep.sum()
+            else:
+                m = None if mask is None else mask[r:r + 1, None, None, :]
+                scale = p.value / math.sqrt(q.shape[-1])
+                out[r, h] = F.scaled_dot_product_attention(q[r:r + 1, h:h + 1].contiguous(),
+                                                           k[r:r + 1, h:h + 1].contiguous(),
+                                                           v[r:r + 1, h:h + 1].contiguous(),
+                                                           attn_mask=m, scale=scale)[0, 0]
+        return out
+    return handler
 
-    for site in sites:
+
+def hooked_forward(model, inputs, state, t, probes):
+    """One forward of len(probes) rows (row r carries probes[r]) with the hooks installed."""
+    rows_by_site: dict = {}
+    for r, p in enumerate(probes):
+        rows_by_site.setdefault(p.site, []).append((r, p))
+    router = model.attention_router
+    handler = hooked_attention(rows_by_site)
+    for site in rows_by_site:
         router.handlers[site] = handler
     try:
         R = state.shape[0]
-        time_ = torch.full((R,), t)
-        return model(state, time_, inputs.mixture[:1].expand(R, -1, -1), inputs.text[:1].expand(R, -1, -1),
-                     inputs.text_mask[:1].expand(R, -1))
+        return model(state, torch.full((R,), t), inputs.mixture.expand(R, -1, -1), inputs.text.expand(R, -1, -1),
+                     inputs.text_mask.expand(R, -1))
     finally:
         router.handlers.clear()
 
 
-def time_it(fn) -> float:
+def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -105,56 +100,37 @@ def time_it(fn) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default="small")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hook-probes", type=int, default=96, help="probes timed for the hook loop")
-    parser.add_argument("--min-probes", type=int, default=4096)
-    parser.add_argument("--evaluations", default="all",
-                        help='"all" or a comma list: time only probes branching at these evaluations')
+    parser.add_argument("--evaluations", default="0,8,16,24", help="comma list of branch evaluations")
+    parser.add_argument("--hook-probes", type=int, default=64, help="probes timed in the batch-1 hook loop")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-
     model = load_model(args.model)
+    data = dataset_for(model)
+    m = data.make_mixture(data.eval_seeds(1)[0])
+    clip = Clip("bench", torch.from_numpy(m.mixture), m.sample_rate, m.prompt)
     engine = ProbeEngine(model)
     fast = ProbeEngine(model, exact=False)
-    m = make_mixture(EVAL_SEEDS.start)
-    clip = Clip("bench", torch.from_numpy(m.mixture), m.sample_rate, m.prompt)
+    full = ProbeEngine(model, prefix_reuse=False)
     traj = engine.trajectory(clip, steps=16, method="midpoint")
-    L = traj.inputs.text.shape[1]
-    probes = standard_probes(engine.sites, engine.num_heads, L, range(traj.num_evaluations),
-                             ("head_ablation", "text_knockout", "uniform"))
-    if len(probes) < args.min_probes:  # small models: add per-head temperatures and mean ablations
-        probes += standard_probes(engine.sites, engine.num_heads, L, range(traj.num_evaluations), ("mean_ablation",))
-        for value in (0.5, 2.0, 4.0):
-            probes += probe_grid(engine.sites, engine.sites, {"intervention": "temperature", "value": value},
-                                 range(traj.num_evaluations), heads=[(h,) for h in range(engine.num_heads)])
-    if args.evaluations != "all":
-        keep = {int(e) for e in args.evaluations.split(",")}
-        probes = [p for p in probes if p.evaluation in keep]
-    print(f"model {args.model}: {model.config.n_layers} layers x {model.config.n_heads} heads, "
-          f"T={traj.states[0].shape[1]} frames, {traj.num_evaluations} evaluations, {len(probes)} probes, "
-          f"batch {args.batch_size}, {args.threads} threads, backend {engine.backend}")
-
+    evaluations = [int(e) for e in args.evaluations.split(",")]
+    if any(not 0 <= e < traj.num_evaluations for e in evaluations):
+        parser.error(f"--evaluations must lie in [0, {traj.num_evaluations})")
+    probes = sweep_probes(engine.sites, engine.num_heads, evaluations)
     subset = probes[:: max(1, len(probes) // args.hook_probes)][: args.hook_probes]
     R = args.batch_size
-    batch = [p for p in probes if p.evaluation == 8][:R]
-    state_R = traj.states[8].expand(len(batch), -1, -1).contiguous()
-    inputs_R = expand_inputs(traj.inputs, len(batch))
-    t8 = traj.schedule[8][1]
-
-    def engine_sweep():
-        engine.sweep(traj, probes, progress=False, batch_size=R)
-
-    def engine_fast_sweep():
-        fast.sweep(traj, probes, progress=False, batch_size=R)
+    cpu = platform.processor() or platform.machine()
+    print(f"model {args.model}: {model.config.n_layers} layers x {model.config.n_heads} heads, D={model.config.dim}, "
+          f"T={traj.states[0].shape[1]} frames, evaluations {evaluations}, {len(probes)} probes, batch {R}, "
+          f"{args.threads} threads, torch {torch.__version__}, {cpu}")
 
     def hook_loop():
         with torch.no_grad():
             for p in subset:
-                hooked_forward(model, engine.sites, traj.inputs, traj.states[p.evaluation],
-                               traj.schedule[p.evaluation][1], [(0, p)])
+                hooked_forward(model, traj.inputs, traj.states[p.evaluation], traj.schedule[p.evaluation][1], [p])
 
     def batched_hooks():
         with torch.no_grad():
@@ -163,44 +139,63 @@ def main(argv=None):
                 by_eval.setdefault(p.evaluation, []).append(p)
             for e, group in by_eval.items():
                 for i in range(0, len(group), R):
-                    rows = group[i: i + R]
+                    rows = group[i:i + R]
                     state = traj.states[e].expand(len(rows), -1, -1).contiguous()
-                    hooked_forward(model, engine.sites, traj.inputs, state, traj.schedule[e][1], list(enumerate(rows)))
+                    hooked_forward(model, traj.inputs, state, traj.schedule[e][1], rows)
 
-    def plain_forward():
+    variants = {
+        "engine": (lambda: engine.sweep(traj, probes, progress=False, batch_size=R), len(probes)),
+        "engine fast": (lambda: fast.sweep(traj, probes, progress=False, batch_size=R), len(probes)),
+        "engine no prefix": (lambda: full.sweep(traj, probes, progress=False, batch_size=R), len(probes)),
+        "hook loop": (hook_loop, len(subset)),
+        "batched hooks": (batched_hooks, len(probes)),
+    }
+
+    # engine cost per probe vs a plain batched forward of only the layers a batch recomputes
+    layer = model.config.n_layers // 2
+    e0 = evaluations[len(evaluations) // 2]
+    site = f"layers.{layer}.self_attn"
+    batch = [Probe(site, "head_ablation", heads=(i % engine.num_heads,), value=0.01 * i, evaluation=e0)
+             for i in range(R)]
+    hidden = traj.layer_inputs[e0][layer].expand(R, -1, -1).contiguous()
+    state = traj.states[e0].expand(R, -1, -1).contiguous()
+
+    def plain_partial():
         with torch.no_grad():
-            model(state_R, torch.full((len(batch),), t8), inputs_R.mixture, inputs_R.text, inputs_R.text_mask)
+            model(state, torch.full((1,), traj.schedule[e0][1]), traj.inputs.mixture, traj.inputs.text,
+                  traj.inputs.text_mask, start_layer=layer, hidden=hidden)
 
-    def probed_forward():
-        engine.run_batch(traj, 8, batch)
-
-    def probed_forward_fast():
-        fast.run_batch(traj, 8, batch)
-
-    variants = {"engine": (engine_sweep, len(probes)), "engine fast": (engine_fast_sweep, len(probes)),
-                "hook loop": (hook_loop, len(subset)), "batched hooks": (batched_hooks, len(probes))}
-    forwards = {"plain forward": plain_forward, "probed forward": probed_forward,
-                "probed forward fast": probed_forward_fast}
+    forwards = {"probed batch (engine, exact)": lambda: engine.run_batch(traj, e0, batch),
+                "probed batch (engine, fast)": lambda: fast.run_batch(traj, e0, batch),
+                "plain forward of the same layers": plain_partial,
+                "clean trajectory, captures": lambda: engine.trajectory(
+                    clip, capture=("entropy", "segment_mass"), capture_sites="*", cache_heads=()),
+                "plain sampler run": lambda: model.separate(clip.mixture, clip.sample_rate, clip.prompt, steps=16)}
     times: dict = {name: [] for name in list(variants) + list(forwards)}
     for _ in range(args.rounds):
         for name, (fn, _count) in variants.items():
-            times[name].append(time_it(fn))
+            times[name].append(timed(fn))
         for name, fn in forwards.items():
-            times[name].append(statistics.median(time_it(fn) for _ in range(5)))
+            times[name].append(statistics.median(timed(fn) for _ in range(3)))
 
     rate = {name: count / statistics.median(times[name]) for name, (_fn, count) in variants.items()}
-    print(f"\n{'variant':<16}{'probes':>8}{'median s':>12}{'probes/s':>12}{'engine x':>10}")
+    print("\n| variant | probes timed | median s | probes/s | x hook loop |\n|---|---|---|---|---|")
     for name, (_fn, count) in variants.items():
-        med = statistics.median(times[name])
-        print(f"{name:<16}{count:>8}{med:>12.3f}{rate[name]:>12.1f}{rate['engine'] / rate[name]:>10.2f}")
-    plain = statistics.median(times["plain forward"])
-    probed, probed_fast = statistics.median(times["probed forward"]), statistics.median(times["probed forward fast"])
-    print(f"\nforward at batch {len(batch)}: plain {plain * 1e3:.1f} ms, probed {probed * 1e3:.1f} ms "
-          f"({probed / plain:.3f}x), probed fast {probed_fast * 1e3:.1f} ms ({probed_fast / plain:.3f}x)")
+        print(f"| {name} | {count} | {statistics.median(times[name]):.3f} | {rate[name]:.1f} | "
+              f"{rate[name] / rate['hook loop']:.2f} |")
+    med = {name: statistics.median(times[name]) for name in forwards}
+    print(f"\n| forward | ms |\n|---|---|")
+    for name in forwards:
+        print(f"| {name} | {1e3 * med[name]:.1f} |")
     best = max(rate["engine"], rate["engine fast"])
-    print(f"targets: engine >= 30x hook loop ({best / rate['hook loop']:.1f}x), "
-          f">= 3x batched hooks ({best / rate['batched hooks']:.2f}x), "
-          f"probed forward <= 1.15x plain ({min(probed, probed_fast) / plain:.3f}x)")
+    print(f"\ntargets: engine >= 3x hook loop: {best / rate['hook loop']:.2f}x | "
+          f"engine batch / plain forward of the same layers <= 1.2: exact "
+          f"{med['probed batch (engine, exact)'] / med['plain forward of the same layers']:.2f}, fast "
+          f"{med['probed batch (engine, fast)'] / med['plain forward of the same layers']:.2f} | "
+          f"prefix reuse >= 1.6x: {rate['engine'] / rate['engine no prefix']:.2f}x | "
+          f"exact / fast: {rate['engine'] / rate['engine fast']:.2f} | "
+          f"clean trajectory with captures / plain sampler <= 1.3: "
+          f"{med['clean trajectory, captures'] / med['plain sampler run']:.2f}")
 
 
 if __name__ == "__main__":

@@ -266,3 +266,56 @@ def test_shared_conditioning_is_bitwise_the_per_row_computation(setup):
         shared = model(state, torch.full((1,), 0.25), inputs.mixture, inputs.text, inputs.text_mask)
         per_row = model(state, torch.full((3,), 0.25), rows.mixture, rows.text, rows.text_mask)
     assert torch.equal(shared, per_row)
+
+
+def test_unprobed_sites_run_native_attention_and_stay_exact(setup, monkeypatch):
+    """Without captures the clean run uses torch SDPA at every site; in a batch only the rows that
+    intervene at a site go through the probed kernel there. Identity rows stay exactly zero, and the
+    table does not depend on batching."""
+    from latentflow_fast.probe import engine as engine_module
+
+    engine, _ = setup
+    plain = ProbeEngine(engine.model, time_bins=4)
+    traj = plain.trajectory(engine.runs["clean"].clip, steps=STEPS, cache_heads="*", name="clean")
+    plain.trajectory(engine.runs["clean"].clip, steps=STEPS, prompt=engine.runs["other"].inputs.prompts[0],
+                     name="other")
+    assert traj.kernel_sites == frozenset()
+    calls = []
+    real_op = engine_module.probed_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[0])
+        return real_op(q, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "probed_attention", counting)
+    probes = [Probe("layers.1.self_attn", "head_ablation", heads=(0,), evaluation=1),
+              Probe("layers.1.self_attn", "none", evaluation=1),
+              Probe("layers.1.self_attn", "temperature", value=1.0, evaluation=1)]
+    rows = plain.run_batch(traj, 1, probes)
+    assert calls == [1]  # one kernel call, for the one intervening row
+    assert rows[0]["local_effect"] > 0 and rows[1]["local_effect"] == 0 and rows[2]["local_effect"] == 0
+    monkeypatch.setattr(engine_module, "probed_attention", real_op)
+    probes = mixed_probes(plain.sites, evaluations=(1, 2))
+    a = plain.sweep(traj, probes, end_effect=True, progress=False, batch_size=3)
+    b = plain.sweep(traj, list(reversed(probes)), end_effect=True, progress=False, batch_size=11)
+    key = ["probe_id"]
+    pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True),
+                                  check_exact=True)
+    identity = a[a["intervention"] == "none"]
+    assert len(identity) and (identity["local_effect"] == 0).all() and (identity["end_latent_change"] == 0).all()
+
+
+def test_native_attention_is_batch_invariant_on_this_device():
+    """The engine's exactness at unprobed sites rests on this: a row of torch SDPA does not depend on the
+    other rows of its batch."""
+    from latentflow_fast.models.attention import sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    for T, L in ((37, 37), (200, 5)):
+        q, k, v = (torch.randn(6, 2, n, 16, generator=gen) for n in (T, L, L))
+        mask = torch.rand(6, L, generator=gen) > 0.2
+        mask[:, 0] = True
+        full = sdpa(q, k, v, mask)
+        for i in range(6):
+            assert torch.equal(sdpa(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1]), full[i:i + 1])
+        assert torch.equal(sdpa(q[1:4], k[1:4], v[1:4], mask[1:4]), full[1:4])

@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 import pandas as pd
 import torch
 
+from ..models.attention import sdpa
 from ..ops import probed_attention
 from ..ops.profiling import nvtx_range
 from ..sampler import METHODS, evaluation_schedule, sample_ode
@@ -78,6 +79,8 @@ class Trajectory:
     wall_seconds: float = 0.0
     # evaluation -> [layer input of every layer, each [1, T, D]] (prefix reuse; absent beyond the budget)
     layer_inputs: dict = field(default_factory=dict)
+    # sites computed by the probed kernel in this run (those with captures); the others ran torch SDPA
+    kernel_sites: frozenset = frozenset()
 
     @property
     def num_evaluations(self) -> int:
@@ -120,6 +123,9 @@ class _Context:
     maps: dict = field(default_factory=dict)  # site -> MapRequest: exact map slices to materialise
     map_results: dict = field(default_factory=dict)  # site -> [h, q, Nk] probabilities (row 0)
     attention_calls: int = 0
+    # sites where rows without an intervention also go through the probed kernel (the clean run captured
+    # there); elsewhere they run native attention (torch SDPA), the same path as in the clean run
+    kernel_sites: frozenset = frozenset()
 
 
 class ProbeEngine:
@@ -179,11 +185,24 @@ class ProbeEngine:
         ctx = self._ctx
         ctx.attention_calls += 1
         segments = self._segments(site, k.shape[2])
-        kwargs, post = self._row_arguments(site, q, v, segments)
+        kwargs, post, kernel_rows = self._row_arguments(site, q, v, segments)
         capture = ctx.capture.get(site, ())
+        R = q.shape[0]
         with nvtx_range(f"latentflow.site.{site}"):
-            out, captured = probed_attention(q, k, v, key_padding_mask=key_padding_mask, segments=segments,
-                                             capture=capture, backend=self.backend, **kwargs)
+            if capture or site in ctx.kernel_sites or len(kernel_rows) == R:
+                out, captured = probed_attention(q, k, v, key_padding_mask=key_padding_mask, segments=segments,
+                                                 capture=capture, backend=self.backend, **kwargs)
+            else:
+                # Rows with nothing to do here run native attention (as in the clean run); only the rows
+                # that intervene go through the probed kernel. Both are batch invariant per row.
+                out, captured = sdpa(q, k, v, key_padding_mask), {}
+                if kernel_rows:
+                    idx = torch.tensor(kernel_rows, device=q.device)
+                    sub = {name: t.index_select(0, idx) for name, t in kwargs.items()}
+                    mask = None if key_padding_mask is None else key_padding_mask.index_select(0, idx)
+                    out[idx], _ = probed_attention(q.index_select(0, idx), k.index_select(0, idx),
+                                                   v.index_select(0, idx), key_padding_mask=mask,
+                                                   segments=segments, backend=self.backend, **sub)
         if post is not None:
             out = post(out)
         if captured:
@@ -222,9 +241,9 @@ class ProbeEngine:
         """Per-row operator arguments (and a post-op for component swaps) for the rows active at `site`."""
         ctx = self._ctx
         active = [(r, p) for r, p in enumerate(ctx.rows)
-                  if p is not None and p.intervention != "none" and p.matches(site) and p.active_at(ctx.evaluation)]
+                  if p is not None and not p.is_identity and p.matches(site) and p.active_at(ctx.evaluation)]
         if not active:
-            return {}, None
+            return {}, None, []
         R, H, Nq = q.shape[0], q.shape[1], q.shape[2]
         Dv = v.shape[3]
         G = len(segments) - 1
@@ -237,6 +256,7 @@ class ProbeEngine:
                 kwargs[name] = torch.full(shape, fill, dtype=dtype, device=dev)
             return kwargs[name]
 
+        kernel_rows = sorted(r for r, p in active if p.intervention not in ("additive_swap", "routing_swap"))
         for r, p in active:
             heads = list(range(H)) if p.heads is None else list(p.heads)
             kind = p.intervention
@@ -278,7 +298,7 @@ class ProbeEngine:
                         delta = (src - src_mean) - (live - live_mean)
                     out[r, heads] = live + delta
                 return out
-        return kwargs, post
+        return kwargs, post, kernel_rows
 
     # ------------------------------------------------------------------ forward helpers
     def _forward(self, ctx: _Context, inputs, state: torch.Tensor, evaluation: int, t: float,
@@ -294,7 +314,7 @@ class ProbeEngine:
 
     def first_layer(self, probes: Sequence[Probe]) -> int:
         """The first layer any of `probes` acts at: the layers before it are the same as in the clean run."""
-        layers = [self.site_layers[s] for p in probes if p.intervention != "none" for s in self.sites
+        layers = [self.site_layers[s] for p in probes if not p.is_identity for s in self.sites
                   if p.matches(s)]
         layers = [layer for layer in layers if layer is not None]
         return min(layers, default=len(self.model.transformer.layers) - 1)
@@ -326,7 +346,8 @@ class ProbeEngine:
 
         def evaluate(state, t, evaluation):
             nonlocal cache_left
-            ctx = _Context(rows=[None], capture={s: tuple(capture) for s in capture_at}, cache_heads=heads_at)
+            ctx = _Context(rows=[None], capture={s: tuple(capture) for s in capture_at}, cache_heads=heads_at,
+                           kernel_sites=frozenset(capture_at))
             ctx.maps = {m.site: m for m in maps if m.evaluations is None or evaluation in m.evaluations}
             recorded: list = []
             v = self._forward(ctx, inputs, state, evaluation, t, layer_inputs=recorded)
@@ -360,6 +381,7 @@ class ProbeEngine:
                       for s in self.sites},
             wall_seconds=time.perf_counter() - started,
             layer_inputs=layer_cache,
+            kernel_sites=frozenset(capture_at),
         )
         if name is not None:
             self.runs[name] = traj
@@ -422,7 +444,7 @@ class ProbeEngine:
         inputs = traj.inputs  # batch 1: shared by every row
         state = traj.states[evaluation].expand(R, *traj.states[evaluation].shape[1:]).contiguous()
         t = traj.schedule[evaluation][1]
-        ctx = _Context(rows=list(probes), trajectory=traj)
+        ctx = _Context(rows=list(probes), trajectory=traj, kernel_sites=traj.kernel_sites)
         start, hidden = 0, None
         cached = traj.layer_inputs.get(evaluation) if self.prefix_reuse else None
         if cached is not None:
@@ -450,7 +472,7 @@ class ProbeEngine:
         """Integrate the branched rows from `evaluation` (velocity `v`) to t=1 with the one sampler."""
         step = evaluation // METHODS[traj.method]
         x = traj.step_starts[step].expand(len(probes), *traj.step_starts[step].shape[1:])
-        ctx = _Context(rows=list(probes), trajectory=traj)
+        ctx = _Context(rows=list(probes), trajectory=traj, kernel_sites=traj.kernel_sites)
 
         def velocity(state, t, e):
             return self._forward(ctx, traj.inputs, state, e, t)

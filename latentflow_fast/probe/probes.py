@@ -110,6 +110,14 @@ class Probe:
         """"self_attn" / "cross_attn" (the last part of the site name)."""
         return self.site.rsplit(".", 1)[-1]
 
+    @property
+    def is_identity(self) -> bool:
+        """True for interventions that change nothing by construction (a gate or temperature of 1, a bias
+        of 0, or "none"): the engine runs them as control rows, on the unprobed path."""
+        kind = self.intervention
+        return (kind == "none" or (kind in ("head_ablation", "temperature") and self.value == 1.0)
+                or (kind in ("segment_bias", "output_bias") and self.value == 0.0))
+
     def active_at(self, evaluation: int) -> bool:
         if evaluation < self.evaluation:
             return False
