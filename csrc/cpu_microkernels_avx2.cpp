@@ -73,23 +73,55 @@ LF_AVX2 inline __m256 tree_sum(const __m256 (&v)[kVecs]) {
                        _mm256_add_ps(_mm256_add_ps(v[4], v[5]), _mm256_add_ps(v[6], v[7])));
 }
 
-// s[r0..r0+3][c0 .. c0 + 8*NV) for one 4-row block: 4 x NV accumulators, one FMA chain over d each.
-template <int NV>
-LF_AVX2 inline void qk_block(const float* q, const float* kt, int dim, float* s) {
-  __m256 acc[kRowBlock][NV];
-  for (int rr = 0; rr < kRowBlock; ++rr)
-    for (int c = 0; c < NV; ++c) acc[rr][c] = _mm256_setzero_ps();
+// s[r0..r0+3][c0 .. c0 + 24) for one 4-row block: 12 accumulators, one FMA chain over d each. Named
+// variables, not an array: GCC 12 mirrored an accumulator array to the stack on every step of this
+// loop (its trip count, dim, is not a constant), costing a third of the throughput.
+LF_AVX2 inline void qk_block3(const float* q, const float* kt, int dim, float* s) {
+  const float *q0 = q, *q1 = q + dim, *q2 = q + 2 * dim, *q3 = q + 3 * dim;
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
+  __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
   const float* kd = kt;
   for (int d = 0; d < dim; ++d, kd += kKeyTile) {
-    __m256 kv[NV];
-    for (int c = 0; c < NV; ++c) kv[c] = _mm256_load_ps(kd + c * kW);
-    for (int rr = 0; rr < kRowBlock; ++rr) {
-      const __m256 b = _mm256_broadcast_ss(q + rr * dim + d);
-      for (int c = 0; c < NV; ++c) acc[rr][c] = _mm256_fmadd_ps(b, kv[c], acc[rr][c]);
-    }
+    const __m256 k0 = _mm256_load_ps(kd), k1 = _mm256_load_ps(kd + kW), k2 = _mm256_load_ps(kd + 2 * kW);
+    __m256 b = _mm256_broadcast_ss(q0 + d);
+    a00 = _mm256_fmadd_ps(b, k0, a00); a01 = _mm256_fmadd_ps(b, k1, a01); a02 = _mm256_fmadd_ps(b, k2, a02);
+    b = _mm256_broadcast_ss(q1 + d);
+    a10 = _mm256_fmadd_ps(b, k0, a10); a11 = _mm256_fmadd_ps(b, k1, a11); a12 = _mm256_fmadd_ps(b, k2, a12);
+    b = _mm256_broadcast_ss(q2 + d);
+    a20 = _mm256_fmadd_ps(b, k0, a20); a21 = _mm256_fmadd_ps(b, k1, a21); a22 = _mm256_fmadd_ps(b, k2, a22);
+    b = _mm256_broadcast_ss(q3 + d);
+    a30 = _mm256_fmadd_ps(b, k0, a30); a31 = _mm256_fmadd_ps(b, k1, a31); a32 = _mm256_fmadd_ps(b, k2, a32);
   }
-  for (int rr = 0; rr < kRowBlock; ++rr)
-    for (int c = 0; c < NV; ++c) _mm256_store_ps(s + rr * kKeyTile + c * kW, acc[rr][c]);
+  float* s0 = s;
+  _mm256_store_ps(s0, a00); _mm256_store_ps(s0 + kW, a01); _mm256_store_ps(s0 + 2 * kW, a02);
+  s0 += kKeyTile;
+  _mm256_store_ps(s0, a10); _mm256_store_ps(s0 + kW, a11); _mm256_store_ps(s0 + 2 * kW, a12);
+  s0 += kKeyTile;
+  _mm256_store_ps(s0, a20); _mm256_store_ps(s0 + kW, a21); _mm256_store_ps(s0 + 2 * kW, a22);
+  s0 += kKeyTile;
+  _mm256_store_ps(s0, a30); _mm256_store_ps(s0 + kW, a31); _mm256_store_ps(s0 + 2 * kW, a32);
+}
+
+// The last 16 keys of the tile: 4 rows x 2 vectors.
+LF_AVX2 inline void qk_block2(const float* q, const float* kt, int dim, float* s) {
+  const float *q0 = q, *q1 = q + dim, *q2 = q + 2 * dim, *q3 = q + 3 * dim;
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+  const float* kd = kt;
+  for (int d = 0; d < dim; ++d, kd += kKeyTile) {
+    const __m256 k0 = _mm256_load_ps(kd), k1 = _mm256_load_ps(kd + kW);
+    __m256 b = _mm256_broadcast_ss(q0 + d);
+    a00 = _mm256_fmadd_ps(b, k0, a00); a01 = _mm256_fmadd_ps(b, k1, a01);
+    b = _mm256_broadcast_ss(q1 + d);
+    a10 = _mm256_fmadd_ps(b, k0, a10); a11 = _mm256_fmadd_ps(b, k1, a11);
+    b = _mm256_broadcast_ss(q2 + d);
+    a20 = _mm256_fmadd_ps(b, k0, a20); a21 = _mm256_fmadd_ps(b, k1, a21);
+    b = _mm256_broadcast_ss(q3 + d);
+    a30 = _mm256_fmadd_ps(b, k0, a30); a31 = _mm256_fmadd_ps(b, k1, a31);
+  }
+  _mm256_store_ps(s, a00); _mm256_store_ps(s + kW, a01);
+  _mm256_store_ps(s + kKeyTile, a10); _mm256_store_ps(s + kKeyTile + kW, a11);
+  _mm256_store_ps(s + 2 * kKeyTile, a20); _mm256_store_ps(s + 2 * kKeyTile + kW, a21);
+  _mm256_store_ps(s + 3 * kKeyTile, a30); _mm256_store_ps(s + 3 * kKeyTile + kW, a31);
 }
 
 LF_AVX2 void qk_tile(const float* q, const float* kt, int dim, int rows, float* s) {
@@ -97,9 +129,9 @@ LF_AVX2 void qk_tile(const float* q, const float* kt, int dim, int rows, float* 
     const float* qr = q + static_cast<int64_t>(r) * dim;
     float* sr = s + static_cast<int64_t>(r) * kKeyTile;
     // 64 keys = 3 + 3 + 2 vectors.
-    qk_block<3>(qr, kt, dim, sr);
-    qk_block<3>(qr, kt + 3 * kW, dim, sr + 3 * kW);
-    qk_block<2>(qr, kt + 6 * kW, dim, sr + 6 * kW);
+    qk_block3(qr, kt, dim, sr);
+    qk_block3(qr, kt + 3 * kW, dim, sr + 3 * kW);
+    qk_block2(qr, kt + 6 * kW, dim, sr + 6 * kW);
   }
 }
 

@@ -29,7 +29,6 @@ constexpr int kBlockVecs = 2;  // 16 vector registers (SSE2): 4 rows x 2 vectors
 #endif
 constexpr int kChunk = kBlockVecs * kW;  // lanes per register block
 static_assert(kKeyTile % kChunk == 0 && kLanes % kChunk == 0, "tiles must split into whole register blocks");
-constexpr int kTileVecs = kKeyTile / kW;
 
 #if defined(__GNUC__) || defined(__clang__)
 typedef float vf __attribute__((vector_size(16)));
@@ -118,26 +117,20 @@ void qk_tile(const float* q, const float* kt, int dim, int rows, float* s) {
       qk_block(q + static_cast<int64_t>(r) * dim, kt + c0, dim, s + static_cast<int64_t>(r) * kKeyTile + c0);
 }
 
-// Fixed-order (pairwise tree) sum of the 16 vectors of a tile row.
-inline vf tree_sum(const vf* v) {
-  vf t[kTileVecs / 2];
-  for (int i = 0; i < kTileVecs / 2; ++i) t[i] = v[2 * i] + v[2 * i + 1];
-  for (int w = kTileVecs / 4; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] = t[2 * i] + t[2 * i + 1];
-  return t[0];
-}
-
 void softmax_tile(float* s, int rows, const float* key_bias, RowState st, const TileOptions& opt) {
   const int G = st.num_segments;
   for (int r = 0; r < rows; ++r) {
     float* sr = s + r * kKeyTile;
-    vf x[kTileVecs];
-    vf m = splat(kNegInf);
-    for (int c = 0; c < kTileVecs; ++c) {
-      x[c] = load(sr + c * kW) + load(key_bias + c * kW);
-      m = vmax(m, x[c]);
+    // Two streaming passes over the row (a whole row in registers would not fit the 16 of SSE2).
+    vf m0 = splat(kNegInf), m1 = m0;
+    for (int c = 0; c < kKeyTile; c += 2 * kW) {
+      const vf x0 = load(sr + c) + load(key_bias + c), x1 = load(sr + c + kW) + load(key_bias + c + kW);
+      store(sr + c, x0);
+      store(sr + c + kW, x1);
+      m0 = vmax(m0, x0);
+      m1 = vmax(m1, x1);
     }
-    const float tile_max = hmax(m);
+    const float tile_max = hmax(vmax(m0, m1));
     if (tile_max == kNegInf) {  // no live key for this row here: state unchanged
       for (int j = 0; j < kKeyTile; ++j) sr[j] = 0.0f;
       st.alpha[r] = 1.0f;
@@ -147,20 +140,25 @@ void softmax_tile(float* s, int rows, const float* key_bias, RowState st, const 
     const float new_max = old_max > tile_max ? old_max : tile_max;
     const float alpha = old_max == kNegInf ? 0.0f : exp2_clamped(old_max - new_max);
     const vf nm = splat(new_max), floor_t = splat(-200.0f);
-    vf p[kTileVecs];
-    for (int c = 0; c < kTileVecs; ++c) {
-      x[c] = vmax(x[c] - nm, floor_t);  // -inf (masked) -> -200, so p * t is 0, not NaN
-      p[c] = exp2_poly(x[c]);
-      store(sr + c * kW, p[c]);
+    // Two interleaved accumulators per sum (even / odd vectors), combined at the end: a fixed order.
+    vf s0 = splat(0.0f), s1 = s0, e0 = s0, e1 = s0;
+    for (int c = 0; c < kKeyTile; c += 2 * kW) {
+      // -inf (masked) logits become -200, so p = 0 and p * t = 0 (never NaN).
+      const vf t0 = vmax(load(sr + c) - nm, floor_t), t1 = vmax(load(sr + c + kW) - nm, floor_t);
+      const vf p0 = exp2_poly(t0), p1 = exp2_poly(t1);
+      store(sr + c, p0);
+      store(sr + c + kW, p1);
+      s0 = s0 + p0;
+      s1 = s1 + p1;
+      e0 = e0 + p0 * t0;
+      e1 = e1 + p1 * t1;
     }
-    const float psum = hsum(tree_sum(p));
+    const float psum = hsum(s0 + s1);
     const float old_norm = st.norm[r];
     st.norm[r] = old_norm * alpha + psum;
     if (opt.entropy) {
-      vf pt = p[0] * x[0];
-      for (int c = 1; c < kTileVecs; ++c) pt = pt + p[c] * x[c];
       const float carried = old_norm > 0.0f ? alpha * (st.ent[r] + (old_max - new_max) * old_norm) : 0.0f;
-      st.ent[r] = carried + hsum(pt);
+      st.ent[r] = carried + hsum(e0 + e1);
     }
     if (opt.segments) {
       float* seg = st.seg + static_cast<int64_t>(r) * G;
