@@ -29,6 +29,7 @@ import torch
 
 from latentflow_fast.data.synthetic import EVAL_SEEDS, make_mixture
 from latentflow_fast.models import load_model
+from latentflow_fast.ops import backend_cpu
 from latentflow_fast.probe import Clip, ProbeEngine, probe_grid, standard_probes
 from latentflow_fast.probe.engine import expand_inputs
 
@@ -136,6 +137,7 @@ def main(argv=None):
     print(f"model {args.model}: {model.config.n_layers} layers x {model.config.n_heads} heads, "
           f"T={traj.states[0].shape[1]} frames, {traj.num_evaluations} evaluations, {len(probes)} probes, "
           f"batch {args.batch_size}, {args.threads} threads, backend {engine.backend}")
+    print(f"# {backend_cpu.describe_path()}")
 
     subset = probes[:: max(1, len(probes) // args.hook_probes)][: args.hook_probes]
     R = args.batch_size

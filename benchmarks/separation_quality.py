@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from latentflow_fast.data import eval_seeds, make_batch  # noqa: E402
 from latentflow_fast.metrics import identity_correct, si_sdr, si_sdr_improvement  # noqa: E402
+from latentflow_fast.ops import backend_cpu  # noqa: E402
 
 TARGET_SI_SDRI_DB = 8.0
 TARGET_IDENTITY = 0.90
@@ -106,6 +107,7 @@ def main(argv=None) -> int:
     summary = summarize(rows)
     print(f"model {args.model}: {args.count} held-out mixtures, {args.method} {args.steps} steps, seed {args.seed} "
           f"({wall:.1f}s, {args.threads} threads)")
+    print(f"# {backend_cpu.describe_path()}")
     print(format_table(summary))
     overall = summary["all"]
     ok = overall["median_si_sdri_db"] >= TARGET_SI_SDRI_DB and overall["identity_accuracy"] >= TARGET_IDENTITY

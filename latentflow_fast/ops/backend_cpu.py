@@ -105,6 +105,15 @@ def cpu_info() -> dict:
     }
 
 
+def describe_path() -> str:
+    """One line for benchmark headers: the path the "cpu" backend runs here, or why it cannot run."""
+    try:
+        info = cpu_info()
+    except (RuntimeError, ValueError) as exc:
+        return f"cpu kernel unavailable: {exc}"
+    return f"cpu kernel path {info['isa']} (this CPU runs {', '.join(info['supported'])}; {info['cpu']})"
+
+
 def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
