@@ -1,9 +1,17 @@
-"""CPU probed attention vs torch SDPA and eager (materialised-map) probing.
+"""CPU probed attention vs torch SDPA and eager (materialised-map) probing, on every micro-kernel path.
 
     .venv/bin/python benchmarks/attention_cpu.py [--sizes 1024 4096 8192] [--repeats 5] [--threads 2]
+                                                 [--isa all|avx512 avx2 generic] [--torch-isa native|avx2]
 
-B=1, H=8, D=64, float32. Variants are timed INTERLEAVED (round-robin over variants in every repeat, so
-a load change on a shared machine hits all of them alike); the table shows medians of wall time.
+B=1, H=8, D=64, float32. The fused kernel runs on every micro-kernel path this CPU supports (or those
+named by --isa; the path is switched per call through LATENTFLOW_CPU_ISA). All variants of all paths
+are timed INTERLEAVED (round-robin over variants in every repeat, so a load change on a shared machine
+hits all of them alike); the tables show medians of wall time, one table per path, ratios against the
+one SDPA measurement of the same run.
+
+--torch-isa avx2 restarts the script with torch limited to AVX2 (ATEN_CPU_CAPABILITY=avx2,
+ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2): on an AVX-512 machine this is the closest stand-in
+for an AVX2-only CPU, where SDPA and the eager baseline cannot use AVX-512 either.
 
 The "CPU s" column is the process CPU time (all threads) of the call, a load-robust companion of the wall
 time on a shared machine (note: OpenMP spin-waits in SDPA count as CPU time too).
@@ -28,7 +36,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from latentflow_fast import probed_attention
+from latentflow_fast import cpu_info, probed_attention
+from latentflow_fast.ops import backend_cpu
 
 B, H, D, G = 1, 8, 64, 8
 
@@ -85,13 +94,43 @@ def eager_probe(x):
     return out, {"lse": lse, "entropy": entropy, "segment_mass": seg_mass}
 
 
-VARIANTS = {
-    "torch SDPA (no capture)": sdpa,
+# Variants run on every micro-kernel path (name -> function); SDPA and eager run once.
+KERNEL_VARIANTS = {
     "cpu, no capture": cpu_plain,
     "cpu, lse+entropy+seg_mass, all interventions": cpu_probe,
     "cpu, key_mass": cpu_key_mass,
-    "eager capture (materialised map)": eager_probe,
 }
+SDPA = "torch SDPA (no capture)"
+EAGER = "eager capture (materialised map)"
+TORCH_AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def on_isa(fn, isa: str):
+    """fn run with the fused kernel forced onto micro-kernel path `isa`."""
+
+    def run(x):
+        before = os.environ.get(backend_cpu.ISA_ENV)
+        os.environ[backend_cpu.ISA_ENV] = isa
+        try:
+            return fn(x)
+        finally:
+            if before is None:
+                del os.environ[backend_cpu.ISA_ENV]
+            else:
+                os.environ[backend_cpu.ISA_ENV] = before
+
+    return run
+
+
+def cpu_flags() -> str:
+    """The vector-ISA flags of /proc/cpuinfo that matter here (x86), else the machine name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.machine()
+    wanted = ("sse4_2", "avx", "fma", "avx2", "avx512f", "avx512bw", "avx512vl")
+    return " ".join(f"{name}={'yes' if name in flags else 'no'}" for name in wanted)
 
 
 def _status_kb(field: str) -> int:
@@ -126,59 +165,86 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--isa", nargs="+", default=["all"],
+                        help="micro-kernel paths to time: all (every path this CPU runs) or some of avx512 avx2 generic")
+    parser.add_argument("--torch-isa", choices=("native", "avx2"), default="native",
+                        help="avx2: limit torch (SDPA, eager) to AVX2, standing in for an AVX2-only CPU")
     parser.add_argument("--eager-max-n", type=int, default=4096,
                         help="skip eager capture above this N (it needs several [H,N,N] float32 maps: ~2.1 GB each at 8192)")
     args = parser.parse_args()
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # see the module docstring (memory method)
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # see the module docstring (memory method)
+    if args.torch_isa == "avx2":
+        env.update(TORCH_AVX2_ENV)
+    if any(os.environ.get(key) != value for key, value in env.items()):
+        os.environ.update(env)
         os.execv(sys.executable, [sys.executable] + sys.argv)
+    supported = backend_cpu.supported_isas()
+    isas = supported if args.isa == ["all"] else args.isa
+    for isa in isas:
+        if isa not in backend_cpu.ISA_NAMES:
+            parser.error(f"--isa: unknown path {isa!r}; expected all or some of {', '.join(backend_cpu.ISA_NAMES)}")
+        if isa not in supported:
+            parser.error(f"--isa: this CPU cannot run the {isa} path (supported: {', '.join(supported)})")
     torch.set_num_threads(args.threads)
 
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_model}, {os.cpu_count()} CPUs, "
+    info = cpu_info()
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {info['cpu']}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, {args.threads} threads, B={B} H={H} D={D} float32, G={G}")
+    print(f"# CPU flags: {cpu_flags()}")
+    print(f"# fused kernel: paths this CPU runs {', '.join(info['supported'])} (auto = {info['isa']}); timed: {', '.join(isas)}")
+    print(f"# torch CPU capability: {torch.backends.cpu.get_cpu_capability()}"
+          + (" (limited with --torch-isa avx2)" if args.torch_isa == "avx2" else ""))
     print(f"# load average at start: {load_average()}")
-    header = (f"{'N':>6} | {'variant':<46} | {'median ms':>10} | {'x SDPA':>7} | {'GFLOP/s':>8} | "
+    header = (f"{'N':>6} | {'path':<7} | {'variant':<46} | {'median ms':>10} | {'x SDPA':>7} | {'GFLOP/s':>8} | "
               f"{'CPU s':>7} | {'CPU x SDPA':>10} | {'peak extra MB':>13}")
-    print(header)
-    print("-" * len(header))
     for n in args.sizes:
         x = make_inputs(n)
-        variants = {name: fn for name, fn in VARIANTS.items() if fn is not eager_probe or n <= args.eager_max_n}
+        variants = {("torch", SDPA): sdpa}
+        for isa in isas:
+            for name, fn in KERNEL_VARIANTS.items():
+                variants[(isa, name)] = on_isa(fn, isa)
+        if n <= args.eager_max_n:
+            variants[("torch", EAGER)] = eager_probe
         for fn in variants.values():  # warm-up
             fn(x)
-        times = {name: [] for name in variants}
-        cpu_times = {name: [] for name in variants}
+        times = {key: [] for key in variants}
+        cpu_times = {key: [] for key in variants}
         for _ in range(args.repeats):
-            for name, fn in variants.items():
+            for key, fn in variants.items():
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fn(x)
-                times[name].append(time.perf_counter() - start)
-                cpu_times[name].append(time.process_time() - start_cpu)
-        medians = {name: statistics.median(t) for name, t in times.items()}
-        cpu_medians = {name: statistics.median(t) for name, t in cpu_times.items()}
+                times[key].append(time.perf_counter() - start)
+                cpu_times[key].append(time.process_time() - start_cpu)
+        med = {key: statistics.median(t) for key, t in times.items()}
+        cpu_med = {key: statistics.median(t) for key, t in cpu_times.items()}
         flops = 4 * B * H * n * n * D  # QK^T and PV
-        base = medians["torch SDPA (no capture)"]
-        for name in VARIANTS:
-            if name not in variants:
-                print(f"{n:>6} | {name:<46} | skipped: needs several [H,N,N] float32 maps (2.1 GB each at N=8192)")
-                continue
-            mem = peak_extra_mb(variants[name], x)
-            print(f"{n:>6} | {name:<46} | {medians[name] * 1e3:>10.1f} | {medians[name] / base:>7.2f} | "
-                  f"{flops / medians[name] / 1e9:>8.1f} | {cpu_medians[name]:>7.3f} | "
-                  f"{cpu_medians[name] / cpu_medians['torch SDPA (no capture)']:>10.2f} | {mem:>13.1f}")
-        plain, km = medians["cpu, no capture"], medians["cpu, key_mass"]
-        cpu_plain_s, cpu_km_s = cpu_medians["cpu, no capture"], cpu_medians["cpu, key_mass"]
-        line = (f"# N={n}: key_mass pass adds {(km - plain) / plain:.2f}x of the forward time "
-                f"({(cpu_km_s - cpu_plain_s) / cpu_plain_s:.2f}x in CPU time)")
-        if "eager capture (materialised map)" in medians:
-            line += f"; cpu probe is {medians['eager capture (materialised map)'] / medians['cpu, lse+entropy+seg_mass, all interventions']:.1f}x faster than eager"
-        print(line)
+        base, cpu_base = med[("torch", SDPA)], cpu_med[("torch", SDPA)]
+
+        def row(key):
+            mem = peak_extra_mb(variants[key], x)
+            return (f"{n:>6} | {key[0]:<7} | {key[1]:<46} | {med[key] * 1e3:>10.1f} | {med[key] / base:>7.2f} | "
+                    f"{flops / med[key] / 1e9:>8.1f} | {cpu_med[key]:>7.3f} | {cpu_med[key] / cpu_base:>10.2f} | {mem:>13.1f}")
+
+        print()
+        print(header)
+        print("-" * len(header))
+        print(row(("torch", SDPA)))
+        if ("torch", EAGER) in variants:
+            print(row(("torch", EAGER)))
+        else:
+            print(f"{n:>6} | {'torch':<7} | {EAGER:<46} | skipped: needs several [H,N,N] float32 maps (2.1 GB each at N=8192)")
+        for isa in isas:
+            for name in KERNEL_VARIANTS:
+                print(row((isa, name)))
+        for isa in isas:
+            plain, probe, km = (med[(isa, name)] for name in KERNEL_VARIANTS)
+            cpu_plain_s, cpu_km_s = cpu_med[(isa, "cpu, no capture")], cpu_med[(isa, "cpu, key_mass")]
+            line = (f"# N={n} {isa}: no capture {plain / base:.2f}x SDPA, probe {probe / base:.2f}x SDPA; "
+                    f"key_mass pass adds {(km - plain) / plain:.2f}x of the forward "
+                    f"({(cpu_km_s - cpu_plain_s) / cpu_plain_s:.2f}x in CPU time)")
+            if ("torch", EAGER) in med:
+                line += f"; probe is {med[('torch', EAGER)] / probe:.1f}x faster than eager"
+            print(line)
     print(f"# load average at end: {load_average()}")
 
 

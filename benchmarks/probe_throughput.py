@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from latentflow_fast.data import dataset_for
 from latentflow_fast.models import load_model
 from latentflow_fast.models.attention import sdpa
+from latentflow_fast.ops import backend_cpu
 from latentflow_fast.probe import Clip, Probe, ProbeEngine
 
 TEMPERATURES = (0.0, 2.0)
@@ -126,6 +127,7 @@ def main(argv=None):
     print(f"model {args.model}: {model.config.n_layers} layers x {model.config.n_heads} heads, D={model.config.dim}, "
           f"T={traj.states[0].shape[1]} frames, evaluations {evaluations}, {len(probes)} probes, batch {R}, "
           f"{args.threads} threads, torch {torch.__version__}, {cpu}")
+    print(f"# {backend_cpu.describe_path()}")
 
     def hook_loop():
         with torch.no_grad():

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from latentflow_fast.data import dataset_for  # noqa: E402
 from latentflow_fast.metrics import identity_correct, si_sdr, si_sdr_improvement  # noqa: E402
+from latentflow_fast.ops import backend_cpu  # noqa: E402
 
 SECTIONS = ("quality", "prompt", "steps", "timing")
 STEP_COUNTS = (1, 2, 4, 8, 16, 32)
@@ -209,6 +210,7 @@ def main(argv=None) -> int:
     cpu = platform.processor() or platform.machine()
     print(f"model {args.model} ({sum(q.numel() for q in model.parameters()):,} parameters), data {data.__name__}, "
           f"{args.count} held-out mixtures, {args.threads} threads, torch {torch.__version__}, {cpu}", flush=True)
+    print(f"# {backend_cpu.describe_path()}")
     result = {"args": vars(args)}
     if "quality" in sections:
         t0 = time.perf_counter()

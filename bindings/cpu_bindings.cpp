@@ -84,4 +84,11 @@ void register_cpu_bindings(py::module_& m) {
   m.def("probed_attention_cpu", &probed_attention_cpu_py,
         "Fused CPU probed attention on raw pointers (see latentflow_fast/ops/backend_cpu.py).");
   m.def("cpu_has_avx512", &latentflow::cpu_has_avx512, "True when the AVX-512 micro-kernels can run here.");
+  m.def("cpu_has_avx2", &latentflow::cpu_has_avx2, "True when the AVX2 + FMA micro-kernels can run here.");
+  m.def(
+      "cpu_resolve_isa",
+      [](int isa) {  // std::invalid_argument (unknown code, path missing on this CPU) becomes ValueError
+        return std::string(latentflow::isa_name(latentflow::resolve_isa(static_cast<latentflow::CpuIsa>(isa))));
+      },
+      "Name of the micro-kernel path that isa code (0 auto, 1 avx512, 2 generic, 3 avx2) runs on this CPU.");
 }

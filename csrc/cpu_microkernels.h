@@ -11,9 +11,9 @@
 namespace latentflow {
 
 constexpr int kQueryTile = 64;  // query rows per task (the unit of parallelism)
-constexpr int kKeyTile = 64;    // keys per tile of the online softmax (4 AVX-512 vectors)
+constexpr int kKeyTile = 64;    // keys per tile of the online softmax (4 AVX-512 / 8 AVX2 vectors)
 constexpr int kRowBlock = 4;    // query rows per register block of the micro-kernels
-constexpr int kLanes = 16;      // float lanes of one vector: value dims are padded to a multiple
+constexpr int kLanes = 16;      // value dims are padded to a multiple (one AVX-512 / two AVX2 vectors)
 
 // A run of keys [lo, hi) of one key tile that belongs to segment g.
 struct SegmentPiece {
@@ -51,5 +51,6 @@ struct MicroKernels {
 
 const MicroKernels& generic_kernels();
 const MicroKernels& avx512_kernels();  // only call when cpu_has_avx512()
+const MicroKernels& avx2_kernels();    // only call when cpu_has_avx2()
 
 }  // namespace latentflow

@@ -348,6 +348,37 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  // __builtin_cpu_supports also checks that the OS saves the ymm state (XCR0), not just CPUID.
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+const char* isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::Auto: return "auto";
+    case CpuIsa::Avx512: return "avx512";
+    case CpuIsa::Avx2: return "avx2";
+    case CpuIsa::Generic: return "generic";
+  }
+  return "unknown";
+}
+
+CpuIsa resolve_isa(CpuIsa isa) {
+  const int code = static_cast<int>(isa);
+  require(code >= 0 && code <= 3, "isa must be auto, avx512, avx2 or generic");
+  require(isa != CpuIsa::Avx512 || cpu_has_avx512(), "isa: this CPU has no AVX-512 (avx512f/dq/bw/vl + fma)");
+  require(isa != CpuIsa::Avx2 || cpu_has_avx2(), "isa: this CPU has no AVX2 + FMA");
+  if (isa != CpuIsa::Auto) return isa;
+  if (cpu_has_avx512()) return CpuIsa::Avx512;
+  if (cpu_has_avx2()) return CpuIsa::Avx2;
+  return CpuIsa::Generic;
+}
+
 void check_args(const ProbedAttentionCpuArgs& a) {
   require(a.batch >= 1, "batch must be >= 1");
   require(a.heads >= 1 && a.kv_heads >= 1, "heads and kv_heads must be >= 1");
@@ -371,15 +402,15 @@ void check_args(const ProbedAttentionCpuArgs& a) {
   require(!a.segment_mass || a.segments, "segment_mass needs segments");
   require(!a.out_patch || a.patch_mask, "out_patch needs patch_mask");
   require(!a.patch_mask || a.out_patch, "patch_mask needs out_patch");
-  const int isa = static_cast<int>(a.isa);
-  require(isa >= 0 && isa <= 2, "isa must be auto, avx512 or generic");
-  require(a.isa != CpuIsa::Avx512 || cpu_has_avx512(), "isa: this CPU has no AVX-512");
+  resolve_isa(a.isa);
 }
 
 void probed_attention_cpu(const ProbedAttentionCpuArgs& args) {
   check_args(args);
-  const bool avx512 = args.isa == CpuIsa::Avx512 || (args.isa == CpuIsa::Auto && cpu_has_avx512());
-  const MicroKernels& mk = avx512 ? avx512_kernels() : generic_kernels();
+  const CpuIsa isa = resolve_isa(args.isa);
+  const MicroKernels& mk = isa == CpuIsa::Avx512 ? avx512_kernels()
+                           : isa == CpuIsa::Avx2 ? avx2_kernels()
+                                                 : generic_kernels();
   switch (args.dtype) {
     case ScalarType::Float32: Runner<F32>(args, mk).run(); break;
     case ScalarType::BFloat16: Runner<BF16>(args, mk).run(); break;

@@ -10,8 +10,9 @@ namespace latentflow {
 
 enum class ScalarType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 
-// Which micro-kernels run: auto = AVX-512 where the CPU has it, else the portable version.
-enum class CpuIsa : int { Auto = 0, Avx512 = 1, Generic = 2 };
+// Which micro-kernels run: auto = the best the CPU has (AVX-512, else AVX2 + FMA, else the portable
+// version). Naming a path the CPU lacks is an error. Results are bitwise reproducible within one path.
+enum class CpuIsa : int { Auto = 0, Avx512 = 1, Generic = 2, Avx2 = 3 };
 
 struct ProbedAttentionCpuArgs {
   ScalarType dtype = ScalarType::Float32;  // of q, k, v, out_patch and out
@@ -58,5 +59,11 @@ void probed_attention_cpu(const ProbedAttentionCpuArgs& args);
 
 // True when this CPU can run the AVX-512 micro-kernels.
 bool cpu_has_avx512();
+// True when this CPU can run the AVX2 + FMA micro-kernels.
+bool cpu_has_avx2();
+// The path `isa` runs on this CPU (Auto resolved; never Auto). Throws std::invalid_argument when the
+// CPU lacks the requested one.
+CpuIsa resolve_isa(CpuIsa isa);
+const char* isa_name(CpuIsa isa);
 
 }  // namespace latentflow

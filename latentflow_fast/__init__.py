@@ -2,12 +2,13 @@
 
 Start here:
     probed_attention(q, k, v, capture=("entropy",), head_gate=...)   # the operator (DESIGN.md section 3)
+    cpu_info()                                                         # which CPU kernel path runs (avx512/avx2/generic)
     load_model("tiny")                                                 # the embedded SAM-Audio-architecture model
     model.separate(wave, sr, "chirp", lsac=LSACConfig(layers=(1, 2), refresh=2))  # Layer-Selective Attention Caching
 """
 
 from .lsac import LSACConfig
-from .ops import CAPTURE_NAMES, available_backends, probed_attention
+from .ops import CAPTURE_NAMES, available_backends, cpu_info, probed_attention
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,4 @@ def load_model(*args, **kwargs):
     return _load_model(*args, **kwargs)
 
 
-__all__ = ["CAPTURE_NAMES", "LSACConfig", "available_backends", "load_model", "probed_attention", "__version__"]
+__all__ = ["CAPTURE_NAMES", "LSACConfig", "available_backends", "cpu_info", "load_model", "probed_attention", "__version__"]

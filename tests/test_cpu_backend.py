@@ -1,4 +1,5 @@
-"""The fused CPU kernel ("cpu" backend) against the float64 reference, on both micro-kernel paths.
+"""The fused CPU kernel ("cpu" backend) against the float64 reference, on every micro-kernel path this CPU runs
+(AVX-512, AVX2 + FMA, portable; the smaller paths are forced through LATENTFLOW_CPU_ISA on bigger CPUs).
 
 Differential sweeps use the shared seeded cases of tests/op_cases.py; the rest checks the contract's
 bitwise properties (determinism, batch invariance, thread-count invariance), the all-masked rules and
@@ -8,6 +9,10 @@ the custom op's registration (opcheck, torch.compile).
 from __future__ import annotations
 
 import math
+import platform
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,13 +24,17 @@ from op_cases import INTERVENTIONS, check_against_reference, make_case, rel_erro
 
 pytestmark = pytest.mark.skipif(unavailable_reason("cpu") is not None, reason=str(unavailable_reason("cpu")))
 
-ISAS = ["auto", "generic"]  # "auto" is the AVX-512 path on CPUs that have it
+ISAS = ["avx512", "avx2", "generic"]
+
+
+def _supported(name: str) -> bool:
+    return unavailable_reason("cpu") is None and name in backend_cpu.supported_isas()
 
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    if request.param == "auto" and not backend_cpu.has_avx512():
-        pytest.skip("no AVX-512 on this CPU: auto would rerun the generic path")
+    if not _supported(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} path")
     monkeypatch.setenv(backend_cpu.ISA_ENV, request.param)
     return request.param
 
@@ -274,3 +283,117 @@ def test_torch_compile():
     eager_out, eager_ent = probe(q, k, v)
     out, ent = compiled(q, k, v)
     assert torch.equal(out, eager_out) and torch.equal(ent, eager_ent)
+
+
+# ------------------------------------------------------------------------------------- ISA selection
+
+
+def test_auto_runs_the_best_path(monkeypatch):
+    """Unset / "auto" resolves to the best path of this CPU, and gives that path's results bitwise."""
+    monkeypatch.delenv(backend_cpu.ISA_ENV, raising=False)
+    best = backend_cpu.supported_isas()[0]
+    info = backend_cpu.cpu_info()
+    assert info["isa"] == best and info["requested"] == "auto" and info["supported"][-1] == "generic"
+    q, k, v, kwargs = _all_args(2, seed=6)
+    auto = probed_attention(q, k, v, backend="cpu", **kwargs)
+    monkeypatch.setenv(backend_cpu.ISA_ENV, best)
+    assert backend_cpu.cpu_info()["isa"] == best
+    _assert_bitwise(auto, probed_attention(q, k, v, backend="cpu", **kwargs))
+
+
+def test_cpu_info_follows_the_forced_path(isa):
+    info = backend_cpu.cpu_info()
+    assert info["isa"] == isa and info["requested"] == isa
+
+
+def test_paths_agree_with_each_other():
+    """Every path this CPU runs gives the same result up to float32 rounding (not bitwise: exp and sums
+    differ in order), on inputs with every capture and intervention."""
+    q, k, v, kwargs = _all_args(2, seed=7)
+    results = {}
+    for name in backend_cpu.supported_isas():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(backend_cpu.ISA_ENV, name)
+            results[name] = probed_attention(q, k, v, backend="cpu", **kwargs)
+    ref_out, ref_caps = reference_attention(build_plan(q, k, v, **kwargs))
+    first_out, first_caps = results[backend_cpu.supported_isas()[0]]
+    for name, (out, caps) in results.items():
+        assert rel_error(out, ref_out) <= 1e-5, name
+        assert rel_error(out, first_out) <= 2e-6, name
+        for cap in caps:
+            assert rel_error(caps[cap], ref_caps[cap]) <= 1e-5, (name, cap)
+            assert rel_error(caps[cap], first_caps[cap]) <= 2e-6, (name, cap)
+
+
+def test_unknown_isa_name(monkeypatch):
+    q, k, v, _ = _inputs()
+    monkeypatch.setenv(backend_cpu.ISA_ENV, "avx9000")
+    with pytest.raises(ValueError, match="LATENTFLOW_CPU_ISA"):
+        probed_attention(q, k, v, backend="cpu")
+    with pytest.raises(ValueError, match="LATENTFLOW_CPU_ISA"):
+        backend_cpu.cpu_info()
+
+
+@pytest.mark.parametrize("name, probe", [("avx512", "has_avx512"), ("avx2", "has_avx2")])
+def test_forcing_a_path_the_cpu_lacks(monkeypatch, name, probe):
+    """On a CPU without the instructions (simulated: the CPUID answer patched to False) forcing the path is
+    a clear ValueError, not an illegal instruction."""
+    q, k, v, _ = _inputs()
+    monkeypatch.setattr(backend_cpu, probe, lambda: False)
+    monkeypatch.setenv(backend_cpu.ISA_ENV, name)
+    with pytest.raises(ValueError, match=f"{name} but this CPU has no"):
+        probed_attention(q, k, v, backend="cpu")
+
+
+def test_native_isa_codes():
+    """The native side resolves the path itself too (it never trusts the caller) and refuses bad codes."""
+    native = backend_cpu._native()
+    assert native.cpu_resolve_isa(2) == "generic"
+    assert native.cpu_resolve_isa(0) == backend_cpu.supported_isas()[0]
+    for code, name in ((1, "avx512"), (3, "avx2")):
+        if name in backend_cpu.supported_isas():
+            assert native.cpu_resolve_isa(code) == name
+        else:
+            with pytest.raises(ValueError, match="this CPU has no"):
+                native.cpu_resolve_isa(code)
+    with pytest.raises(ValueError, match="isa must be"):
+        native.cpu_resolve_isa(7)
+
+
+QEMU = shutil.which("qemu-x86_64")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or QEMU is None, reason="needs x86-64 and qemu-user (qemu-x86_64)")
+@pytest.mark.parametrize("cpu_model, expected", [("Nehalem", "generic"), ("Haswell", "avx2")])
+def test_one_binary_runs_on_older_x86_cpus(cpu_model, expected):
+    """The built extension, run under qemu emulating a CPU without AVX (Nehalem) and one with AVX2 + FMA but
+    no AVX-512 (Haswell): auto picks the right path, forcing a missing one is a ValueError, and the results
+    match a float64 reference. A functional check only (emulated timing means nothing)."""
+    import subprocess
+
+    script = Path(__file__).with_name("cpu_isa_check.py")
+    so = backend_cpu._native().__file__
+    run = subprocess.run([QEMU, "-cpu", cpu_model, sys.executable, str(script), so, expected],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stdout + run.stderr
+
+
+AARCH64_CXX, QEMU_AARCH64 = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+
+
+@pytest.mark.skipif(AARCH64_CXX is None or QEMU_AARCH64 is None,
+                    reason="needs an aarch64 cross compiler (aarch64-linux-gnu-g++) and qemu-user (qemu-aarch64)")
+def test_portable_path_on_aarch64_under_qemu(tmp_path):
+    """What non-x86 users get: the native core cross-compiled for aarch64 (the portable path, vectorised for
+    NEON) runs under qemu and matches a float64 reference. Functional only."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "cpu_kernel_check"
+    sources = sorted(str(p) for p in (root / "csrc").glob("*.cpp"))
+    build = subprocess.run([AARCH64_CXX, "-O3", "-std=gnu++17", "-static", "-pthread", f"-I{root / 'csrc'}",
+                            str(root / "tests" / "cpu_kernel_check.cpp"), *sources, "-o", str(exe)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([QEMU_AARCH64, str(exe)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "auto -> generic" in run.stdout and "OK" in run.stdout, run.stdout + run.stderr

@@ -4,13 +4,17 @@ Outputs are allocated here with torch (out contiguous [B, H, Nq, Dv] in q's dtyp
 the kernel gets raw pointers, shapes and strides and runs with the GIL released on
 `torch.get_num_threads()` threads.
 
-`LATENTFLOW_CPU_ISA` = "auto" (default) | "avx512" | "generic" picks the micro-kernels; "generic" forces
-the portable path so it can be tested on AVX-512 machines too.
+`LATENTFLOW_CPU_ISA` = "auto" (default) | "avx512" | "avx2" | "generic" picks the micro-kernels, read at
+every call. "auto" takes the best path this CPU has (AVX-512, else AVX2 + FMA, else the portable one);
+naming a path the CPU lacks raises ValueError. Forcing "avx2" or "generic" on a bigger CPU is how those
+paths are tested. Results are bitwise reproducible within one path; across paths they agree to rounding.
+`cpu_info()` says which path runs.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from typing import Optional
 
 import torch
@@ -18,7 +22,8 @@ import torch
 from .plan import AttentionPlan, capture_shapes
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_ISA_CODES = {"auto": 0, "avx512": 1, "generic": 2}
+_ISA_CODES = {"auto": 0, "avx512": 1, "avx2": 3, "generic": 2}  # codes of csrc/probed_attention_cpu.h
+ISA_NAMES = ("avx512", "avx2", "generic")  # the paths, best first
 ISA_ENV = "LATENTFLOW_CPU_ISA"
 
 
@@ -39,17 +44,74 @@ def unavailable_reason() -> Optional[str]:
 
 
 def has_avx512() -> bool:
-    """True when this CPU runs the AVX-512 micro-kernels (else the portable ones run)."""
+    """True when this CPU runs the AVX-512 micro-kernels."""
     return bool(_native().cpu_has_avx512())
 
 
-def _isa() -> int:
+def has_avx2() -> bool:
+    """True when this CPU runs the AVX2 + FMA micro-kernels."""
+    return bool(_native().cpu_has_avx2())
+
+
+def supported_isas() -> list[str]:
+    """The micro-kernel paths this CPU can run, best first ("generic" always)."""
+    return [name for name, ok in (("avx512", has_avx512()), ("avx2", has_avx2()), ("generic", True)) if ok]
+
+
+def _isa_request() -> str:
     name = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
     if name not in _ISA_CODES:
         raise ValueError(f"{ISA_ENV}={name!r}; expected one of {', '.join(_ISA_CODES)}")
+    return name
+
+
+def _isa() -> int:
+    name = _isa_request()
     if name == "avx512" and not has_avx512():
-        raise ValueError(f"{ISA_ENV}=avx512 but this CPU has no AVX-512")
+        raise ValueError(f"{ISA_ENV}=avx512 but this CPU has no AVX-512 (supported here: {', '.join(supported_isas())})")
+    if name == "avx2" and not has_avx2():
+        raise ValueError(f"{ISA_ENV}=avx2 but this CPU has no AVX2 + FMA (supported here: {', '.join(supported_isas())})")
     return _ISA_CODES[name]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_info() -> dict:
+    """Which micro-kernel path the "cpu" backend runs here, and why.
+
+    Keys: "isa" (the path a call runs now: "avx512", "avx2" or "generic"), "requested" (the value of
+    LATENTFLOW_CPU_ISA, "auto" when unset), "supported" (paths this CPU can run, best first), "cpu"
+    (the CPU model) and "machine". Raises ValueError, like a call would, when the requested path is not
+    available here; raises RuntimeError when the native extension is not built.
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return {
+        "isa": str(_native().cpu_resolve_isa(_isa())),
+        "requested": _isa_request(),
+        "supported": supported_isas(),
+        "cpu": _cpu_model(),
+        "machine": platform.machine(),
+    }
+
+
+def describe_path() -> str:
+    """One line for benchmark headers: the path the "cpu" backend runs here, or why it cannot run."""
+    try:
+        info = cpu_info()
+    except (RuntimeError, ValueError) as exc:
+        return f"cpu kernel unavailable: {exc}"
+    return f"cpu kernel path {info['isa']} (this CPU runs {', '.join(info['supported'])}; {info['cpu']})"
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
