@@ -122,8 +122,18 @@ def test_store_resumes_without_recomputing(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "run_batch", fail)
     again = engine.sweep(traj, probes, store=ResultStore(tmp_path, fingerprint={"test": 1}), progress=False)
     pd.testing.assert_frame_equal(first, again, check_exact=True)
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match=r"other settings \(differs in: test\)"):
         ResultStore(tmp_path, fingerprint={"test": 2})
+
+
+def test_stale_manifest_without_results_is_replaced(tmp_path):
+    # A run that failed before storing anything must not block a corrected rerun.
+    ResultStore(tmp_path, fingerprint={"backend": "nonsense"})
+    store = ResultStore(tmp_path, fingerprint={"backend": "auto"})
+    assert '"auto"' in (tmp_path / "manifest.json").read_text()
+    store.write_shard([{"clip_id": "c", "probe_id": "p", "x": 1.0}])
+    with pytest.raises(ValueError, match=r"differs in: backend\b"):
+        ResultStore(tmp_path, fingerprint={"backend": "cpu"})
 
 
 def test_bad_probes_are_refused(setup):

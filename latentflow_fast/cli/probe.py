@@ -7,7 +7,8 @@
 
 The output folder holds results/<exp>/*.parquet, figures/*.png, summary.json, run_info.json and report.html.
 Rerunning the same command into the same folder resumes (stored rows are skipped) and gives an identical
-summary.json. Under torchrun the command runs as `python -m latentflow_fast.cli probe ...`.
+summary.json. A folder made with other settings (model weights, audio content, prompts, protocol
+configuration, backend) is refused, naming what differs; --new keeps such a run in <out>-<settings digest>. Under torchrun the command runs as `python -m latentflow_fast.cli probe ...`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help='attention operator backend (default "auto")')
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--new", action="store_true",
+                   help="if --out holds results made with other settings, keep this run separately in "
+                        "<out>-<settings digest> instead of refusing")
     p.set_defaults(command="probe")
     return p
 
@@ -111,7 +115,8 @@ def run(args) -> int:
     out = Path(args.out)
     try:
         summary = run_protocol(config, out, clips=clips, model=model, progress=not args.no_progress,
-                               clip_seconds=None if clips else seconds, model_name=str(config.model))
+                               clip_seconds=None if clips else seconds, model_name=str(config.model),
+                               new=args.new)
     except ValueError as exc:
         raise SystemExit(f"latentflow probe: {exc}") from None
     elapsed = time.perf_counter() - started
@@ -120,6 +125,7 @@ def run(args) -> int:
     print()
     print(format_table(headline_rows(summary)))
     print(f"\n{len(summary['clips'])} clips, {len(summary['experiments'])} experiments in {elapsed:.0f} s")
+    out = Path(summary.get("out_dir", out))
     print(f"report: {(out / 'report.html').resolve()}")
     sys.stdout.flush()
     return 0

@@ -4,7 +4,9 @@
     latentflow sweep --kinds head_ablation --evaluations 0,8,16 --end-effect --out my-sweep
     torchrun --nproc-per-node 2 -m latentflow_fast.cli sweep --out my-sweep   # sharded over 2 ranks
 
-Rerunning the same command resumes: finished probes are skipped. Results: <out>/results/*.parquet, one row
+Rerunning the same command resumes: finished probes are skipped. A folder holding results made with other
+settings (model weights, audio content, prompts, clip length, sampler, backend) is refused, naming what
+differs; --new keeps such a run separately in <out>-<settings digest>. Results: <out>/results/*.parquet, one row
 per (clip, probe); `latentflow_fast.probe.ResultStore(<out>/results).load()` reads them as a DataFrame.
 """
 
@@ -36,6 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--evaluations", default="all", help='"all" or a comma list of evaluation indices')
     p.add_argument("--end-effect", action="store_true", help="continue every branch to t=1 and score the audio")
     p.add_argument("--out", default="latentflow-sweep", help="output folder (default ./latentflow-sweep)")
+    p.add_argument("--new", action="store_true",
+                   help="if --out holds results made with other settings, keep this run separately in "
+                        "<out>-<settings digest> instead of refusing")
     p.add_argument("--batch-size", type=int, default=None, help="probes per batch (default: from memory)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--backend", default="auto")
@@ -71,8 +76,28 @@ def _clips(args, model):
     return clips
 
 
+def sweep_fingerprint(args, model, engine, clips, device) -> dict:
+    """Everything that determines a stored row besides the probe itself (whose id hashes its own fields)."""
+    from ..fingerprint import audio_digest, backend_fingerprint, weights_digest
+
+    def clip_entry(c):
+        entry = {"clip_id": c.clip_id, "audio_sha256": audio_digest(c.mixture, c.sample_rate),
+                 "sample_rate": int(c.sample_rate), "samples": int(c.mixture.numel()), "prompt": c.prompt}
+        if c.target is not None:  # end-effect SI-SDR is scored against it
+            entry["target_sha256"] = audio_digest(c.target, c.sample_rate)
+        return entry
+
+    return {"model": str(args.model), "weights_sha256": weights_digest(model),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "steps": args.steps, "method": args.method, "seed": args.seed, "end_effect": bool(args.end_effect),
+            **backend_fingerprint(args.backend, device.type if hasattr(device, "type") else str(device)),
+            "time_bins": engine.time_bins, "exact": engine.exact, "clip_seconds": args.clip_seconds,
+            "clips": [clip_entry(c) for c in clips]}
+
+
 def run(args) -> int:
     from ..models import load_model
+    from ..fingerprint import SettingsMismatch, separate_folder
     from ..probe import ProbeEngine, ResultStore, standard_probes
     from ..probe import distributed
 
@@ -89,25 +114,42 @@ def run(args) -> int:
     from ..probe import expand_sites
 
     sites = expand_sites(args.sites, engine.sites)
+    clips = _clips(args, model)
+    ids = [c.clip_id for c in clips]
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"latentflow sweep: --audio: two files share a name ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))}); "
+                         "rename one (results are keyed by the file name)")
+    fingerprint = sweep_fingerprint(args, model, engine, clips, device)
     out = Path(args.out)
+    try:
+        store = ResultStore(out / "results", fingerprint=fingerprint)
+    except SettingsMismatch as exc:
+        if not args.new:
+            raise SystemExit(f"latentflow sweep: --out: {exc}") from None
+        out = separate_folder(out, fingerprint)
+        if distributed.is_main_process():
+            print(f"{args.out} holds results made with other settings; this run is kept in {out}")
+        store = ResultStore(out / "results", fingerprint=fingerprint)
+    stored_before = store.done_keys()
     started = time.perf_counter()
-    total = 0
-    for clip in _clips(args, model):
+    tables = []
+    for clip in clips:
         traj = engine.trajectory(clip, steps=args.steps, method=args.method, seed=args.seed, cache_heads="*")
         evaluations = (range(traj.num_evaluations) if args.evaluations == "all"
                        else [int(e) for e in args.evaluations.split(",")])
         probes = standard_probes(sites, engine.num_heads, traj.inputs.text.shape[1], evaluations, kinds,
                                  per_head=not args.all_heads)
-        store = ResultStore(out / "results", fingerprint={"model": args.model, "steps": args.steps,
-                                                          "method": args.method, "seed": args.seed,
-                                                          "end_effect": args.end_effect, "backend": args.backend})
-        table = engine.sweep(traj, probes, end_effect=args.end_effect, store=store, batch_size=args.batch_size,
-                             progress=not args.no_progress and distributed.is_main_process())
-        total += len(table)
+        tables.append(engine.sweep(traj, probes, end_effect=args.end_effect, store=store,
+                                   batch_size=args.batch_size,
+                                   progress=not args.no_progress and distributed.is_main_process()))
     elapsed = time.perf_counter() - started
     if distributed.is_main_process():
-        frame = ResultStore(out / "results").load()
-        print(f"{total} probe results ({len(frame)} rows stored) in {elapsed:.1f} s -> {out / 'results'}")
+        import pandas as pd
+
+        frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+        reused = sum((c, p) in stored_before for c, p in zip(frame.get("clip_id", []), frame.get("probe_id", [])))
+        print(f"{len(frame)} probe results ({len(frame) - reused} computed now, {reused} already stored with the "
+              f"same settings) in {elapsed:.1f} s -> {out / 'results'}")
         if len(frame):
             top = frame.sort_values("local_effect", ascending=False).head(8)
             print(top[["clip_id", "site", "intervention", "heads", "segments", "evaluation", "local_effect"]]
