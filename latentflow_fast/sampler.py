@@ -68,6 +68,8 @@ def sample_ode(velocity_fn: VelocityFn, x0: torch.Tensor, steps: int = 16, metho
     midpoint: v1 = v(x_k, t_k); v2 = v(x_k + h/2 v1, t_k + h/2); x_{k+1} = x_k + h v2
     With record=True the result's trajectory lists every evaluation (cloned state, velocity, t).
     """
+    from .numerics import check_finite
+
     _check(steps, method)
     if not isinstance(x0, torch.Tensor):
         raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
@@ -83,6 +85,7 @@ def sample_ode(velocity_fn: VelocityFn, x0: torch.Tensor, steps: int = 16, metho
             v = velocity_fn(state, t, counter)
         if v.shape != state.shape:
             raise ValueError(f"velocity_fn returned shape {tuple(v.shape)}, expected {tuple(state.shape)}")
+        check_finite(v, f"velocity at evaluation {counter} (t={t:.4f})")
         if trajectory is not None:
             trajectory.append(Evaluation(counter, step, t, state.detach().clone(), v.detach().clone()))
         counter += 1

@@ -43,10 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _line(name: str, message: str) -> str:
+    message = " ".join(str(message).split()) if "\n" not in str(message).strip() else str(message).strip()
+    return message if message.startswith("latentflow") else f"latentflow {name}: {message}"
+
+
 def main(argv=None) -> int:
+    """Run one subcommand. Mistakes print one line naming the argument and return 2; a model that
+    produces NaN/Inf prints one line and returns 1; Ctrl-C prints one line and returns 130."""
+    from ..numerics import NonFiniteError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    status = _load(SUBCOMMANDS[args.subcommand]).run(args)
+    name = args.subcommand
+    try:
+        status = _load(SUBCOMMANDS[name]).run(args)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # raise SystemExit("message"): a usage error found by the command
+            print(_line(name, exc.code), file=sys.stderr)
+            return 2
+        raise
+    except NonFiniteError as exc:
+        print(_line(name, f"error: {exc}"), file=sys.stderr)
+        return 1
     return int(status or 0)
 
 

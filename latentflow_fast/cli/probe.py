@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from latentflow_fast.numerics import NonFiniteError
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -66,6 +68,8 @@ def build_config(args):
     if args.experiments is not None:
         try:
             experiment_plan(args.experiments)
+        except NonFiniteError:
+            raise  # the command's error handler prints it (exit 1)
         except ValueError as exc:
             raise SystemExit(f"latentflow probe: {exc}") from None
         changes["experiments"] = tuple(n.strip().lower() for n in args.experiments.split(",") if n.strip())
@@ -87,6 +91,8 @@ def _user_clips(args, model):
         counterfactual = counterfactual * len(args.audio)
     try:
         return clips_from_files(args.audio, prompts, counterfactual, model=model)
+    except NonFiniteError:
+        raise  # the command's error handler prints it (exit 1)
     except ValueError as exc:
         raise SystemExit(f"latentflow probe: {exc}") from None
 
@@ -117,6 +123,8 @@ def run(args) -> int:
         summary = run_protocol(config, out, clips=clips, model=model, progress=not args.no_progress,
                                clip_seconds=None if clips else seconds, model_name=str(config.model),
                                new=args.new)
+    except NonFiniteError:
+        raise  # the command's error handler prints it (exit 1)
     except ValueError as exc:
         raise SystemExit(f"latentflow probe: {exc}") from None
     elapsed = time.perf_counter() - started

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from latentflow_fast.numerics import NonFiniteError
+
 import numpy as np
 
 DEMO_SEED = 1_000_000_007  # a held-out evaluation seed (latentflow_fast.data.EVAL_SEEDS)
@@ -87,6 +89,8 @@ def run(args) -> int:
     try:
         result = model.separate(torch.from_numpy(np.ascontiguousarray(audio)), int(sample_rate), prompt,
                                 steps=args.steps, method=args.method, seed=args.seed)
+    except NonFiniteError:
+        raise  # the command's error handler prints it (exit 1)
     except ValueError as exc:
         raise SystemExit(f"latentflow separate: {exc}") from None
     written.append(_write(out_dir / f"{stem}.target.{ext}", result.target.numpy(), result.sample_rate))

@@ -27,6 +27,7 @@ import torch
 
 from ..ops import probed_attention
 from ..ops.profiling import nvtx_range
+from ..numerics import NonFiniteError, check_finite, first_nonfinite_module
 from ..sampler import METHODS, evaluation_schedule
 from . import distributed
 from .batching import BatchSizer, is_out_of_memory
@@ -167,8 +168,11 @@ class ProbeEngine:
         kwargs, post = self._row_arguments(site, q, v, segments)
         capture = ctx.capture.get(site, ())
         with nvtx_range(f"latentflow.site.{site}"):
-            out, captured = probed_attention(q, k, v, key_padding_mask=key_padding_mask, segments=segments,
-                                             capture=capture, backend=self.backend, **kwargs)
+            try:
+                out, captured = probed_attention(q, k, v, key_padding_mask=key_padding_mask, segments=segments,
+                                                 capture=capture, backend=self.backend, **kwargs)
+            except NonFiniteError as exc:  # NaN/Inf activations: say where (the operator only sees tensors)
+                raise NonFiniteError(f"evaluation {ctx.evaluation}, {site}: {exc}") from None
         if post is not None:
             out = post(out)
         if captured:
@@ -301,7 +305,13 @@ class ProbeEngine:
             t = schedule[evaluation][1]
             ctx = _Context(rows=[None], capture={s: tuple(capture) for s in capture_at}, cache_heads=heads_at)
             ctx.maps = {m.site: m for m in maps if m.evaluations is None or evaluation in m.evaluations}
-            v = self._forward(ctx, inputs, state, evaluation, t)
+            try:
+                v = self._forward(ctx, inputs, state, evaluation, t)
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"clean run of clip {clip.clip_id!r}: {exc}") from None
+            check_finite(v, f"clean velocity of clip {clip.clip_id!r} at evaluation {evaluation} (t={t:.4f})",
+                         where=lambda: first_nonfinite_module(model, lambda: self._forward(
+                             _Context(rows=[None]), inputs, state, evaluation, t)))
             states.append(state.clone())
             velocities.append(v.clone())
             for s in capture_at:
@@ -400,6 +410,14 @@ class ProbeEngine:
         ctx = _Context(rows=list(probes), trajectory=traj)
         with nvtx_range(f"latentflow.probe_batch.e{evaluation}.r{R}"):
             v = self._forward(ctx, inputs, state, evaluation, t)
+        if not bool(torch.isfinite(v).all()):
+            bad = [p.probe_id for r, p in enumerate(probes) if not bool(torch.isfinite(v[r]).all())]
+            where = first_nonfinite_module(self.model, lambda: self._forward(
+                _Context(rows=list(probes), trajectory=traj), inputs, state, evaluation, t))
+            raise NonFiniteError(
+                f"clip {traj.clip.clip_id!r}, evaluation {evaluation}: probe(s) {', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''} gave non-finite velocities"
+                + (f" (first at {where})" if where else ""))
         clean_v = traj.velocities[evaluation]
         diff = (v - clean_v).float()
         clean_norm = clean_v.float().norm()
@@ -434,7 +452,7 @@ class ProbeEngine:
                 v = self._forward(ctx, inputs, x + (0.5 * h) * v, e + 1, traj.schedule[e + 1][1])
             x = x + h * v
             e += per_step
-        return x
+        return check_finite(x, f"final latent of probes branching at evaluation {evaluation}")
 
     def _end_metrics(self, traj, final, inputs, rows, end_metrics):
         from .. import metrics
