@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -66,15 +67,18 @@ def build_config(args):
             raise SystemExit(f"latentflow probe: --steps must be >= 1, got {args.steps}")
         changes["steps"] = args.steps
     if args.experiments is not None:
+        names = tuple(n.strip().lower() for n in args.experiments.split(",") if n.strip())
+        if not names:
+            raise SystemExit("latentflow probe: --experiments is empty; give a comma list of p0,p1,p2,p3,p4,p5,p6")
         try:
-            experiment_plan(args.experiments)
-        except NonFiniteError:
-            raise  # the command's error handler prints it (exit 1)
+            experiment_plan(names)
         except ValueError as exc:
-            raise SystemExit(f"latentflow probe: {exc}") from None
-        changes["experiments"] = tuple(n.strip().lower() for n in args.experiments.split(",") if n.strip())
+            raise SystemExit(f"latentflow probe: --{exc}") from None
+        changes["experiments"] = names
     if args.backend is not None:
         changes["backend"] = args.backend
+    if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
+        raise SystemExit(f"latentflow probe: --seconds must be a positive number of seconds, got {args.seconds}")
     return dataclasses.replace(config, **changes)
 
 

@@ -41,9 +41,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _write(path: Path, wave, sample_rate: int) -> Path:
+    """16-bit PCM when the samples fit in [-1, 1]; louder audio would be clipped there, so it is written as
+    32-bit float WAV (FLAC has no float format: it is scaled to peak 1 instead). Either way, it says so."""
     import soundfile as sf
 
-    sf.write(str(path), np.asarray(wave, dtype=np.float32), sample_rate)
+    wave = np.asarray(wave, dtype=np.float32)
+    peak = float(np.abs(wave).max()) if wave.size else 0.0
+    subtype = None
+    if peak > 1.0:
+        if path.suffix.lower() == ".wav":
+            subtype = "FLOAT"
+            print(f"note: {path.name} peaks at {peak:.2f} (> 1): written as 32-bit float WAV to avoid clipping")
+        else:
+            wave = wave / peak
+            print(f"note: {path.name} peaks at {peak:.2f} (> 1): scaled by 1/{peak:.2f} to fit {path.suffix[1:].upper()}")
+    sf.write(str(path), wave, sample_rate, subtype=subtype)
     return path
 
 

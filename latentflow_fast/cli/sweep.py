@@ -13,6 +13,7 @@ per (clip, probe); `latentflow_fast.probe.ResultStore(<out>/results).load()` rea
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -95,7 +96,16 @@ def sweep_fingerprint(args, model, engine, clips, device) -> dict:
             "clips": [clip_entry(c) for c in clips]}
 
 
+def check_args(args) -> None:
+    """Refuse arguments that would silently do nothing or something else than asked (before any work)."""
+    if args.clips < 1:
+        raise SystemExit(f"latentflow sweep: --clips must be >= 1, got {args.clips}")
+    if args.clip_seconds is not None and not (args.clip_seconds > 0 and math.isfinite(args.clip_seconds)):
+        raise SystemExit(f"latentflow sweep: --clip-seconds must be a positive number of seconds, got {args.clip_seconds}")
+
+
 def run(args) -> int:
+    check_args(args)
     from ..models import load_model
     from ..fingerprint import SettingsMismatch, separate_folder
     from ..probe import ProbeEngine, ResultStore, standard_probes
