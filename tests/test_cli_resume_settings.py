@@ -35,7 +35,7 @@ def test_sweep_refuses_other_clip_length_and_new_keeps_it_apart(model_dir, tmp_p
     again = latentflow(*SWEEP, "--model", model_dir, "--clip-seconds", "0.25", "--out", out)
     assert again.returncode == 0 and "0 computed now" in again.stdout  # same settings: resumed
     other = latentflow(*SWEEP, "--model", model_dir, "--clip-seconds", "0.125", "--out", out)
-    assert other.returncode != 0
+    assert other.returncode == 2
     assert "other settings" in other.stderr and "clip_seconds" in other.stderr and "audio_sha256" in other.stderr
     assert "Traceback" not in other.stderr
     pd.testing.assert_frame_equal(_rows(out), before)  # nothing mixed in
@@ -56,10 +56,10 @@ def test_sweep_refuses_same_named_file_with_other_content_or_prompt(model_dir, t
     args = [*SWEEP, "--model", model_dir, "--out", out, "--audio", audio]
     assert latentflow(*args, "--prompt", "chirp").returncode == 0
     other_prompt = latentflow(*args, "--prompt", "sine tone")
-    assert other_prompt.returncode != 0 and "clips[0].prompt" in other_prompt.stderr
+    assert other_prompt.returncode == 2 and "clips[0].prompt" in other_prompt.stderr
     write_wav(audio, seed=2)  # same name, other content
     other_audio = latentflow(*args, "--prompt", "chirp")
-    assert other_audio.returncode != 0 and "clips[0].audio_sha256" in other_audio.stderr
+    assert other_audio.returncode == 2 and "clips[0].audio_sha256" in other_audio.stderr
 
 
 def test_sweep_with_another_model_is_refused(model_dir, tmp_path):
@@ -68,7 +68,7 @@ def test_sweep_with_another_model_is_refused(model_dir, tmp_path):
     assert latentflow(*SWEEP, "--model", model_dir, "--clip-seconds", "0.125", "--out", out).returncode == 0
     # same file names and config, other weights
     refused = latentflow(*SWEEP, "--model", other_model, "--clip-seconds", "0.125", "--out", out)
-    assert refused.returncode != 0 and "weights_sha256" in refused.stderr
+    assert refused.returncode == 2 and "weights_sha256" in refused.stderr
 
 
 def test_sweep_prints_only_this_runs_rows(model_dir, tmp_path):
@@ -94,7 +94,7 @@ def test_probe_with_same_named_audio_of_other_content_is_refused(model_dir, tmp_
     summary = (out / "summary.json").read_bytes()
     write_wav(audio, seed=3)
     refused = latentflow(*args)
-    assert refused.returncode != 0 and "clips[0].audio_sha256" in refused.stderr
+    assert refused.returncode == 2 and "clips[0].audio_sha256" in refused.stderr
     assert (out / "summary.json").read_bytes() == summary
     kept = latentflow(*args, "--new")
     assert kept.returncode == 0, kept.stderr

@@ -66,6 +66,10 @@ def main(argv=None) -> int:
     except NonFiniteError as exc:
         print(_line(name, f"error: {exc}"), file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        resumable = " (rerun the same command to resume)" if name in ("sweep", "probe") else ""
+        print(f"\nlatentflow {name}: interrupted{resumable}", file=sys.stderr)
+        return 130
     return int(status or 0)
 
 

@@ -101,6 +101,21 @@ def _user_clips(args, model):
         raise SystemExit(f"latentflow probe: {exc}") from None
 
 
+def check_args(args) -> None:
+    """Arguments, input files and the output folder, before any model is loaded or anything written."""
+    from . import checks
+
+    c = "probe"
+    checks.at_least(c, "--threads", args.threads, 1)
+    if args.audio is None and (args.prompt or args.counterfactual):
+        checks.fail(c, "--prompt / --counterfactual need --audio")
+    for path in args.audio or ():
+        checks.read_audio(c, "--audio", path)
+    checks.output_folder(c, "--out", args.out)
+    checks.model_spec(c, "--model", args.model)
+    checks.backend(c, "--backend", args.backend)
+
+
 def run(args) -> int:
     import torch
 
@@ -109,18 +124,16 @@ def run(args) -> int:
 
     from latentflow_fast.probe import distributed
 
+    from . import checks
+
+    check_args(args)
+    config = build_config(args)
     distributed.init_from_env()  # under torchrun: sweeps shard over the ranks (see latentflow_fast.probe.distributed)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.audio is None and (args.prompt or args.counterfactual):
-        raise SystemExit("latentflow probe: --prompt / --counterfactual need --audio")
-    config = build_config(args)
     seconds = args.seconds if args.seconds is not None else (QUICK_CLIP_SECONDS if args.quick else None)
     started = time.perf_counter()
-    try:
-        model = load_protocol_model(config.model)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"latentflow probe: {exc}") from None
+    model = checks.load_model("probe", "--model", config.model, loader=load_protocol_model)
     clips = _user_clips(args, model) if args.audio else None
     out = Path(args.out)
     try:

@@ -59,24 +59,39 @@ def _write(path: Path, wave, sample_rate: int) -> Path:
     return path
 
 
+def check_args(args) -> None:
+    """Every argument and the output folder, before anything is computed or written."""
+    from . import checks
+
+    if args.demo == bool(args.input):
+        checks.fail("separate", "give either an input file or --demo (not both)")
+    checks.at_least("separate", "--steps", args.steps, 1)
+    checks.at_least("separate", "--threads", args.threads, 1)
+    checks.seed("separate", "--seed", args.seed)
+    checks.seed("separate", "--demo-seed", args.demo_seed)
+    if args.prompt is not None and not args.prompt.strip():
+        checks.fail("separate", "--prompt is empty")
+    if args.input and not args.prompt:
+        checks.fail("separate", "--prompt is required with an input file")
+    checks.output_folder("separate", "--out-dir", args.out_dir)
+    checks.model_spec("separate", "--model", args.model)
+
+
 def run(args) -> int:
     import torch
 
-    from latentflow_fast import load_model
+    from . import checks
 
-    if args.demo == bool(args.input):
-        raise SystemExit("latentflow separate: give either an input file or --demo (not both)")
-    if args.steps < 1:
-        raise SystemExit(f"latentflow separate: --steps must be >= 1, got {args.steps}")
+    check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
     if args.demo:
         from latentflow_fast.data import make_mixture
 
+        out_dir.mkdir(parents=True, exist_ok=True)
         mix = make_mixture(args.demo_seed)
         audio, sample_rate, prompt = mix.mixture, mix.sample_rate, args.prompt or mix.prompt
         stem, ext = f"demo_{args.demo_seed}", args.format or "wav"
@@ -85,19 +100,13 @@ def run(args) -> int:
             written.append(_write(out_dir / f"{stem}.reference.{cls.replace(' ', '_')}.{ext}", src, sample_rate))
         print(f"demo mixture (seed {args.demo_seed}): {' + '.join(mix.classes)}; prompt {prompt!r}")
     else:
-        import soundfile as sf
-
         path = Path(args.input)
-        if not path.is_file():
-            raise SystemExit(f"latentflow separate: no such file: {path}")
-        if not args.prompt:
-            raise SystemExit("latentflow separate: --prompt is required with an input file")
-        data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)  # [S, channels]
+        data, sample_rate = checks.read_audio("separate", "input", path)  # [S, channels]
         audio, prompt = data.mean(axis=1), args.prompt
         stem = path.stem
         ext = args.format or (path.suffix.lstrip(".").lower() if path.suffix.lower() in (".wav", ".flac") else "wav")
 
-    model = load_model(args.model)
+    model = checks.load_model("separate", "--model", args.model)
     try:
         result = model.separate(torch.from_numpy(np.ascontiguousarray(audio)), int(sample_rate), prompt,
                                 steps=args.steps, method=args.method, seed=args.seed)
@@ -105,6 +114,7 @@ def run(args) -> int:
         raise  # the command's error handler prints it (exit 1)
     except ValueError as exc:
         raise SystemExit(f"latentflow separate: {exc}") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
     written.append(_write(out_dir / f"{stem}.target.{ext}", result.target.numpy(), result.sample_rate))
     written.append(_write(out_dir / f"{stem}.residual.{ext}", result.residual.numpy(), result.sample_rate))
 

@@ -55,14 +55,11 @@ def _clips(args, model):
     from ..probe import Clip
 
     if args.audio:
-        import soundfile as sf
+        from . import checks
 
-        prompts = args.prompt or []
-        if len(prompts) != len(args.audio):
-            raise SystemExit(f"--prompt needs one prompt per audio file ({len(args.audio)} files, {len(prompts)} prompts)")
         clips = []
-        for path, prompt in zip(args.audio, prompts):
-            wave, rate = sf.read(path, dtype="float32", always_2d=True)
+        for path, prompt in zip(args.audio, args.prompt):
+            wave, rate = checks.read_audio("sweep", "--audio", path)
             mono = torch.from_numpy(wave.mean(axis=1))
             if args.clip_seconds:
                 mono = mono[: int(args.clip_seconds * rate)]
@@ -97,25 +94,70 @@ def sweep_fingerprint(args, model, engine, clips, device) -> dict:
 
 
 def check_args(args) -> None:
-    """Refuse arguments that would silently do nothing or something else than asked (before any work)."""
-    if args.clips < 1:
-        raise SystemExit(f"latentflow sweep: --clips must be >= 1, got {args.clips}")
-    if args.clip_seconds is not None and not (args.clip_seconds > 0 and math.isfinite(args.clip_seconds)):
-        raise SystemExit(f"latentflow sweep: --clip-seconds must be a positive number of seconds, got {args.clip_seconds}")
+    """Refuse arguments that would fail later, silently do nothing, or do something else than asked: all
+    before any model is loaded or anything is written."""
+    from ..probe.probes import STANDARD_KINDS
+    from ..sampler import num_evaluations
+    from . import checks
+
+    c = "sweep"
+    checks.at_least(c, "--clips", args.clips, 1)
+    checks.at_least(c, "--steps", args.steps, 1)
+    checks.at_least(c, "--threads", args.threads, 1)
+    checks.at_least(c, "--batch-size", args.batch_size, 1)
+    checks.seed(c, "--seed", args.seed)
+    checks.at_least(c, "--clip-seed-offset", args.clip_seed_offset, 0)
+    checks.positive_seconds(c, "--clip-seconds", args.clip_seconds)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds:
+        checks.fail(c, f"--kinds is empty; give a comma list of: {', '.join(STANDARD_KINDS)}")
+    unknown = [k for k in kinds if k not in STANDARD_KINDS]
+    if unknown:
+        checks.fail(c, f"--kinds: unknown {', '.join(unknown)}; known: {', '.join(STANDARD_KINDS)}")
+    if not args.sites or not all(s.strip() for s in args.sites):
+        checks.fail(c, "--sites is empty; give site patterns such as 'layers.*.self_attn'")
+    if args.evaluations != "all":
+        total = num_evaluations(args.steps, args.method)
+        try:
+            evaluations = [int(e) for e in args.evaluations.split(",") if e.strip()]
+        except ValueError:
+            checks.fail(c, f"--evaluations must be \"all\" or a comma list of integers, got {args.evaluations!r}")
+        if not evaluations:
+            checks.fail(c, "--evaluations is empty")
+        bad = [e for e in evaluations if not 0 <= e < total]
+        if bad:
+            checks.fail(c, f"--evaluations {bad} out of range: {args.steps} {args.method} steps have "
+                           f"evaluations 0..{total - 1}")
+    if args.audio is not None:
+        if not args.audio:
+            checks.fail(c, "--audio needs at least one file")
+        prompts = args.prompt or []
+        if len(prompts) != len(args.audio):
+            checks.fail(c, f"--prompt needs one prompt per audio file ({len(args.audio)} files, {len(prompts)} prompts)")
+        for path in args.audio:
+            checks.input_file(c, "--audio", path)
+    elif args.prompt:
+        checks.fail(c, "--prompt needs --audio (the synthetic clips bring their own prompts)")
+    checks.output_folder(c, "--out", args.out)
+    checks.model_spec(c, "--model", args.model)
+    checks.backend(c, "--backend", args.backend)
 
 
 def run(args) -> int:
     check_args(args)
-    from ..models import load_model
+    from . import checks
     from ..fingerprint import SettingsMismatch, separate_folder
     from ..probe import ProbeEngine, ResultStore, standard_probes
     from ..probe import distributed
+    from ..sampler import num_evaluations
 
     info = distributed.init_from_env()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = distributed.device_for_rank()
-    model = load_model(args.model, device=device)
+    if device.type != "cpu":
+        checks.backend("sweep", "--backend", args.backend, device.type)
+    model = checks.load_model("sweep", "--model", args.model, device=device)
     engine = ProbeEngine(model, backend=args.backend)
     if args.pause_per_batch > 0:  # slows the sweep down so tests can kill it midway
         run_batch = engine.run_batch
@@ -123,12 +165,29 @@ def run(args) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     from ..probe import expand_sites
 
-    sites = expand_sites(args.sites, engine.sites)
+    try:
+        sites = expand_sites(args.sites, engine.sites)
+    except ValueError as exc:
+        checks.fail("sweep", f"--sites: {exc}")
     clips = _clips(args, model)
     ids = [c.clip_id for c in clips]
     if len(set(ids)) != len(ids):
         raise SystemExit(f"latentflow sweep: --audio: two files share a name ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))}); "
                          "rename one (results are keyed by the file name)")
+    evaluations = (range(num_evaluations(args.steps, args.method)) if args.evaluations == "all"
+                   else [int(e) for e in args.evaluations.split(",") if e.strip()])
+    plans = []  # (clip, probes), all checked before anything is computed or written
+    for clip in clips:
+        try:
+            text, _ = model.text_encoder([clip.prompt])
+        except (ValueError, TypeError) as exc:
+            checks.fail("sweep", f"--prompt: {exc}")
+        probes = standard_probes(sites, engine.num_heads, text.shape[1], evaluations, kinds,
+                                 per_head=not args.all_heads)
+        if not probes:
+            checks.fail("sweep", f"--kinds {','.join(kinds)} apply to none of the chosen --sites "
+                                 "(uniform: self-attention sites; text_knockout: cross-attention sites)")
+        plans.append((clip, probes))
     fingerprint = sweep_fingerprint(args, model, engine, clips, device)
     out = Path(args.out)
     try:
@@ -143,12 +202,8 @@ def run(args) -> int:
     stored_before = store.done_keys()
     started = time.perf_counter()
     tables = []
-    for clip in clips:
+    for clip, probes in plans:
         traj = engine.trajectory(clip, steps=args.steps, method=args.method, seed=args.seed, cache_heads="*")
-        evaluations = (range(traj.num_evaluations) if args.evaluations == "all"
-                       else [int(e) for e in args.evaluations.split(",")])
-        probes = standard_probes(sites, engine.num_heads, traj.inputs.text.shape[1], evaluations, kinds,
-                                 per_head=not args.all_heads)
         tables.append(engine.sweep(traj, probes, end_effect=args.end_effect, store=store,
                                    batch_size=args.batch_size,
                                    progress=not args.no_progress and distributed.is_main_process()))
