@@ -47,6 +47,7 @@ def test_separate_bad_model_folder(broken_models, tmp_path, kind):
     out = tmp_path / "out"
     result = latentflow("separate", "--demo", "--steps", "1", "--model", broken_models[kind], "--out-dir", out)
     _one_line_error(result, "--model")
+    assert leftovers(out) == []  # --demo's mixture and references are written only after success
 
 
 def test_sweep_bad_model_folder(broken_models, tmp_path):
@@ -115,6 +116,13 @@ def test_probe_bad_arguments(tmp_path):
     text = tmp_path / "t.wav"
     text.write_text("not audio")
     _one_line_error(latentflow("probe", "--audio", text, "--prompt", "chirp", "--out", out), "--audio")
+    assert leftovers(out) == []
+
+
+def test_demo_writes_nothing_when_the_prompt_is_refused(tmp_path):
+    out = tmp_path / "out"
+    result = latentflow("separate", "--demo", "--steps", "1", "--prompt", "violin", "--out-dir", out)
+    assert result.returncode == 2 and "vocabulary" in result.stderr
     assert leftovers(out) == []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from latentflow_fast.numerics import NonFiniteError
@@ -55,7 +56,13 @@ def _write(path: Path, wave, sample_rate: int) -> Path:
         else:
             wave = wave / peak
             print(f"note: {path.name} peaks at {peak:.2f} (> 1): scaled by 1/{peak:.2f} to fit {path.suffix[1:].upper()}")
-    sf.write(str(path), wave, sample_rate, subtype=subtype)
+    # write under a temporary name, then rename: an interrupted write never leaves half a file
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        sf.write(str(tmp), wave, sample_rate, subtype=subtype, format=path.suffix[1:].upper())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -86,18 +93,17 @@ def run(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
-    written: list[Path] = []
+    outputs: list = []  # (path, wave, rate): written only after the separation succeeded
 
     if args.demo:
         from latentflow_fast.data import make_mixture
 
-        out_dir.mkdir(parents=True, exist_ok=True)
         mix = make_mixture(args.demo_seed)
         audio, sample_rate, prompt = mix.mixture, mix.sample_rate, args.prompt or mix.prompt
         stem, ext = f"demo_{args.demo_seed}", args.format or "wav"
-        written.append(_write(out_dir / f"{stem}.mixture.{ext}", mix.mixture, sample_rate))
+        outputs.append((out_dir / f"{stem}.mixture.{ext}", mix.mixture, sample_rate))
         for cls, src in zip(mix.classes, mix.sources):
-            written.append(_write(out_dir / f"{stem}.reference.{cls.replace(' ', '_')}.{ext}", src, sample_rate))
+            outputs.append((out_dir / f"{stem}.reference.{cls.replace(' ', '_')}.{ext}", src, sample_rate))
         print(f"demo mixture (seed {args.demo_seed}): {' + '.join(mix.classes)}; prompt {prompt!r}")
     else:
         path = Path(args.input)
@@ -114,9 +120,10 @@ def run(args) -> int:
         raise  # the command's error handler prints it (exit 1)
     except ValueError as exc:
         raise SystemExit(f"latentflow separate: {exc}") from None
+    outputs.append((out_dir / f"{stem}.target.{ext}", result.target.numpy(), result.sample_rate))
+    outputs.append((out_dir / f"{stem}.residual.{ext}", result.residual.numpy(), result.sample_rate))
     out_dir.mkdir(parents=True, exist_ok=True)
-    written.append(_write(out_dir / f"{stem}.target.{ext}", result.target.numpy(), result.sample_rate))
-    written.append(_write(out_dir / f"{stem}.residual.{ext}", result.residual.numpy(), result.sample_rate))
+    written = [_write(path, wave, rate) for path, wave, rate in outputs]
 
     if args.demo:
         from latentflow_fast.metrics import identity_correct, si_sdr_improvement
