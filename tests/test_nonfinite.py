@@ -47,3 +47,4 @@ def test_probe_cli_with_nan_weights_fails_cleanly(nan_model_dir, tmp_path):
     assert result.returncode == 1, result.stderr
     assert "non-finite" in result.stderr and "Traceback" not in result.stderr
     assert not (out / "summary.json").exists()
+

@@ -131,6 +131,15 @@ class ProbeEngine:
         if not hasattr(model, "attention_router"):
             raise TypeError("model must expose an `attention_router` (a SAM-Audio-architecture model); "
                             "for other modules use latentflow_fast.probe.trace")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        if backend != "auto":
+            from ..ops.backends import unavailable_reason
+
+            device = next(model.parameters()).device.type
+            reason = unavailable_reason(backend, device)
+            if reason is not None:
+                raise ValueError(f"backend: {reason}")
         self.model = model.eval()
         self.backend = backend
         self.time_bins = int(time_bins)
