@@ -42,6 +42,8 @@ def test_quick_probe_writes_report_and_resumes(model_dir, tmp_path, capsys, keep
     assert summary["experiments"]["p0"]["summary"]["bitwise_equal"] is True
     assert summary["experiments"]["p4"]["summary"]["identity_control_max_abs_damage"] == 0
     html = (out / "report.html").read_text()
+    assert "Limitations of this run" in html and "n = 1 clip." in html and "Limitations of this run:" in printed
+    assert any(item["topic"] == "sample size" for item in summary["limitations"])
     pngs = sorted((out / "figures").glob("*.png"))
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
     for fig in summary["figures"]:

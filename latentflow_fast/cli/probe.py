@@ -119,7 +119,7 @@ def check_args(args) -> None:
 def run(args) -> int:
     import torch
 
-    from latentflow_fast.protocol.report import format_table, headline_rows
+    from latentflow_fast.protocol.report import format_limitations, format_table, headline_rows
     from latentflow_fast.protocol.run import QUICK_CLIP_SECONDS, load_protocol_model, run_protocol
 
     from latentflow_fast.probe import distributed
@@ -149,6 +149,9 @@ def run(args) -> int:
         return 0
     print()
     print(format_table(headline_rows(summary)))
+    if summary.get("limitations"):
+        print()
+        print(format_limitations(summary))
     print(f"\n{len(summary['clips'])} clips, {len(summary['experiments'])} experiments in {elapsed:.0f} s")
     out = Path(summary.get("out_dir", out))
     print(f"report: {(out / 'report.html').resolve()}")

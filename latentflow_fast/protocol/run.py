@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from .base import ProtocolConfig, ProtocolContext
+from .limitations import limitations
 from .report import headline_rows, json_ready, write_json, write_report
 
 ORDER = ("p0", "p1", "p2", "p3", "p4", "p5", "p6")
@@ -225,6 +226,7 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
                                  "summary": ctx.summaries[e.name]} for e in experiments},
         "figures": figures,
     }
+    summary["limitations"] = limitations(json_ready(summary))
     write_json(out_dir / "summary.json", summary)
     run_info = {"seconds_per_experiment": timings, "total_seconds": round(sum(timings.values()), 2),
                 "torch": torch.__version__, "python": platform.python_version(),
