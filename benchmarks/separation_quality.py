@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Separation quality of a model on held-out synthetic mixtures (DESIGN.md section 5).
+"""Separation quality of a model on held-out synthetic mixtures (docs/design.md, sections 4-5).
 
     python benchmarks/separation_quality.py                   # tiny model, 200 mixtures
     python benchmarks/separation_quality.py --count 50 --json out.json

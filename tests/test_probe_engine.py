@@ -223,3 +223,14 @@ def test_a_pattern_probe_acts_at_every_matching_site_in_one_row(setup):
     # Its effect is its own (not either single-site effect) and the router is left clean.
     assert df.loc[both.probe_id, "local_effect"] > 0
     assert not engine.model.attention_router.handlers  # handlers removed after the sweep
+
+
+def test_results_name_the_kind_the_user_asked_for():
+    from latentflow_fast.probe import standard_probes
+
+    probes = standard_probes(["layers.0.self_attn", "layers.0.cross_attn"], 2, 3, [0],
+                             ("uniform", "text_knockout", "head_ablation"))
+    kinds = {p.describe()["probe_kind"] for p in probes}
+    assert kinds == {"uniform", "text_knockout", "head_ablation"}
+    uniform = next(p for p in probes if p.probe_kind == "uniform")
+    assert uniform.describe()["intervention"] == "temperature" and uniform.value == 0.0

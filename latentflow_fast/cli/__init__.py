@@ -4,6 +4,7 @@
     latentflow sweep                      batched probe sweep over a clean trajectory (Parquet results)
     latentflow probe                      run the causal probing protocol and write a report
     latentflow profile -- <command...>    run a probing command under Nsight Systems or the torch profiler
+    latentflow info                       a model's prompt vocabulary, sizes and input limits
 
 Also runnable as `python -m latentflow_fast.cli ...` (which is what torchrun launches).
 """
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "sweep": "latentflow_fast.cli.sweep",
     "probe": "latentflow_fast.cli.probe",
     "profile": "latentflow_fast.cli.profile",
+    "info": "latentflow_fast.cli.info",
 }
 
 

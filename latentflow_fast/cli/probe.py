@@ -23,6 +23,19 @@ from pathlib import Path
 from latentflow_fast.numerics import NonFiniteError
 
 
+def _default(field: str):
+    """A ProtocolConfig default, so --help cannot drift from the code."""
+    from latentflow_fast.protocol.base import ProtocolConfig
+
+    return getattr(ProtocolConfig(), field)
+
+
+def _quick(field: str):
+    from latentflow_fast.protocol.run import quick_config
+
+    return getattr(quick_config(), field)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "probe", help="run the causal probing protocol and write a report",
@@ -35,8 +48,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt", nargs="+", default=None, help="prompt per --audio file (one prompt: used for all)")
     p.add_argument("--counterfactual", nargs="+", default=None,
                    help="counterfactual prompt per --audio file, naming another source in it (P1/P2)")
-    p.add_argument("--clips", type=int, default=None, help="number of synthetic clips (default 8; --quick: 2)")
-    p.add_argument("--steps", type=int, default=None, help="midpoint steps (default 16 = 32 evaluations)")
+    p.add_argument("--clips", type=int, default=None,
+                   help=f"number of synthetic clips (default {_default('num_clips')}; --quick: {_quick('num_clips')})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"midpoint steps (default {_default('steps')} = {2 * _default('steps')} evaluations; "
+                        f"--quick: {_quick('steps')})")
     p.add_argument("--experiments", default=None, help="comma-separated subset of p0,p1,p2,p3,p4,p5,p6")
     p.add_argument("--quick", action="store_true", help="a very small configuration for a smoke run")
     p.add_argument("--seconds", type=float, default=None, help="crop synthetic clips to their first SECONDS")

@@ -217,7 +217,7 @@ def run(args) -> int:
               f"same settings) in {elapsed:.1f} s -> {out / 'results'}")
         if len(frame):
             top = frame.sort_values("local_effect", ascending=False).head(8)
-            print(top[["clip_id", "site", "intervention", "heads", "segments", "evaluation", "local_effect"]]
+            print(top[["clip_id", "site", "probe_kind", "heads", "segments", "evaluation", "local_effect"]]
                   .to_string(index=False))
     if info is not None:
         torch.distributed.destroy_process_group()

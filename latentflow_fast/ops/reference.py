@@ -1,6 +1,6 @@
 """The oracle: probed attention in eager PyTorch, materialising the attention map.
 
-It follows the contract of DESIGN.md section 3 line by line, in float64 by default, so every fused
+It follows the contract of docs/design.md, section 2 (The operator contract) line by line, in float64 by default, so every fused
 backend is tested against it. `query_chunk` bounds memory to [B, H, chunk, Nk] per step.
 """
 

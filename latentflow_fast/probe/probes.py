@@ -110,6 +110,16 @@ class Probe:
         """"self_attn" / "cross_attn" (the last part of the site name)."""
         return self.site.rsplit(".", 1)[-1]
 
+    @property
+    def probe_kind(self) -> str:
+        """The name a user asked for: STANDARD_KINDS' "uniform" (temperature 0) and "text_knockout"
+        (segment knockout at a cross-attention site), else the intervention itself."""
+        if self.intervention == "temperature" and self.value == 0.0:
+            return "uniform"
+        if self.intervention == "segment_knockout" and self.kind == "cross_attn":
+            return "text_knockout"
+        return self.intervention
+
     def active_at(self, evaluation: int) -> bool:
         if evaluation < self.evaluation:
             return False
@@ -123,6 +133,7 @@ class Probe:
             "layer": -1 if self.layer is None else self.layer,  # -1: a pattern over several layers
             "attention": self.kind,
             "intervention": self.intervention,
+            "probe_kind": self.probe_kind,
             "heads": "all" if self.heads is None else ",".join(map(str, self.heads)),
             "evaluation": self.evaluation,
             "window": -1 if self.window is None else self.window,

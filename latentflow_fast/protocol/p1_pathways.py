@@ -1,4 +1,4 @@
-"""P1 orthogonal pathway probe of text conditioning (DESIGN.md section 6).
+"""P1 orthogonal pathway probe of text conditioning (docs/design.md, section 6).
 
 Every cross-attention output c (per layer, per evaluation, per head) splits into its time-mean
 m = mean_t c[t] (the "additive injection", the same vector at every frame) and the frame-varying rest

@@ -140,7 +140,7 @@ def write_report(out_dir, summary: dict, figures: list, run_info: dict | None = 
              f"<style>{_STYLE}</style></head><body>",
              "<h1>Causal probing protocol report</h1>",
              "<p>Deterministic inference-time probing of attention in a flow-matching separation model "
-             "(protocol P0-P6 of <i>Inside the Latent Flow</i>, as reconstructed in DESIGN.md section 6). "
+             "(protocol P0-P6 of <i>Inside the Latent Flow</i>, as defined in the project's docs/design.md, section 6). "
              "All numbers below come from <code>summary.json</code>; per-probe rows are in "
              "<code>results/&lt;experiment&gt;/*.parquet</code>.</p>"]
     model = summary.get("model", {})
