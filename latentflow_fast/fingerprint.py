@@ -119,10 +119,14 @@ class SettingsMismatch(ValueError):
 def check_manifest(path: Path, fingerprint: dict, has_results: Callable[[], bool], write: bool = True) -> None:
     """Refuse (SettingsMismatch) when `path` records another fingerprint and its folder holds results.
 
-    Without a manifest, or with a stale one next to no results, the manifest is (re)written (when `write`).
+    Without a manifest, or with a stale one next to no results, the manifest is (re)written (when `write`);
+    results without a manifest are refused too (their settings are unknown).
     """
     path = Path(path)
     wanted = normalise(fingerprint)
+    if not path.exists() and has_results():
+        # results without a record of their settings (an older version's folder, or a deleted manifest)
+        raise SettingsMismatch(path.parent, [f"(no {path.name}: the stored results' settings are unknown)"])
     if path.exists():
         try:
             found = json.loads(path.read_text())

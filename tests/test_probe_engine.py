@@ -134,6 +134,10 @@ def test_stale_manifest_without_results_is_replaced(tmp_path):
     store.write_shard([{"clip_id": "c", "probe_id": "p", "x": 1.0}])
     with pytest.raises(ValueError, match=r"differs in: backend\b"):
         ResultStore(tmp_path, fingerprint={"backend": "cpu"})
+    (tmp_path / "manifest.json").unlink()  # results whose settings are unknown are not mixed either
+    with pytest.raises(ValueError, match="settings are unknown"):
+        ResultStore(tmp_path, fingerprint={"backend": "auto"})
+    assert len(ResultStore(tmp_path).load()) == 1  # without a fingerprint: plain reading still works
 
 
 def test_bad_probes_are_refused(setup):
