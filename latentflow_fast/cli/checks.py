@@ -60,7 +60,9 @@ def input_file(command: str, name: str, path) -> Path:
 
 def read_audio(command: str, name: str, path):
     """(samples [S, channels] float32, sample rate) of a WAV/FLAC/OGG file, or one line saying why not."""
-    import soundfile as sf
+    from .._extras import require
+
+    sf = require("soundfile", "audio", "reading audio files")
 
     path = input_file(command, name, path)
     try:

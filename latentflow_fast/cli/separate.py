@@ -44,7 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _write(path: Path, wave, sample_rate: int) -> Path:
     """16-bit PCM when the samples fit in [-1, 1]; louder audio would be clipped there, so it is written as
     32-bit float WAV (FLAC has no float format: it is scaled to peak 1 instead). Either way, it says so."""
-    import soundfile as sf
+    from .._extras import require
+
+    sf = require("soundfile", "audio", "writing audio files")
 
     wave = np.asarray(wave, dtype=np.float32)
     peak = float(np.abs(wave).max()) if wave.size else 0.0
