@@ -99,3 +99,20 @@ def test_probe_with_same_named_audio_of_other_content_is_refused(model_dir, tmp_
     kept = latentflow(*args, "--new")
     assert kept.returncode == 0, kept.stderr
     assert [p for p in tmp_path.iterdir() if p.name.startswith("report-")]
+
+
+def test_weights_digest_is_cached_and_follows_weight_changes():
+    import torch
+
+    from latentflow_fast.fingerprint import weights_digest
+    from latentflow_fast.models.tiny import build_tiny_model
+
+    torch.manual_seed(0)
+    model = build_tiny_model()
+    first = weights_digest(model)
+    assert weights_digest(model) == first and len(first) == 64
+    with torch.no_grad():
+        next(model.parameters())[0].add_(1e-6)  # an in-place update bumps the version counter
+    assert weights_digest(model) != first
+    torch.manual_seed(0)
+    assert weights_digest(build_tiny_model()) == first  # same weights, another object: same digest

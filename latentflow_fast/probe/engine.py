@@ -27,6 +27,7 @@ import torch
 
 from ..ops import probed_attention
 from ..ops.profiling import nvtx_range
+from ..fingerprint import weights_digest
 from ..numerics import NonFiniteError, check_finite, first_nonfinite_module
 from ..sampler import METHODS, evaluation_schedule
 from . import distributed
@@ -396,7 +397,7 @@ class ProbeEngine:
 
         ids = sorted(p.probe_id for p in probes)
         return {
-            "model": distributed.model_digest(self.model),
+            "model": weights_digest(self.model),  # full sha256 of the weights (cached on the model)
             "clip": traj.clip.clip_id,
             "mixture": hashlib.sha1(traj.inputs.mixture.detach().cpu().numpy().tobytes()).hexdigest()[:16],
             "prompt": traj.inputs.prompts[0],
