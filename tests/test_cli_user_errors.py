@@ -143,3 +143,14 @@ def test_ctrl_c_prints_one_line(broken_models, tmp_path):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert lines == ["latentflow sweep: interrupted (rerun the same command to resume)"], err
     assert json.loads((out / "results" / "manifest.json").read_text())["steps"] == 2
+
+
+def test_separate_refuses_input_beyond_the_models_limit_and_notes_long_input(tmp_path):
+    too_long = write_wav(tmp_path / "long.wav", seconds=21.0, rate=8000)
+    result = latentflow("separate", too_long, "--prompt", "chirp", "--out-dir", tmp_path / "out")
+    _one_line_error(result, "input", "21.0 s is longer than the model's limit of 20 s")
+    assert leftovers(tmp_path / "out") == []
+    longish = write_wav(tmp_path / "longish.wav", seconds=4.5, rate=8000)
+    result = latentflow("separate", longish, "--prompt", "chirp", "--steps", "1", "--out-dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "trained on clips of at most 2 s" in result.stdout

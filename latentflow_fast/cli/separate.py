@@ -68,6 +68,25 @@ def _write(path: Path, wave, sample_rate: int) -> Path:
     return path
 
 
+def _check_length(model, spec, seconds: float, name: str) -> None:
+    """Refuse input beyond the model's position range; say so when it is longer than its training clips."""
+    from . import checks
+    from .info import model_folder, trained_clip_seconds
+
+    codec = model.audio_codec
+    if codec is None:
+        return
+    rate = getattr(codec, "frame_rate", None) or codec.sample_rate / codec.hop_length
+    limit = model.config.max_positions / rate
+    if seconds > limit:
+        checks.fail("separate", f"{name}: {seconds:.1f} s is longer than the model's limit of {limit:g} s; "
+                                "cut it into shorter pieces")
+    trained = trained_clip_seconds(model_folder(spec))
+    if trained is not None and seconds > 2 * trained:
+        print(f"note: the input is {seconds:.1f} s; the model was trained on clips of at most {trained:g} s and "
+              "separates long inputs much worse (cut it into pieces of a few seconds)")
+
+
 def check_args(args) -> None:
     """Every argument and the output folder, before anything is computed or written."""
     from . import checks
@@ -115,6 +134,7 @@ def run(args) -> int:
         ext = args.format or (path.suffix.lstrip(".").lower() if path.suffix.lower() in (".wav", ".flac") else "wav")
 
     model = checks.load_model("separate", "--model", args.model)
+    _check_length(model, args.model, len(audio) / float(sample_rate), "input" if args.input else "--demo")
     try:
         result = model.separate(torch.from_numpy(np.ascontiguousarray(audio)), int(sample_rate), prompt,
                                 steps=args.steps, method=args.method, seed=args.seed)
