@@ -1,7 +1,7 @@
 """latentflow_fast: fused probing and intervention on the attention of flow-matching audio transformers.
 
 Start here:
-    probed_attention(q, k, v, capture=("entropy",), head_gate=...)   # the operator (DESIGN.md section 3)
+    probed_attention(q, k, v, capture=("entropy",), head_gate=...)   # the operator (docs/design.md, section 2)
     cpu_info()                                                         # which CPU kernel path runs (avx512/avx2/generic)
     load_model("tiny")                                                 # the embedded SAM-Audio-architecture model
     model.separate(wave, sr, "chirp", lsac=LSACConfig(layers=(1, 2), refresh=2))  # Layer-Selective Attention Caching

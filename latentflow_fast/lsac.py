@@ -1,6 +1,6 @@
 """Layer-Selective Attention Caching (LSAC) and attention-output freezing for the sampler.
 
-LSAC (the paper's speed-up, DESIGN.md section 6, P6): the self-attention of the *stable* layers (whose
+LSAC (the paper's speed-up, docs/design.md, section 6, P6): the self-attention of the *stable* layers (whose
 attention converges early in the sampling trajectory) is recomputed only every `refresh` network
 evaluations; in between, the layer reuses its last computed self-attention output. The first evaluation
 always computes. Everything else (FFN, cross-attention, the other layers) runs as usual, and the cached

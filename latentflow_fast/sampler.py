@@ -75,6 +75,8 @@ def sample_ode(velocity_fn: VelocityFn, x0: torch.Tensor, steps: int = 16, metho
     of an uninterrupted run, so a branch whose velocity equals the clean one reproduces the clean result
     bit for bit. Without ``velocity`` the run starts by evaluating e, which must then open a step.
     """
+    from .numerics import check_finite
+
     _check(steps, method)
     if not isinstance(x0, torch.Tensor):
         raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
@@ -99,6 +101,7 @@ def sample_ode(velocity_fn: VelocityFn, x0: torch.Tensor, steps: int = 16, metho
             v = velocity_fn(state, t, counter)
         if v.shape != state.shape:
             raise ValueError(f"velocity_fn returned shape {tuple(v.shape)}, expected {tuple(state.shape)}")
+        check_finite(v, f"velocity at evaluation {counter} (t={t:.4f})")
         if trajectory is not None:
             trajectory.append(Evaluation(counter, step, t, state.detach().clone(), v.detach().clone()))
         counter += 1

@@ -14,6 +14,9 @@ if ! .venv/bin/python -c "import torch, torchaudio, sys; sys.exit(0 if (torch.__
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch==2.11.0 torchaudio==2.11.0
 fi
+# build tools, then the [all] and [test] extras of pyproject.toml (listed here because the package itself
+# is installed with --no-deps below, to keep the pinned torch untouched; tests/test_packaging.py keeps
+# this list and pyproject.toml in step)
 .venv/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
   numpy scipy pandas pyarrow matplotlib tqdm safetensors soundfile pytest hypothesis
 echo "[setup] building latentflow_fast (native extension; CUDA kernels too when nvcc is found)"

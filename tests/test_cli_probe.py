@@ -1,3 +1,4 @@
+import re
 """`latentflow probe --quick`: writes summary.json, report.html and PNGs; a rerun resumes to the same summary."""
 
 import copy
@@ -41,6 +42,8 @@ def test_quick_probe_writes_report_and_resumes(model_dir, tmp_path, capsys, keep
     assert summary["experiments"]["p0"]["summary"]["bitwise_equal"] is True
     assert summary["experiments"]["p4"]["summary"]["identity_control_max_abs_damage"] == 0
     html = (out / "report.html").read_text()
+    assert "Limitations of this run" in html and "n = 1 clip." in html and "Limitations of this run:" in printed
+    assert any(item["topic"] == "sample size" for item in summary["limitations"])
     pngs = sorted((out / "figures").glob("*.png"))
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
     for fig in summary["figures"]:
@@ -53,10 +56,10 @@ def test_quick_probe_writes_report_and_resumes(model_dir, tmp_path, capsys, keep
     assert sorted(p.name for p in (out / "results").rglob("part-*.parquet")) == shards
 
 
-def test_probe_refuses_bad_arguments(model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="experiments"):
-        main(["probe", "--experiments", "p9", "--out", str(tmp_path / "x"), "--model", str(model_dir)])
-    with pytest.raises(SystemExit, match="--audio"):
-        main(["probe", "--prompt", "chirp", "--out", str(tmp_path / "y"), "--model", str(model_dir)])
-    with pytest.raises(SystemExit, match="steps"):
-        main(["probe", "--steps", "0", "--out", str(tmp_path / "z"), "--model", str(model_dir)])
+def test_probe_refuses_bad_arguments(model_dir, tmp_path, capsys):
+    assert main(["probe", "--experiments", "p9", "--out", str(tmp_path / "x"), "--model", str(model_dir)]) == 2
+    assert re.search("experiments", capsys.readouterr().err)
+    assert main(["probe", "--prompt", "chirp", "--out", str(tmp_path / "y"), "--model", str(model_dir)]) == 2
+    assert re.search("--audio", capsys.readouterr().err)
+    assert main(["probe", "--steps", "0", "--out", str(tmp_path / "z"), "--model", str(model_dir)]) == 2
+    assert re.search("steps", capsys.readouterr().err)

@@ -1,4 +1,4 @@
-"""State-dict layout of the base / large presets (DESIGN.md section 4), built on the meta device."""
+"""State-dict layout of the base / large presets (docs/design.md, section 3), built on the meta device."""
 
 import json
 

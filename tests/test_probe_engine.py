@@ -122,8 +122,22 @@ def test_store_resumes_without_recomputing(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "run_batch", fail)
     again = engine.sweep(traj, probes, store=ResultStore(tmp_path, fingerprint={"test": 1}), progress=False)
     pd.testing.assert_frame_equal(first, again, check_exact=True)
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match=r"other settings \(differs in: test\)"):
         ResultStore(tmp_path, fingerprint={"test": 2})
+
+
+def test_stale_manifest_without_results_is_replaced(tmp_path):
+    # A run that failed before storing anything must not block a corrected rerun.
+    ResultStore(tmp_path, fingerprint={"backend": "nonsense"})
+    store = ResultStore(tmp_path, fingerprint={"backend": "auto"})
+    assert '"auto"' in (tmp_path / "manifest.json").read_text()
+    store.write_shard([{"clip_id": "c", "probe_id": "p", "x": 1.0}])
+    with pytest.raises(ValueError, match=r"differs in: backend\b"):
+        ResultStore(tmp_path, fingerprint={"backend": "cpu"})
+    (tmp_path / "manifest.json").unlink()  # results whose settings are unknown are not mixed either
+    with pytest.raises(ValueError, match="settings are unknown"):
+        ResultStore(tmp_path, fingerprint={"backend": "auto"})
+    assert len(ResultStore(tmp_path).load()) == 1  # without a fingerprint: plain reading still works
 
 
 def test_bad_probes_are_refused(setup):
@@ -319,3 +333,14 @@ def test_native_attention_is_batch_invariant_on_this_device():
         for i in range(6):
             assert torch.equal(sdpa(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1]), full[i:i + 1])
         assert torch.equal(sdpa(q[1:4], k[1:4], v[1:4], mask[1:4]), full[1:4])
+
+
+def test_results_name_the_kind_the_user_asked_for():
+    from latentflow_fast.probe import standard_probes
+
+    probes = standard_probes(["layers.0.self_attn", "layers.0.cross_attn"], 2, 3, [0],
+                             ("uniform", "text_knockout", "head_ablation"))
+    kinds = {p.describe()["probe_kind"] for p in probes}
+    assert kinds == {"uniform", "text_knockout", "head_ablation"}
+    uniform = next(p for p in probes if p.probe_kind == "uniform")
+    assert uniform.describe()["intervention"] == "temperature" and uniform.value == 0.0

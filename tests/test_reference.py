@@ -1,4 +1,4 @@
-"""The float64 oracle itself, against a naive per-(b, h, i) loop written straight from DESIGN.md section 3."""
+"""The float64 oracle itself, against a naive per-(b, h, i) loop written straight from docs/design.md, section 2."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@
     latentflow sweep                      batched probe sweep over a clean trajectory (Parquet results)
     latentflow probe                      run the causal probing protocol and write a report
     latentflow profile -- <command...>    run a probing command under Nsight Systems or the torch profiler
+    latentflow info                       a model's prompt vocabulary, sizes and input limits
 
 Also runnable as `python -m latentflow_fast.cli ...` (which is what torchrun launches).
 """
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "sweep": "latentflow_fast.cli.sweep",
     "probe": "latentflow_fast.cli.probe",
     "profile": "latentflow_fast.cli.profile",
+    "info": "latentflow_fast.cli.info",
 }
 
 
@@ -43,10 +45,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _line(name: str, message: str) -> str:
+    message = " ".join(str(message).split()) if "\n" not in str(message).strip() else str(message).strip()
+    return message if message.startswith("latentflow") else f"latentflow {name}: {message}"
+
+
 def main(argv=None) -> int:
+    """Run one subcommand. Mistakes print one line naming the argument and return 2; a model that
+    produces NaN/Inf prints one line and returns 1; Ctrl-C prints one line and returns 130."""
+    from ..numerics import NonFiniteError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    status = _load(SUBCOMMANDS[args.subcommand]).run(args)
+    name = args.subcommand
+    try:
+        status = _load(SUBCOMMANDS[name]).run(args)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # raise SystemExit("message"): a usage error found by the command
+            print(_line(name, exc.code), file=sys.stderr)
+            return 2
+        raise
+    except NonFiniteError as exc:
+        print(_line(name, f"error: {exc}"), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        resumable = " (rerun the same command to resume)" if name in ("sweep", "probe") else ""
+        print(f"\nlatentflow {name}: interrupted{resumable}", file=sys.stderr)
+        return 130
     return int(status or 0)
 
 

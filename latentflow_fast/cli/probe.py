@@ -7,16 +7,33 @@
 
 The output folder holds results/<exp>/*.parquet, figures/*.png, summary.json, run_info.json and report.html.
 Rerunning the same command into the same folder resumes (stored rows are skipped) and gives an identical
-summary.json. Under torchrun the command runs as `python -m latentflow_fast.cli probe ...`.
+summary.json. A folder made with other settings (model weights, audio content, prompts, protocol
+configuration, backend) is refused, naming what differs; --new keeps such a run in <out>-<settings digest>. Under torchrun the command runs as `python -m latentflow_fast.cli probe ...`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
+
+from latentflow_fast.numerics import NonFiniteError
+
+
+def _default(field: str):
+    """A ProtocolConfig default, so --help cannot drift from the code."""
+    from latentflow_fast.protocol.base import ProtocolConfig
+
+    return getattr(ProtocolConfig(), field)
+
+
+def _quick(field: str):
+    from latentflow_fast.protocol.run import quick_config
+
+    return getattr(quick_config(), field)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,14 +48,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt", nargs="+", default=None, help="prompt per --audio file (one prompt: used for all)")
     p.add_argument("--counterfactual", nargs="+", default=None,
                    help="counterfactual prompt per --audio file, naming another source in it (P1/P2)")
-    p.add_argument("--clips", type=int, default=None, help="number of synthetic clips (default 8; --quick: 2)")
-    p.add_argument("--steps", type=int, default=None, help="midpoint steps (default 16 = 32 evaluations)")
+    p.add_argument("--clips", type=int, default=None,
+                   help=f"number of synthetic clips (default {_default('num_clips')}; --quick: {_quick('num_clips')})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"midpoint steps (default {_default('steps')} = {2 * _default('steps')} evaluations; "
+                        f"--quick: {_quick('steps')})")
     p.add_argument("--experiments", default=None, help="comma-separated subset of p0,p1,p2,p3,p4,p5,p6")
     p.add_argument("--quick", action="store_true", help="a very small configuration for a smoke run")
     p.add_argument("--seconds", type=float, default=None, help="crop synthetic clips to their first SECONDS")
     p.add_argument("--backend", default=None, help='attention operator backend (default "auto")')
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--new", action="store_true",
+                   help="if --out holds results made with other settings, keep this run separately in "
+                        "<out>-<settings digest> instead of refusing")
     p.set_defaults(command="probe")
     return p
 
@@ -60,13 +83,18 @@ def build_config(args):
             raise SystemExit(f"latentflow probe: --steps must be >= 1, got {args.steps}")
         changes["steps"] = args.steps
     if args.experiments is not None:
+        names = tuple(n.strip().lower() for n in args.experiments.split(",") if n.strip())
+        if not names:
+            raise SystemExit("latentflow probe: --experiments is empty; give a comma list of p0,p1,p2,p3,p4,p5,p6")
         try:
-            experiment_plan(args.experiments)
+            experiment_plan(names)
         except ValueError as exc:
-            raise SystemExit(f"latentflow probe: {exc}") from None
-        changes["experiments"] = tuple(n.strip().lower() for n in args.experiments.split(",") if n.strip())
+            raise SystemExit(f"latentflow probe: --{exc}") from None
+        changes["experiments"] = names
     if args.backend is not None:
         changes["backend"] = args.backend
+    if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
+        raise SystemExit(f"latentflow probe: --seconds must be a positive number of seconds, got {args.seconds}")
     return dataclasses.replace(config, **changes)
 
 
@@ -83,35 +111,53 @@ def _user_clips(args, model):
         counterfactual = counterfactual * len(args.audio)
     try:
         return clips_from_files(args.audio, prompts, counterfactual, model=model)
+    except NonFiniteError:
+        raise  # the command's error handler prints it (exit 1)
     except ValueError as exc:
         raise SystemExit(f"latentflow probe: {exc}") from None
+
+
+def check_args(args) -> None:
+    """Arguments, input files and the output folder, before any model is loaded or anything written."""
+    from . import checks
+
+    c = "probe"
+    checks.at_least(c, "--threads", args.threads, 1)
+    if args.audio is None and (args.prompt or args.counterfactual):
+        checks.fail(c, "--prompt / --counterfactual need --audio")
+    for path in args.audio or ():
+        checks.read_audio(c, "--audio", path)
+    checks.output_folder(c, "--out", args.out)
+    checks.model_spec(c, "--model", args.model)
+    checks.backend(c, "--backend", args.backend)
 
 
 def run(args) -> int:
     import torch
 
-    from latentflow_fast.protocol.report import format_table, headline_rows
+    from latentflow_fast.protocol.report import format_limitations, format_table, headline_rows
     from latentflow_fast.protocol.run import QUICK_CLIP_SECONDS, load_protocol_model, run_protocol
 
     from latentflow_fast.probe import distributed
 
+    from . import checks
+
+    check_args(args)
+    config = build_config(args)
     distributed.init_from_env()  # under torchrun: sweeps shard over the ranks (see latentflow_fast.probe.distributed)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.audio is None and (args.prompt or args.counterfactual):
-        raise SystemExit("latentflow probe: --prompt / --counterfactual need --audio")
-    config = build_config(args)
     seconds = args.seconds if args.seconds is not None else (QUICK_CLIP_SECONDS if args.quick else None)
     started = time.perf_counter()
-    try:
-        model = load_protocol_model(config.model)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"latentflow probe: {exc}") from None
+    model = checks.load_model("probe", "--model", config.model, loader=load_protocol_model)
     clips = _user_clips(args, model) if args.audio else None
     out = Path(args.out)
     try:
         summary = run_protocol(config, out, clips=clips, model=model, progress=not args.no_progress,
-                               clip_seconds=None if clips else seconds, model_name=str(config.model))
+                               clip_seconds=None if clips else seconds, model_name=str(config.model),
+                               new=args.new)
+    except NonFiniteError:
+        raise  # the command's error handler prints it (exit 1)
     except ValueError as exc:
         raise SystemExit(f"latentflow probe: {exc}") from None
     elapsed = time.perf_counter() - started
@@ -119,7 +165,11 @@ def run(args) -> int:
         return 0
     print()
     print(format_table(headline_rows(summary)))
+    if summary.get("limitations"):
+        print()
+        print(format_limitations(summary))
     print(f"\n{len(summary['clips'])} clips, {len(summary['experiments'])} experiments in {elapsed:.0f} s")
+    out = Path(summary.get("out_dir", out))
     print(f"report: {(out / 'report.html').resolve()}")
     sys.stdout.flush()
     return 0

@@ -46,7 +46,11 @@ def _command(args) -> list:
 
 
 def run(args) -> int:
+    from . import checks
+
     command = _command(args)
+    checks.at_least("profile", "--rows", args.rows, 1)
+    checks.output_folder("profile", "--out", args.out)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     nsys = shutil.which("nsys")

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
+
+from latentflow_fast.numerics import NonFiniteError
 
 import numpy as np
 
@@ -39,26 +42,79 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _write(path: Path, wave, sample_rate: int) -> Path:
-    import soundfile as sf
+    """16-bit PCM when the samples fit in [-1, 1]; louder audio would be clipped there, so it is written as
+    32-bit float WAV (FLAC has no float format: it is scaled to peak 1 instead). Either way, it says so."""
+    from .._extras import require
 
-    sf.write(str(path), np.asarray(wave, dtype=np.float32), sample_rate)
+    sf = require("soundfile", "audio", "writing audio files")
+
+    wave = np.asarray(wave, dtype=np.float32)
+    peak = float(np.abs(wave).max()) if wave.size else 0.0
+    subtype = None
+    if peak > 1.0:
+        if path.suffix.lower() == ".wav":
+            subtype = "FLOAT"
+            print(f"note: {path.name} peaks at {peak:.2f} (> 1): written as 32-bit float WAV to avoid clipping")
+        else:
+            wave = wave / peak
+            print(f"note: {path.name} peaks at {peak:.2f} (> 1): scaled by 1/{peak:.2f} to fit {path.suffix[1:].upper()}")
+    # write under a temporary name, then rename: an interrupted write never leaves half a file
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        sf.write(str(tmp), wave, sample_rate, subtype=subtype, format=path.suffix[1:].upper())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _check_length(model, spec, seconds: float, name: str) -> None:
+    """Refuse input beyond the model's position range; say so when it is longer than its training clips."""
+    from . import checks
+    from .info import model_folder, trained_clip_seconds
+
+    codec = model.audio_codec
+    if codec is None:
+        return
+    rate = getattr(codec, "frame_rate", None) or codec.sample_rate / codec.hop_length
+    limit = model.config.max_positions / rate
+    if seconds > limit:
+        checks.fail("separate", f"{name}: {seconds:.1f} s is longer than the model's limit of {limit:g} s; "
+                                "cut it into shorter pieces")
+    trained = trained_clip_seconds(model_folder(spec))
+    if trained is not None and seconds > 2 * trained:
+        print(f"note: the input is {seconds:.1f} s; the model was trained on clips of at most {trained:g} s and "
+              "separates long inputs much worse (cut it into pieces of a few seconds)")
+
+
+def check_args(args) -> None:
+    """Every argument and the output folder, before anything is computed or written."""
+    from . import checks
+
+    if args.demo == bool(args.input):
+        checks.fail("separate", "give either an input file or --demo (not both)")
+    checks.at_least("separate", "--steps", args.steps, 1)
+    checks.at_least("separate", "--threads", args.threads, 1)
+    checks.seed("separate", "--seed", args.seed)
+    checks.seed("separate", "--demo-seed", args.demo_seed)
+    if args.prompt is not None and not args.prompt.strip():
+        checks.fail("separate", "--prompt is empty")
+    if args.input and not args.prompt:
+        checks.fail("separate", "--prompt is required with an input file")
+    checks.output_folder("separate", "--out-dir", args.out_dir)
+    checks.model_spec("separate", "--model", args.model)
 
 
 def run(args) -> int:
     import torch
 
-    from latentflow_fast import load_model
+    from . import checks
 
-    if args.demo == bool(args.input):
-        raise SystemExit("latentflow separate: give either an input file or --demo (not both)")
-    if args.steps < 1:
-        raise SystemExit(f"latentflow separate: --steps must be >= 1, got {args.steps}")
+    check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    outputs: list = []  # (path, wave, rate): written only after the separation succeeded
 
     if args.demo:
         from latentflow_fast.data import make_mixture
@@ -66,31 +122,30 @@ def run(args) -> int:
         mix = make_mixture(args.demo_seed)
         audio, sample_rate, prompt = mix.mixture, mix.sample_rate, args.prompt or mix.prompt
         stem, ext = f"demo_{args.demo_seed}", args.format or "wav"
-        written.append(_write(out_dir / f"{stem}.mixture.{ext}", mix.mixture, sample_rate))
+        outputs.append((out_dir / f"{stem}.mixture.{ext}", mix.mixture, sample_rate))
         for cls, src in zip(mix.classes, mix.sources):
-            written.append(_write(out_dir / f"{stem}.reference.{cls.replace(' ', '_')}.{ext}", src, sample_rate))
+            outputs.append((out_dir / f"{stem}.reference.{cls.replace(' ', '_')}.{ext}", src, sample_rate))
         print(f"demo mixture (seed {args.demo_seed}): {' + '.join(mix.classes)}; prompt {prompt!r}")
     else:
-        import soundfile as sf
-
         path = Path(args.input)
-        if not path.is_file():
-            raise SystemExit(f"latentflow separate: no such file: {path}")
-        if not args.prompt:
-            raise SystemExit("latentflow separate: --prompt is required with an input file")
-        data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)  # [S, channels]
+        data, sample_rate = checks.read_audio("separate", "input", path)  # [S, channels]
         audio, prompt = data.mean(axis=1), args.prompt
         stem = path.stem
         ext = args.format or (path.suffix.lstrip(".").lower() if path.suffix.lower() in (".wav", ".flac") else "wav")
 
-    model = load_model(args.model)
+    model = checks.load_model("separate", "--model", args.model)
+    _check_length(model, args.model, len(audio) / float(sample_rate), "input" if args.input else "--demo")
     try:
         result = model.separate(torch.from_numpy(np.ascontiguousarray(audio)), int(sample_rate), prompt,
                                 steps=args.steps, method=args.method, seed=args.seed)
+    except NonFiniteError:
+        raise  # the command's error handler prints it (exit 1)
     except ValueError as exc:
         raise SystemExit(f"latentflow separate: {exc}") from None
-    written.append(_write(out_dir / f"{stem}.target.{ext}", result.target.numpy(), result.sample_rate))
-    written.append(_write(out_dir / f"{stem}.residual.{ext}", result.residual.numpy(), result.sample_rate))
+    outputs.append((out_dir / f"{stem}.target.{ext}", result.target.numpy(), result.sample_rate))
+    outputs.append((out_dir / f"{stem}.residual.{ext}", result.residual.numpy(), result.sample_rate))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [_write(path, wave, rate) for path, wave, rate in outputs]
 
     if args.demo:
         from latentflow_fast.metrics import identity_correct, si_sdr_improvement

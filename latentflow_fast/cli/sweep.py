@@ -4,13 +4,16 @@
     latentflow sweep --kinds head_ablation --evaluations 0,8,16 --end-effect --out my-sweep
     torchrun --nproc-per-node 2 -m latentflow_fast.cli sweep --out my-sweep   # sharded over 2 ranks
 
-Rerunning the same command resumes: finished probes are skipped. Results: <out>/results/*.parquet, one row
+Rerunning the same command resumes: finished probes are skipped. A folder holding results made with other
+settings (model weights, audio content, prompts, clip length, sampler, backend) is refused, naming what
+differs; --new keeps such a run separately in <out>-<settings digest>. Results: <out>/results/*.parquet, one row
 per (clip, probe); `latentflow_fast.probe.ResultStore(<out>/results).load()` reads them as a DataFrame.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -36,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--evaluations", default="all", help='"all" or a comma list of evaluation indices')
     p.add_argument("--end-effect", action="store_true", help="continue every branch to t=1 and score the audio")
     p.add_argument("--out", default="latentflow-sweep", help="output folder (default ./latentflow-sweep)")
+    p.add_argument("--new", action="store_true",
+                   help="if --out holds results made with other settings, keep this run separately in "
+                        "<out>-<settings digest> instead of refusing")
     p.add_argument("--batch-size", type=int, default=None, help="probes per batch (default: from memory)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--backend", default="auto")
@@ -49,14 +55,11 @@ def _clips(args, model):
     from ..probe import Clip
 
     if args.audio:
-        import soundfile as sf
+        from . import checks
 
-        prompts = args.prompt or []
-        if len(prompts) != len(args.audio):
-            raise SystemExit(f"--prompt needs one prompt per audio file ({len(args.audio)} files, {len(prompts)} prompts)")
         clips = []
-        for path, prompt in zip(args.audio, prompts):
-            wave, rate = sf.read(path, dtype="float32", always_2d=True)
+        for path, prompt in zip(args.audio, args.prompt):
+            wave, rate = checks.read_audio("sweep", "--audio", path)
             mono = torch.from_numpy(wave.mean(axis=1))
             if args.clip_seconds:
                 mono = mono[: int(args.clip_seconds * rate)]
@@ -71,16 +74,90 @@ def _clips(args, model):
     return clips
 
 
+def sweep_fingerprint(args, model, engine, clips, device) -> dict:
+    """Everything that determines a stored row besides the probe itself (whose id hashes its own fields)."""
+    from ..fingerprint import audio_digest, backend_fingerprint, weights_digest
+
+    def clip_entry(c):
+        entry = {"clip_id": c.clip_id, "audio_sha256": audio_digest(c.mixture, c.sample_rate),
+                 "sample_rate": int(c.sample_rate), "samples": int(c.mixture.numel()), "prompt": c.prompt}
+        if c.target is not None:  # end-effect SI-SDR is scored against it
+            entry["target_sha256"] = audio_digest(c.target, c.sample_rate)
+        return entry
+
+    return {"model": str(args.model), "weights_sha256": weights_digest(model),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "steps": args.steps, "method": args.method, "seed": args.seed, "end_effect": bool(args.end_effect),
+            **backend_fingerprint(args.backend, device.type if hasattr(device, "type") else str(device)),
+            "time_bins": engine.time_bins, "exact": engine.exact, "clip_seconds": args.clip_seconds,
+            "clips": [clip_entry(c) for c in clips]}
+
+
+def check_args(args) -> None:
+    """Refuse arguments that would fail later, silently do nothing, or do something else than asked: all
+    before any model is loaded or anything is written."""
+    from ..probe.probes import STANDARD_KINDS
+    from ..sampler import num_evaluations
+    from . import checks
+
+    c = "sweep"
+    checks.at_least(c, "--clips", args.clips, 1)
+    checks.at_least(c, "--steps", args.steps, 1)
+    checks.at_least(c, "--threads", args.threads, 1)
+    checks.at_least(c, "--batch-size", args.batch_size, 1)
+    checks.seed(c, "--seed", args.seed)
+    checks.at_least(c, "--clip-seed-offset", args.clip_seed_offset, 0)
+    checks.positive_seconds(c, "--clip-seconds", args.clip_seconds)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds:
+        checks.fail(c, f"--kinds is empty; give a comma list of: {', '.join(STANDARD_KINDS)}")
+    unknown = [k for k in kinds if k not in STANDARD_KINDS]
+    if unknown:
+        checks.fail(c, f"--kinds: unknown {', '.join(unknown)}; known: {', '.join(STANDARD_KINDS)}")
+    if not args.sites or not all(s.strip() for s in args.sites):
+        checks.fail(c, "--sites is empty; give site patterns such as 'layers.*.self_attn'")
+    if args.evaluations != "all":
+        total = num_evaluations(args.steps, args.method)
+        try:
+            evaluations = [int(e) for e in args.evaluations.split(",") if e.strip()]
+        except ValueError:
+            checks.fail(c, f"--evaluations must be \"all\" or a comma list of integers, got {args.evaluations!r}")
+        if not evaluations:
+            checks.fail(c, "--evaluations is empty")
+        bad = [e for e in evaluations if not 0 <= e < total]
+        if bad:
+            checks.fail(c, f"--evaluations {bad} out of range: {args.steps} {args.method} steps have "
+                           f"evaluations 0..{total - 1}")
+    if args.audio is not None:
+        if not args.audio:
+            checks.fail(c, "--audio needs at least one file")
+        prompts = args.prompt or []
+        if len(prompts) != len(args.audio):
+            checks.fail(c, f"--prompt needs one prompt per audio file ({len(args.audio)} files, {len(prompts)} prompts)")
+        for path in args.audio:
+            checks.input_file(c, "--audio", path)
+    elif args.prompt:
+        checks.fail(c, "--prompt needs --audio (the synthetic clips bring their own prompts)")
+    checks.output_folder(c, "--out", args.out)
+    checks.model_spec(c, "--model", args.model)
+    checks.backend(c, "--backend", args.backend)
+
+
 def run(args) -> int:
-    from ..models import load_model
+    check_args(args)
+    from . import checks
+    from ..fingerprint import SettingsMismatch, separate_folder
     from ..probe import ProbeEngine, ResultStore, standard_probes
     from ..probe import distributed
+    from ..sampler import num_evaluations
 
     info = distributed.init_from_env()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = distributed.device_for_rank()
-    model = load_model(args.model, device=device)
+    if device.type != "cpu":
+        checks.backend("sweep", "--backend", args.backend, device.type)
+    model = checks.load_model("sweep", "--model", args.model, device=device)
     engine = ProbeEngine(model, backend=args.backend)
     if args.pause_per_batch > 0:  # slows the sweep down so tests can kill it midway
         run_batch = engine.run_batch
@@ -88,29 +165,59 @@ def run(args) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     from ..probe import expand_sites
 
-    sites = expand_sites(args.sites, engine.sites)
-    out = Path(args.out)
-    started = time.perf_counter()
-    total = 0
-    for clip in _clips(args, model):
-        traj = engine.trajectory(clip, steps=args.steps, method=args.method, seed=args.seed, cache_heads="*")
-        evaluations = (range(traj.num_evaluations) if args.evaluations == "all"
-                       else [int(e) for e in args.evaluations.split(",")])
-        probes = standard_probes(sites, engine.num_heads, traj.inputs.text.shape[1], evaluations, kinds,
+    try:
+        sites = expand_sites(args.sites, engine.sites)
+    except ValueError as exc:
+        checks.fail("sweep", f"--sites: {exc}")
+    clips = _clips(args, model)
+    ids = [c.clip_id for c in clips]
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"latentflow sweep: --audio: two files share a name ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))}); "
+                         "rename one (results are keyed by the file name)")
+    evaluations = (range(num_evaluations(args.steps, args.method)) if args.evaluations == "all"
+                   else [int(e) for e in args.evaluations.split(",") if e.strip()])
+    plans = []  # (clip, probes), all checked before anything is computed or written
+    for clip in clips:
+        try:
+            text, _ = model.text_encoder([clip.prompt])
+        except (ValueError, TypeError) as exc:
+            checks.fail("sweep", f"--prompt: {exc}")
+        probes = standard_probes(sites, engine.num_heads, text.shape[1], evaluations, kinds,
                                  per_head=not args.all_heads)
-        store = ResultStore(out / "results", fingerprint={"model": args.model, "steps": args.steps,
-                                                          "method": args.method, "seed": args.seed,
-                                                          "end_effect": args.end_effect, "backend": args.backend})
-        table = engine.sweep(traj, probes, end_effect=args.end_effect, store=store, batch_size=args.batch_size,
-                             progress=not args.no_progress and distributed.is_main_process())
-        total += len(table)
+        if not probes:
+            checks.fail("sweep", f"--kinds {','.join(kinds)} apply to none of the chosen --sites "
+                                 "(uniform: self-attention sites; text_knockout: cross-attention sites)")
+        plans.append((clip, probes))
+    fingerprint = sweep_fingerprint(args, model, engine, clips, device)
+    out = Path(args.out)
+    try:
+        store = ResultStore(out / "results", fingerprint=fingerprint)
+    except SettingsMismatch as exc:
+        if not args.new:
+            raise SystemExit(f"latentflow sweep: --out: {exc}") from None
+        out = separate_folder(out, fingerprint)
+        if distributed.is_main_process():
+            print(f"{args.out} holds results made with other settings; this run is kept in {out}")
+        store = ResultStore(out / "results", fingerprint=fingerprint)
+    stored_before = store.done_keys()
+    started = time.perf_counter()
+    tables = []
+    for clip, probes in plans:
+        traj = engine.trajectory(clip, steps=args.steps, method=args.method, seed=args.seed, cache_heads="*")
+        tables.append(engine.sweep(traj, probes, end_effect=args.end_effect, store=store,
+                                   batch_size=args.batch_size,
+                                   progress=not args.no_progress and distributed.is_main_process()))
     elapsed = time.perf_counter() - started
     if distributed.is_main_process():
-        frame = ResultStore(out / "results").load()
-        print(f"{total} probe results ({len(frame)} rows stored) in {elapsed:.1f} s -> {out / 'results'}")
+        import pandas as pd
+
+        frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+        reused = sum((c, p) in stored_before for c, p in zip(frame.get("clip_id", []), frame.get("probe_id", [])))
+        print(f"{len(frame)} probe results ({len(frame) - reused} computed now, {reused} already stored with the "
+              f"same settings) in {elapsed:.1f} s -> {out / 'results'}")
         if len(frame):
             top = frame.sort_values("local_effect", ascending=False).head(8)
-            print(top[["clip_id", "site", "intervention", "heads", "segments", "evaluation", "local_effect"]]
+            print(top[["clip_id", "site", "probe_kind", "heads", "segments", "evaluation", "local_effect"]]
                   .to_string(index=False))
     if info is not None:
         torch.distributed.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Seeded synthetic mixtures for the tiny default model (DESIGN.md section 5).
+"""Seeded synthetic mixtures for the tiny default model (docs/design.md, section 5).
 
 Every clip is 2.0 s at 16 kHz and is fully determined by one integer seed
 (``numpy.random.Generator(PCG64(seed))``); nothing else is random.

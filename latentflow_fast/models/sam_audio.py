@@ -251,24 +251,32 @@ class SAMAudio(nn.Module):
     def velocity_fn(self, inputs: SeparationInputs):
         """The ODE right-hand side for one prepared separation: fn(state, t: float, evaluation) -> velocity."""
 
+        from ..numerics import check_finite, first_nonfinite_module
+
         def fn(state: torch.Tensor, t: float, evaluation: int) -> torch.Tensor:
             time = torch.full((state.shape[0],), t, dtype=torch.float32, device=state.device)
-            return self(state, time, inputs.mixture, inputs.text, inputs.text_mask)
+            v = self(state, time, inputs.mixture, inputs.text, inputs.text_mask)
+            return check_finite(v, f"velocity at evaluation {evaluation} (t={t:.4f})", where=lambda: first_nonfinite_module(
+                self, lambda: self(state, time, inputs.mixture, inputs.text, inputs.text_mask)))
 
         return fn
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, inputs: SeparationInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Final state [B, T, 2C] -> (target, residual) float32 CPU waveforms at the input's rate and length."""
+        from ..numerics import check_finite
+
         codec = self._require_codec()
         C = self.config.latent_dim
         B = latent.shape[0]
+        check_finite(latent, "final latent")
         waves = codec.decode(torch.cat([latent[..., :C], latent[..., C:]], dim=0).to(_dtype_of(codec)))  # [2B, S']
         waves = _resample(waves.float().cpu(), codec.sample_rate, inputs.sample_rate)
         n = inputs.num_samples
         if waves.shape[-1] < n:
             waves = torch.nn.functional.pad(waves, (0, n - waves.shape[-1]))
         waves = waves[..., :n]
+        check_finite(waves, "decoded waveform")
         target, residual = waves[:B], waves[B:]
         if inputs.squeeze:
             target, residual = target[0], residual[0]

@@ -1,5 +1,5 @@
 """The tiny default model: an exactly invertible DCT codec, a fixed-vocabulary text encoder and
-a small SAM-Audio-architecture DiT (DESIGN.md section 5).
+a small SAM-Audio-architecture DiT (docs/design.md, section 4).
 
 ``build_tiny_model(config_dict)`` builds the model described by the shipped
 ``latentflow_fast/assets/tiny/config.json``; ``load_model("tiny")`` then loads the weights.

@@ -103,9 +103,12 @@ def _row_param(name: str, value: RowParam, shape: tuple, device: torch.device) -
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a tensor, got bool")
     if isinstance(value, (int, float)):
+        value = float(value)
         if math.isnan(value):
             raise ValueError(f"{name} is NaN")
-        return torch.full(shape, float(value), dtype=torch.float32, device=device)
+        if math.isinf(value) and not (name == "segment_bias" and value < 0):
+            raise ValueError(f"{name} must be finite{_ALLOWED_INF.get(name, '')}, got {value}")
+        return torch.full(shape, value, dtype=torch.float32, device=device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if not value.is_floating_point():
@@ -117,6 +120,41 @@ def _row_param(name: str, value: RowParam, shape: tuple, device: torch.device) -
     except RuntimeError:
         raise ValueError(f"{name} of shape {tuple(value.shape)} is not broadcastable to {shape}") from None
     return expanded.to(torch.float32).contiguous()
+
+
+# -inf is meaningful only as a segment bias (knock the segment out); +inf would make every other key's
+# weight 0/0, and a non-finite scale, gate or bias makes the output NaN or silently zero.
+_ALLOWED_INF = {"segment_bias": " or -inf"}
+
+
+def _check_values(plan: "AttentionPlan") -> None:
+    """Data checks (one host sync for all): q, k, v finite; row parameters finite (segment_bias may be
+    -inf). Skipped while tracing (torch.compile, CUDA graphs) and for meta tensors, which hold no data."""
+    if _is_tracing() or plan.q.device.type == "meta":
+        return
+    checks = [("q", torch.isfinite(plan.q).all()), ("k", torch.isfinite(plan.k).all()),
+              ("v", torch.isfinite(plan.v).all())]
+    for name in ("logit_scale", "head_gate", "out_bias"):
+        t = getattr(plan, name)
+        if t is not None:
+            checks.append((name, torch.isfinite(t).all()))
+    if plan.segment_bias is not None:
+        sb = plan.segment_bias
+        checks.append(("segment_bias", ~(torch.isnan(sb) | (sb == float("inf"))).any()))
+    ok = torch.stack([c for _, c in checks]).cpu().tolist()
+    for (name, _), good in zip(checks, ok):
+        if good:
+            continue
+        if name in ("q", "k", "v"):
+            from ..numerics import NonFiniteError
+
+            t = getattr(plan, name)
+            raise NonFiniteError(f"{name} holds {int((~torch.isfinite(t)).sum())} non-finite value(s) "
+                                 f"(NaN/Inf activations reach the attention; check the model weights and inputs)")
+        t = getattr(plan, name)
+        nan = int(torch.isnan(t).sum())
+        raise ValueError(f"{name} must be finite{_ALLOWED_INF.get(name, '')}; it holds "
+                         + (f"{nan} NaN value(s)" if nan else "+inf" if name == "segment_bias" else "inf"))
 
 
 def _bool_param(name: str, value, shape: tuple, device: torch.device) -> Optional[torch.Tensor]:
@@ -264,7 +302,7 @@ def build_plan(
     elif patch_mask is not None:
         raise ValueError("patch_mask given without out_patch")
 
-    return AttentionPlan(
+    plan = AttentionPlan(
         q=q,
         k=k,
         v=v,
@@ -279,6 +317,8 @@ def build_plan(
         patch_mask=_bool_param("patch_mask", patch_mask, (B, H), device),
         capture=names,
     )
+    _check_values(plan)
+    return plan
 
 
 def capture_shapes(plan: AttentionPlan) -> dict:

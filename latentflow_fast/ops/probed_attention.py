@@ -1,4 +1,4 @@
-"""`probed_attention`: the public operator (DESIGN.md section 3) and its torch.library registration.
+"""`probed_attention`: the public operator (docs/design.md, section 2) and its torch.library registration.
 
 The Python function validates and normalises arguments (`plan.build_plan`), picks a backend, then calls
 the custom op `latentflow::probed_attention`, whose arguments are already normalised tensors. The op has a

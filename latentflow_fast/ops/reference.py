@@ -1,6 +1,6 @@
 """The oracle: probed attention in eager PyTorch, materialising the attention map.
 
-It follows the contract of DESIGN.md section 3 line by line, in float64 by default, so every fused
+It follows the contract of docs/design.md, section 2 (The operator contract) line by line, in float64 by default, so every fused
 backend is tested against it. `query_chunk` bounds memory to [B, H, chunk, Nk] per step.
 """
 
@@ -61,10 +61,13 @@ def reference_attention(
         lse = torch.logsumexp(s, dim=-1)  # -inf for a row with every logit -inf
         alive = torch.isfinite(lse)[..., None]
         p = torch.where(alive, torch.exp(s - torch.where(alive, lse[..., None], 0)), 0)
+        # A row without a finite log-sum-exp attends to nothing: the contract's lse is -inf there (logsumexp
+        # itself would give NaN or +inf for overflowing logits), entropy +0 (not -0.0), as the kernels give.
+        lse = torch.where(alive[..., 0], lse, float("-inf"))
         outs.append(p @ v)
         lses.append(lse)
         maxes.append(s.amax(dim=-1))
-        entropies.append(-torch.special.xlogy(p, p).sum(dim=-1))
+        entropies.append(-torch.special.xlogy(p, p).sum(dim=-1) + 0.0)
         if plan.wants("segment_mass"):
             bounds = plan.segments.tolist()
             seg_masses.append(torch.stack([p[..., a:b].sum(-1) for a, b in zip(bounds, bounds[1:])], dim=-1))

@@ -1,8 +1,13 @@
 """Probing: declarative probes, the batched sweep engine, and hook-style tracing for any module."""
 
-from .engine import Clip, ProbeEngine, Trajectory, model_sites, shard_of, time_bins
-from .probes import INTERVENTIONS, STANDARD_KINDS, MapRequest, Probe, expand_sites, per_head, probe_grid, standard_probes
-from .store import ResultStore
+from .._extras import require as _require
+
+_require("pandas", "probe", "latentflow_fast.probe (sweeps and result stores)")
+_require("pyarrow", "probe", "latentflow_fast.probe (Parquet result stores)")
+
+from .engine import Clip, ProbeEngine, Trajectory, model_sites, shard_of, time_bins  # noqa: E402
+from .probes import INTERVENTIONS, STANDARD_KINDS, MapRequest, Probe, expand_sites, per_head, probe_grid, standard_probes  # noqa: E402
+from .store import ResultStore  # noqa: E402
 
 __all__ = [
     "INTERVENTIONS",

@@ -83,7 +83,8 @@ def barrier() -> None:
 
 
 def model_digest(model: torch.nn.Module) -> str:
-    """A cheap fingerprint of a model's weights: names, shapes, dtypes and a strided sample of values."""
+    """A cheap fingerprint of a model's weights: names, shapes, dtypes and a strided sample of values.
+    (Result folders and rank checks use the full `latentflow_fast.fingerprint.weights_digest`.)"""
     h = hashlib.sha1()
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().reshape(-1)

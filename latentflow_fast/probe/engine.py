@@ -35,6 +35,8 @@ import torch
 from ..models.attention import sdpa
 from ..ops import probed_attention
 from ..ops.profiling import nvtx_range
+from ..fingerprint import weights_digest
+from ..numerics import NonFiniteError, check_finite, first_nonfinite_module
 from ..sampler import METHODS, evaluation_schedule, sample_ode
 from . import distributed
 from .batching import BatchSizer, is_out_of_memory
@@ -146,6 +148,15 @@ class ProbeEngine:
         if not hasattr(model, "attention_router"):
             raise TypeError("model must expose an `attention_router` (a SAM-Audio-architecture model); "
                             "for other modules use latentflow_fast.probe.trace")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        if backend != "auto":
+            from ..ops.backends import unavailable_reason
+
+            device = next(model.parameters()).device.type
+            reason = unavailable_reason(backend, device)
+            if reason is not None:
+                raise ValueError(f"backend: {reason}")
         self.model = model.eval()
         self.backend = backend
         self.time_bins = int(time_bins)
@@ -189,20 +200,23 @@ class ProbeEngine:
         capture = ctx.capture.get(site, ())
         R = q.shape[0]
         with nvtx_range(f"latentflow.site.{site}"):
-            if capture or site in ctx.kernel_sites or len(kernel_rows) == R:
-                out, captured = probed_attention(q, k, v, key_padding_mask=key_padding_mask, segments=segments,
-                                                 capture=capture, backend=self.backend, **kwargs)
-            else:
-                # Rows with nothing to do here run native attention (as in the clean run); only the rows
-                # that intervene go through the probed kernel. Both are batch invariant per row.
-                out, captured = sdpa(q, k, v, key_padding_mask), {}
-                if kernel_rows:
-                    idx = torch.tensor(kernel_rows, device=q.device)
-                    sub = {name: t.index_select(0, idx) for name, t in kwargs.items()}
-                    mask = None if key_padding_mask is None else key_padding_mask.index_select(0, idx)
-                    out[idx], _ = probed_attention(q.index_select(0, idx), k.index_select(0, idx),
-                                                   v.index_select(0, idx), key_padding_mask=mask,
-                                                   segments=segments, backend=self.backend, **sub)
+            try:
+                if capture or site in ctx.kernel_sites or len(kernel_rows) == R:
+                    out, captured = probed_attention(q, k, v, key_padding_mask=key_padding_mask, segments=segments,
+                                                     capture=capture, backend=self.backend, **kwargs)
+                else:
+                    # Rows with nothing to do here run native attention (as in the clean run); only the rows
+                    # that intervene go through the probed kernel. Both are batch invariant per row.
+                    out, captured = sdpa(q, k, v, key_padding_mask), {}
+                    if kernel_rows:
+                        idx = torch.tensor(kernel_rows, device=q.device)
+                        sub = {name: t.index_select(0, idx) for name, t in kwargs.items()}
+                        mask = None if key_padding_mask is None else key_padding_mask.index_select(0, idx)
+                        out[idx], _ = probed_attention(q.index_select(0, idx), k.index_select(0, idx),
+                                                       v.index_select(0, idx), key_padding_mask=mask,
+                                                       segments=segments, backend=self.backend, **sub)
+            except NonFiniteError as exc:  # NaN/Inf activations: say where (the operator only sees tensors)
+                raise NonFiniteError(f"evaluation {ctx.evaluation}, {site}: {exc}") from None
         if post is not None:
             out = post(out)
         if captured:
@@ -350,7 +364,13 @@ class ProbeEngine:
                            kernel_sites=frozenset(capture_at))
             ctx.maps = {m.site: m for m in maps if m.evaluations is None or evaluation in m.evaluations}
             recorded: list = []
-            v = self._forward(ctx, inputs, state, evaluation, t, layer_inputs=recorded)
+            try:
+                v = self._forward(ctx, inputs, state, evaluation, t, layer_inputs=recorded)
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"clean run of clip {clip.clip_id!r}: {exc}") from None
+            check_finite(v, f"clean velocity of clip {clip.clip_id!r} at evaluation {evaluation} (t={t:.4f})",
+                         where=lambda: first_nonfinite_module(model, lambda: self._forward(
+                             _Context(rows=[None]), inputs, state, evaluation, t)))
             size = sum(x.numel() * x.element_size() for x in recorded)
             if recorded and size <= cache_left:
                 layer_cache[evaluation] = recorded
@@ -424,7 +444,7 @@ class ProbeEngine:
 
         ids = sorted(p.probe_id for p in probes)
         return {
-            "model": distributed.model_digest(self.model),
+            "model": weights_digest(self.model),  # full sha256 of the weights (cached on the model)
             "clip": traj.clip.clip_id,
             "mixture": hashlib.sha1(traj.inputs.mixture.detach().cpu().numpy().tobytes()).hexdigest()[:16],
             "prompt": traj.inputs.prompts[0],
@@ -453,6 +473,15 @@ class ProbeEngine:
                 hidden = cached[start].expand(R, *cached[start].shape[1:]).contiguous()
         with nvtx_range(f"latentflow.probe_batch.e{evaluation}.l{start}.r{R}"):
             v = self._forward(ctx, inputs, state, evaluation, t, start_layer=start, hidden=hidden)
+        if not bool(torch.isfinite(v).all()):
+            bad = [p.probe_id for r, p in enumerate(probes) if not bool(torch.isfinite(v[r]).all())]
+            where = first_nonfinite_module(self.model, lambda: self._forward(
+                _Context(rows=list(probes), trajectory=traj, kernel_sites=traj.kernel_sites), inputs,
+                state, evaluation, t))
+            raise NonFiniteError(
+                f"clip {traj.clip.clip_id!r}, evaluation {evaluation}: probe(s) {', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''} gave non-finite velocities"
+                + (f" (first at {where})" if where else ""))
         clean_v = traj.velocities[evaluation]
         diff = (v - clean_v).float()
         clean_norm = clean_v.float().norm()
@@ -477,8 +506,9 @@ class ProbeEngine:
         def velocity(state, t, e):
             return self._forward(ctx, traj.inputs, state, e, t)
 
-        return sample_ode(velocity, x, steps=traj.steps, method=traj.method, start_evaluation=evaluation,
-                          velocity=v).final
+        final = sample_ode(velocity, x, steps=traj.steps, method=traj.method, start_evaluation=evaluation,
+                           velocity=v).final
+        return check_finite(final, f"final latent of probes branching at evaluation {evaluation}")
 
     def _end_metrics(self, traj, final, inputs, rows, end_metrics):
         from .. import metrics

@@ -2,7 +2,7 @@
 
 The fused operator takes key padding masks only. Intercepted models that use other masks (GPT-style
 `is_causal=True`, nn.MultiheadAttention `attn_mask`, additive position biases) are still probed, exactly,
-by this eager path: the operator's contract (DESIGN.md section 3) with one more term added to the logits,
+by this eager path: the operator's contract (docs/design.md, section 2) with one more term added to the logits,
 
     s[b,h,i,j] = scale * logit_scale[b,h] * <q, k> + segment_bias[b,h,seg(j)] + attn_bias[b,h,i,j]
 

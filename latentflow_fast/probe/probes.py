@@ -118,6 +118,16 @@ class Probe:
         return (kind == "none" or (kind in ("head_ablation", "temperature") and self.value == 1.0)
                 or (kind in ("segment_bias", "output_bias") and self.value == 0.0))
 
+    @property
+    def probe_kind(self) -> str:
+        """The name a user asked for: STANDARD_KINDS' "uniform" (temperature 0) and "text_knockout"
+        (segment knockout at a cross-attention site), else the intervention itself."""
+        if self.intervention == "temperature" and self.value == 0.0:
+            return "uniform"
+        if self.intervention == "segment_knockout" and self.kind == "cross_attn":
+            return "text_knockout"
+        return self.intervention
+
     def active_at(self, evaluation: int) -> bool:
         if evaluation < self.evaluation:
             return False
@@ -131,6 +141,7 @@ class Probe:
             "layer": -1 if self.layer is None else self.layer,  # -1: a pattern over several layers
             "attention": self.kind,
             "intervention": self.intervention,
+            "probe_kind": self.probe_kind,
             "heads": "all" if self.heads is None else ",".join(map(str, self.heads)),
             "evaluation": self.evaluation,
             "window": -1 if self.window is None else self.window,

@@ -3,13 +3,13 @@
 A shard is written to a temporary name and renamed into place, so an interrupted sweep leaves only whole
 shards. On restart the store reads the keys already present and the sweep skips them: nothing is lost and
 nothing is written twice. Each rank of a distributed sweep writes its own shards (`part-r{rank}-...`).
-`manifest.json` records the sweep's configuration fingerprint; reopening the folder with another
-configuration is refused instead of mixing incompatible results.
+`manifest.json` records the sweep's configuration fingerprint (see latentflow_fast.fingerprint: model weights,
+clip contents, prompts, sampler and engine settings); reopening the folder with another configuration is
+refused, naming the differing fields, instead of mixing incompatible results.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -34,20 +34,12 @@ class ResultStore:
 
     # ------------------------------------------------------------------ manifest
     def _check_manifest(self, fingerprint: dict) -> None:
-        manifest = self.path / "manifest.json"
-        wanted = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
-        if manifest.exists():
-            found = json.loads(manifest.read_text())
-            if found != wanted:
-                diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-                raise ValueError(
-                    f"results folder {self.path} holds a sweep with another configuration "
-                    f"(differs in: {', '.join(diff)}); use a new folder or delete it"
-                )
-        elif self.rank == 0:
-            tmp = manifest.with_suffix(".tmp")
-            tmp.write_text(json.dumps(wanted, indent=1, sort_keys=True))
-            os.replace(tmp, manifest)
+        # Refused (naming the differing fields) when the folder holds shards made with another
+        # configuration; a manifest next to no shards (a run that failed early) is simply replaced.
+        from ..fingerprint import check_manifest
+
+        check_manifest(self.path / "manifest.json", fingerprint, has_results=lambda: bool(self.shard_paths()),
+                       write=self.rank == 0)
 
     # ------------------------------------------------------------------ shards
     def _shard_ids(self):

@@ -1,4 +1,4 @@
-"""Shared pieces of the causal probing protocol (DESIGN.md section 6): configuration, the clip set, the
+"""Shared pieces of the causal probing protocol (docs/design.md, section 6): configuration, the clip set, the
 run context, and the `Experiment` record every experiment module (P0-P6) exports.
 
 An experiment is three functions: `run(ctx) -> DataFrame` (resumable: rows go through a ResultStore

@@ -1,4 +1,4 @@
-"""P1 orthogonal pathway probe of text conditioning (DESIGN.md section 6).
+"""P1 orthogonal pathway probe of text conditioning (docs/design.md, section 6).
 
 Every cross-attention output c (per layer, per evaluation, per head) splits into its time-mean
 m = mean_t c[t] (the "additive injection", the same vector at every frame) and the frame-varying rest
@@ -147,8 +147,22 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- figures
+INTEGER_AXIS_WORDS = ("layer", "evaluation", "k0", "k*", "step")
+
+
+def integer_ticks(fig) -> None:
+    """Axes that count layers, evaluations or steps get integer ticks (unless they have explicit tick labels)."""
+    from matplotlib.ticker import AutoLocator, MaxNLocator
+
+    for ax in fig.axes:
+        for axis, label in ((ax.xaxis, ax.get_xlabel()), (ax.yaxis, ax.get_ylabel())):
+            if any(w in label.lower() for w in INTEGER_AXIS_WORDS) and isinstance(axis.get_major_locator(), AutoLocator):
+                axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    integer_ticks(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
@@ -184,16 +198,18 @@ def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
     if df.empty or not summary.get("dissociation", {}).get("cells"):
         return produced
     cells = summary["dissociation"]["cells"]
+    n = int(summary.get("clips", df["clip_id"].nunique()))
+    interval = f"bootstrap interval over n = {n} clips" + (" (see Limitations: not a calibrated 95% CI)" if n < 10 else "")
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
     for ax, effect, label in zip(axes, EFFECTS, ("semantic effect (0 = none, 1 = as prompting B)",
                                                  "acoustic effect (MR-STFT distance)")):
         _bars(ax, ["additive", "routing"], {k: cells.get(f"{k}/{effect}", {}) for k in ("additive", "routing")},
               effect.replace("_", " "), label)
-    fig.suptitle("P1: additive vs routing swap, all cross-attention layers (mean, 95% bootstrap CI)")
+    fig.suptitle(f"P1: additive vs routing swap, all cross-attention layers (mean, bootstrap 95% interval, n = {n})")
     produced.append((save_figure(fig, out_dir / "p1_dissociation.png"),
                      "P1 2x2 dissociation: semantic (left) and acoustic (right) effect of swapping the time-mean "
                      "('additive') or the frame-varying part ('routing') of every cross-attention output with the "
-                     "counterfactual prompt's run; bars = mean over clips, whiskers = bootstrap 95% CI."))
+                     f"counterfactual prompt's run; bars = mean over clips, whiskers = {interval}."))
 
     table = summary.get("effects_all_layers", {})
     names = [n for n in ("additive", "routing", "full patch", "uniform", "text knockout") if n in table]
@@ -204,7 +220,7 @@ def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
     produced.append((save_figure(fig, out_dir / "p1_variants.png"),
                      "P1 variants: semantic and acoustic effects of the additive and routing swaps, the full "
                      "cross-attention patch, uniform cross-attention and text-token knockout (mean over clips, "
-                     "bootstrap 95% CI)."))
+                     f"{interval})."))
 
     layered = df[df["layer"] >= 0]
     if not layered.empty:

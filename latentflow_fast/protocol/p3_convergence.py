@@ -225,6 +225,15 @@ def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
         layers = sorted(int(l) for l in kstar)
         values = [kstar[l] if l in kstar else kstar[str(l)] for l in layers]
         ax.bar(layers, values, color=["C0" if l in stable else "C3" for l in layers])
+        # markers too: a k* of 0 is a bar of height 0, which alone would look like an empty chart
+        ax.scatter(layers, values, color=["C0" if l in stable else "C3" for l in layers], zorder=3)
+        last = max(1, int(summary.get("num_evaluations", max(values) + 1)) - 1)
+        ax.set_ylim(-0.5, last + 0.5)
+        ax.set_xticks(layers)
+        if len(set(values)) == 1:
+            ax.text(0.5, 0.9, f"k* = {values[0]:g} for every layer: k* separates no layers\n"
+                              f"(split basis: {summary.get('split_basis')})", transform=ax.transAxes,
+                    ha="center", va="top", fontsize=8)
         ax.set_xlabel("layer")
         ax.set_ylabel("convergence index k* (evaluation)")
         ax.set_title(f"P3: k*_l (median over clips), tau = {summary.get('tau')}")

@@ -169,6 +169,9 @@ def _variant_summary(part: pd.DataFrame) -> dict:
             float(part["si_sdri_db"].median()) if part["si_sdri_db"].notna().any() else None),
         "mean_degradation_db": _mean(part["degradation_db"]), "mean_mrstft_to_full": _mean(part["mrstft_to_full"]),
         "wall_ratio_to_full": float(part["wall_seconds"].sum() / part["full_wall_seconds"].sum()),
+        # per clip (in clip order): the spread tells a real saving from timing noise (protocol.limitations)
+        "wall_ratio_by_clip": [float(w / f) for _, w, f in sorted(
+            zip(part["clip_id"], part["wall_seconds"], part["full_wall_seconds"]))],
     }
 
 

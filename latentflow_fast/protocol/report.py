@@ -89,24 +89,44 @@ def headline_rows(summary: dict, per_experiment: int = 6) -> list[tuple[str, str
 
 
 def format_table(rows: Iterable[tuple], width: int = 100) -> str:
+    """Aligned rows; long values (headlines) wrap onto indented lines instead of being cut."""
+    import textwrap
+
     rows = list(rows)
     if not rows:
         return "(no results)"
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
+    room = max(30, width - w0 - w1 - 4)
     lines = []
     for a, b, c in rows:
-        room = max(20, width - w0 - w1 - 4)
-        c = c if len(c) <= room else c[: room - 3] + "..."
-        lines.append(f"{a:<{w0}}  {b:<{w1}}  {c}")
+        wrapped = textwrap.wrap(str(c), room, break_long_words=False, break_on_hyphens=False) or [""]
+        lines.append(f"{a:<{w0}}  {b:<{w1}}  {wrapped[0]}")
+        lines += [" " * (w0 + w1 + 4) + more for more in wrapped[1:]]
     return "\n".join(lines)
+
+
+def format_limitations(summary: dict, width: int = 100) -> str:
+    import textwrap
+
+    items = summary.get("limitations") or []
+    if not items:
+        return ""
+    lines = ["Limitations of this run:"]
+    for item in items:
+        lines += textwrap.wrap(f"- [{item['topic']}] {item['text']}", width, subsequent_indent="  ")
+    return "\n".join(lines)
+
+
+COLLAPSE_ROWS = 12  # number tables longer than this start collapsed in report.html
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.2em;font-size:0.85em}td,th{border:1px solid #ccc;padding:2px 8px;
 text-align:left;vertical-align:top}th{background:#f3f3f3}figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:0.9em;color:#444;max-width:900px}.headline{background:#f7f7e8;padding:0.4em 0.8em;
-border-left:3px solid #bb4}code{background:#f2f2f2;padding:0 3px}"""
+border-left:3px solid #bb4}code{background:#f2f2f2;padding:0 3px}.limits{background:#fbf1f1;padding:0.4em 1.2em;
+border-left:3px solid #b44}summary{cursor:pointer;color:#225}"""
 
 
 def write_report(out_dir, summary: dict, figures: list, run_info: dict | None = None) -> Path:
@@ -120,7 +140,7 @@ def write_report(out_dir, summary: dict, figures: list, run_info: dict | None = 
              f"<style>{_STYLE}</style></head><body>",
              "<h1>Causal probing protocol report</h1>",
              "<p>Deterministic inference-time probing of attention in a flow-matching separation model "
-             "(protocol P0-P6 of <i>Inside the Latent Flow</i>, as reconstructed in DESIGN.md section 6). "
+             "(protocol P0-P6 of <i>Inside the Latent Flow</i>, as defined in the project's docs/design.md, section 6). "
              "All numbers below come from <code>summary.json</code>; per-probe rows are in "
              "<code>results/&lt;experiment&gt;/*.parquet</code>.</p>"]
     model = summary.get("model", {})
@@ -138,6 +158,11 @@ def write_report(out_dir, summary: dict, figures: list, run_info: dict | None = 
         for clip in clips:
             parts.append("<tr>" + "".join(f"<td>{esc(_fmt(clip.get(c)))}</td>" for c in columns) + "</tr>")
         parts.append("</table>")
+    limits = summary.get("limitations") or []
+    if limits:
+        parts.append("<h2 id='limitations'>Limitations of this run</h2><div class='limits'><ul>")
+        parts += [f"<li><b>{esc(item['topic'])}:</b> {esc(item['text'])}</li>" for item in limits]
+        parts.append("</ul></div>")
     parts.append("<h2>Summary</h2><table><tr><th>experiment</th><th>headline</th></tr>")
     for name, entry in summary.get("experiments", {}).items():
         result = entry.get("summary") or {}
@@ -156,7 +181,8 @@ def write_report(out_dir, summary: dict, figures: list, run_info: dict | None = 
                          f"<figcaption>{esc(fig['caption'])}</figcaption></figure>")
         rows = [r for r in flatten(result) if r[0] != "headline"]
         if rows:
-            parts.append("<details open><summary>numbers</summary><table>")
+            is_open = " open" if len(rows) <= COLLAPSE_ROWS else ""
+            parts.append(f"<details{is_open}><summary>numbers ({len(rows)} entries)</summary><table>")
             for key, value in rows[:200]:
                 parts.append(f"<tr><th>{esc(key)}</th><td>{esc(value)}</td></tr>")
             parts.append("</table></details>")
@@ -168,4 +194,4 @@ def write_report(out_dir, summary: dict, figures: list, run_info: dict | None = 
     return path
 
 
-__all__ = ["flatten", "format_table", "headline_rows", "json_ready", "write_json", "write_report"]
+__all__ = ["COLLAPSE_ROWS", "flatten", "format_limitations", "format_table", "headline_rows", "json_ready", "write_json", "write_report"]

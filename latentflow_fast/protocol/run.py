@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from .base import ProtocolConfig, ProtocolContext
+from .limitations import limitations
 from .report import headline_rows, json_ready, write_json, write_report
 
 ORDER = ("p0", "p1", "p2", "p3", "p4", "p5", "p6")
@@ -105,42 +106,71 @@ def load_protocol_model(spec="tiny"):
 
 
 def describe_model(model, spec) -> dict:
+    from ..fingerprint import weights_digest
+
     cfg = model.config
     return {"spec": str(spec), "dim": cfg.dim, "n_heads": cfg.n_heads, "n_layers": cfg.n_layers,
             "latent_dim": cfg.latent_dim,
             "parameters": int(sum(p.numel() for p in model.parameters())),
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "weights_sha256": weights_digest(model)}
 
 
 def describe_clip(pclip) -> dict:
+    from ..fingerprint import audio_digest
+
     clip = pclip.clip
     return {"clip_id": clip.clip_id, "prompt": clip.prompt, "counterfactual": pclip.counterfactual_prompt,
             "group": pclip.group, "gain_group": pclip.meta.get("gain_group", ""),
-            "sources": ", ".join(pclip.classes), "seconds": round(clip.mixture.numel() / clip.sample_rate, 3)}
+            "sources": ", ".join(pclip.classes), "seconds": round(clip.mixture.numel() / clip.sample_rate, 3),
+            "sample_rate": int(clip.sample_rate), "audio_sha256": audio_digest(clip.mixture, clip.sample_rate)}
+
+
+def _has_results(out_dir: Path) -> bool:
+    results = out_dir / "results"
+    return (out_dir / "summary.json").exists() or (results.is_dir() and any(results.rglob("*.parquet")))
 
 
 def _check_folder(out_dir: Path, manifest: dict) -> None:
-    path = out_dir / "protocol.json"
-    wanted = json_ready(manifest)
-    if path.exists():
-        found = json.loads(path.read_text())
-        if found != wanted:
-            diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-            raise ValueError(f"out_dir: {out_dir} holds a protocol run made with another setup "
-                             f"(differs in: {', '.join(diff)}); use another folder or delete it")
-    else:
-        write_json(path, wanted)
+    """protocol.json records what the folder was made with; a folder holding results of another setup is
+    refused (SettingsMismatch names the differing fields). A protocol.json next to no results (a run that
+    failed before computing anything) is replaced."""
+    from ..fingerprint import check_manifest
+
+    check_manifest(out_dir / "protocol.json", json_ready(manifest), has_results=lambda: _has_results(out_dir),
+                   write=_is_main_process())
+
+
+def _is_main_process() -> bool:
+    from ..probe import distributed
+
+    return distributed.is_main_process()
+
+
+def protocol_manifest(config: ProtocolConfig, model, clips, clip_seconds, spec) -> dict:
+    """Everything that determines the folder's rows: config, model (with a weights digest), clip contents."""
+    from ..fingerprint import backend_fingerprint
+
+    return {"config": config.fingerprint(), "model": describe_model(model, spec),
+            "clips": [describe_clip(c) for c in clips], "clip_seconds": clip_seconds,
+            "engine": backend_fingerprint(config.backend, next(model.parameters()).device.type)}
 
 
 def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-report", clips=None, model=None,
-                 progress: bool = True, clip_seconds: Optional[float] = None, model_name: Optional[str] = None) -> dict:
+                 progress: bool = True, clip_seconds: Optional[float] = None, model_name: Optional[str] = None,
+                 new: bool = False) -> dict:
     """Run config.experiments (plus dependencies) and write the output folder; returns the summary dict.
+
+    A folder holding results made with another setup is refused (fingerprint.SettingsMismatch, a
+    ValueError naming the differing fields); with new=True the run goes to `separate_folder(out_dir, ...)`
+    instead (summary["out_dir"] says where).
 
     clips: ProtocolClip list (default: `clips.default_clips(config, model, clip_seconds)`).
     model: a loaded model (default: `load_protocol_model(config.model)`); model_name labels it in the report.
     """
     from tqdm.auto import tqdm
 
+    from ..fingerprint import SettingsMismatch, separate_folder
     from ..probe import ProbeEngine
     from .clips import default_clips
 
@@ -160,10 +190,16 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
     clips = list(clips)
     if not clips:
         raise ValueError("clips: no clips to probe")
-    model_info = describe_model(model, spec)
-    clip_info = [describe_clip(c) for c in clips]
-    _check_folder(out_dir, {"config": config.fingerprint(), "model": model_info, "clips": clip_info,
-                            "clip_seconds": clip_seconds})
+    manifest = protocol_manifest(config, model, clips, clip_seconds, spec)
+    model_info, clip_info = manifest["model"], manifest["clips"]
+    try:
+        _check_folder(out_dir, manifest)
+    except SettingsMismatch:
+        if not new:
+            raise
+        out_dir = separate_folder(out_dir, manifest)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _check_folder(out_dir, manifest)
     engine = ProbeEngine(model, backend=config.backend, time_bins=config.time_bins)
     ctx = ProtocolContext(config=config, model=model, engine=engine, clips=clips, out_dir=out_dir, progress=progress)
     ctx.summaries = {}  # earlier experiments' summaries (P4/P6 read P3's stable/fast split here)
@@ -190,13 +226,14 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
                                  "summary": ctx.summaries[e.name]} for e in experiments},
         "figures": figures,
     }
+    summary["limitations"] = limitations(json_ready(summary))
     write_json(out_dir / "summary.json", summary)
     run_info = {"seconds_per_experiment": timings, "total_seconds": round(sum(timings.values()), 2),
                 "torch": torch.__version__, "python": platform.python_version(),
                 "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     write_json(out_dir / "run_info.json", run_info)
     write_report(out_dir, json_ready(summary), figures, run_info)
-    return json_ready(summary)
+    return {**json_ready(summary), "out_dir": str(out_dir)}
 
 
 def _first_paragraph(experiment) -> str:
