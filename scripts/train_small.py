@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from latentflow_fast.models.small import DEFAULT_SMALL_CONFIG, build_small_model  # noqa: E402
 from training.flow_matching import TIME_SAMPLINGS, TrainConfig, save_model, train  # noqa: E402
 
-DEFAULT_STEPS = 1600
+DEFAULT_STEPS = 1500
 
 
 def parse_args(argv=None):
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="init, data and noise seed")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for determinism)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed: resuming needs the same count)")
     p.add_argument("--time-sampling", default="uniform", choices=list(TIME_SAMPLINGS))
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--log-every", type=int, default=10)

@@ -8,7 +8,9 @@ docs/small_model.md; in short:
   of 2.0-4.0 s (so any two sources overlap in time by construction) with 20 ms raised-cosine fades,
   is scaled to RMS 0.1 over its active interval, then by a gain uniform in [-6, +6] dB.
 * Classes differ in spectrum and spectro-temporal pattern, never only in timing: a low tone
-  (110-300 Hz) and a high tone (1.2-3.2 kHz) are different targets, as are rising and falling chirps.
+  (100-250 Hz) and a high tone (0.7-1.5 kHz) are different targets, as are rising and falling chirps.
+* Every source is band-limited below 1.8 kHz, inside the small model's 0-2 kHz latent (its codec keeps
+  the 80 lowest MDCT bins), so the codec round trip is exact on every source and every mixture.
 * Each source gets a phrase of 3-6 words drawn from its class's grammar: a determiner, one or two
   adjectives (attribute words such as fast/slow follow the drawn parameters), a noun phrase. The prompt
   is the target's phrase; ``phrases`` holds one per source, for counterfactual prompts.
@@ -77,19 +79,22 @@ def _tone(low: float, high: float):
     return render
 
 
+BAND_LIMIT_HZ = 1800.0
+
+
 def _buzz(rng, n):
-    f0 = _log_uniform(rng, 70.0, 150.0)
+    f0 = _log_uniform(rng, 70.0, 140.0)
     t = np.arange(n) / SAMPLE_RATE
-    k = np.arange(1, int(3000.0 // f0) + 1)
+    k = np.arange(1, int(1700.0 // f0) + 1)
     phases = rng.uniform(0, 2 * np.pi, size=len(k))
     x = (np.sin(2 * np.pi * f0 * np.outer(k, t) + phases[:, None]) / k[:, None]).sum(axis=0)
     return x, {"f0_hz": f0}
 
 
 def _chirps(direction: int):
-    """Repeated exponential sweeps between ~300-600 Hz and 2-4 kHz, each with its own 5 ms fades."""
+    """Repeated exponential sweeps between 200-350 Hz and 1.1-1.7 kHz, each with its own 5 ms fades."""
     def render(rng, n):
-        low, high = _log_uniform(rng, 300.0, 600.0), _log_uniform(rng, 2000.0, 4000.0)
+        low, high = _log_uniform(rng, 200.0, 350.0), _log_uniform(rng, 1100.0, 1700.0)
         period = int(rng.uniform(0.4, 1.0) * SAMPLE_RATE)
         f_start, f_end = (low, high) if direction > 0 else (high, low)
         tau = np.arange(period) / SAMPLE_RATE
@@ -107,20 +112,25 @@ def _chirps(direction: int):
 
 
 def _clicks(rng, n):
+    """Ticks: Gaussian tone bursts (600-1400 Hz, 1-2 ms wide: short but band-limited)."""
     rate = float(rng.uniform(3.0, 12.0))
     period = SAMPLE_RATE / rate
     starts = np.floor(np.arange(rng.uniform(0, period), n, period)).astype(np.int64)
-    length = int(0.004 * SAMPLE_RATE)
-    click = rng.standard_normal(length) * np.exp(-np.arange(length) / (0.0008 * SAMPLE_RATE))
-    return _add_events(n, starts, click), {"rate_hz": rate, "speed": "fast" if rate >= 7.0 else "slow"}
+    f = _log_uniform(rng, 600.0, 1400.0)
+    width = float(rng.uniform(0.001, 0.002))
+    length = int(8 * width * SAMPLE_RATE)
+    tau = np.arange(length) / SAMPLE_RATE
+    tick = np.sin(2 * np.pi * f * tau) * np.exp(-0.5 * ((tau - 4 * width) / width) ** 2)
+    return _add_events(n, starts, tick), {"rate_hz": rate, "frequency_hz": f,
+                                          "speed": "fast" if rate >= 7.0 else "slow"}
 
 
 def _hiss(rng, n):
-    return _band_noise(rng, n, 4500.0, 7500.0), {}
+    return _band_noise(rng, n, 1300.0, 1750.0), {}
 
 
 def _siren(rng, n):
-    centre = _log_uniform(rng, 600.0, 1000.0)
+    centre = _log_uniform(rng, 400.0, 750.0)
     depth = float(rng.uniform(0.15, 0.3))
     rate = float(rng.uniform(0.5, 2.0))
     t = np.arange(n) / SAMPLE_RATE
@@ -128,12 +138,12 @@ def _siren(rng, n):
     return np.sin(2 * np.pi * np.cumsum(freq) / SAMPLE_RATE), {"centre_hz": centre, "rate_hz": rate}
 
 
-_BELL_RATIOS = np.array([1.0, 2.0, 2.76, 4.07, 5.4])
-_BELL_AMPS = np.array([1.0, 0.6, 0.5, 0.3, 0.2])
+_BELL_RATIOS = np.array([1.0, 2.0, 2.76, 4.07])
+_BELL_AMPS = np.array([1.0, 0.6, 0.5, 0.3])
 
 
 def _bell(rng, n):
-    f = _log_uniform(rng, 450.0, 1000.0)
+    f = _log_uniform(rng, 250.0, 420.0)
     interval = int(rng.uniform(0.5, 1.2) * SAMPLE_RATE)
     decay = float(rng.uniform(0.25, 0.5))
     length = min(n, int(5 * decay * SAMPLE_RATE))
@@ -166,8 +176,8 @@ def _birds(rng, n):
         if length >= n:
             continue
         start = int(rng.integers(0, n - length))
-        f_a = float(rng.uniform(2500.0, 5000.0))
-        f_b = f_a * float(rng.uniform(0.6, 1.4))
+        f_a = float(rng.uniform(1100.0, 1700.0))
+        f_b = min(1750.0, f_a * float(rng.uniform(0.75, 1.3)))
         freq = np.linspace(f_a, f_b, length)
         x[start:start + length] += np.sin(2 * np.pi * np.cumsum(freq) / SAMPLE_RATE) * np.hanning(length)
     return x, {"rate_hz": rate}
@@ -187,9 +197,9 @@ class SoundClass:
 
 
 CLASSES: tuple[SoundClass, ...] = (
-    SoundClass("low tone", "a low pitched sine tone", _tone(110.0, 300.0),
+    SoundClass("low tone", "a low pitched sine tone", _tone(100.0, 250.0),
                ("low", "low pitched", "deep"), ("tone", "sine tone", "hum")),
-    SoundClass("high tone", "a high pitched sine tone", _tone(1200.0, 3200.0),
+    SoundClass("high tone", "a high pitched sine tone", _tone(700.0, 1500.0),
                ("high", "high pitched", "shrill"), ("tone", "sine tone", "whistle")),
     SoundClass("buzz", "a harsh electric buzz", _buzz,
                ("harsh", "electric", "droning"), ("buzz", "buzzing sound")),

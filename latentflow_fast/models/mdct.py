@@ -9,8 +9,12 @@ periodic, so T = ceil(S / hop) frames (the codec interface's count), frame t is 
 middle of [t*hop, (t+1)*hop), and every sample lies in exactly two frames. The first and last frames
 therefore also see hop/2 samples of the other end of the clip, weighted by the window's tail.
 
-At hop 320 and 16 kHz that is 50 latent frames per second of 320 channels (25 Hz bins), against
-SAM Audio's 25 frames per second of 128 channels from a learned DAC-VAE.
+``bins`` keeps only the lowest MDCT bins (the latent's channels): at hop 320 and 16 kHz the bins are
+25 Hz wide, so ``bins=80`` is a 0-2 kHz latent of 80 channels at 50 frames per second (SAM Audio: 128
+channels at 25 frames per second from a learned DAC-VAE). The round trip is then exact for content below
+about 1.9 kHz and drops what lies above 2 kHz. Why fewer channels than samples per hop: the DiT predicts
+2C values per frame through a Linear(D, 2C), so for a model of width D the output only spans all of them
+when 2C <= D, and its input projection squeezes 3C values (noisy state and mixture) into D.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def mdct_basis(hop: int) -> torch.Tensor:
 
 
 class MDCTCodec(AudioCodec):
-    """wave [B, S] <-> latent [B, T, hop], T = max(2, ceil(S / hop)); latent = scale * MDCT coefficients.
+    """wave [B, S] <-> latent [B, T, bins], T = max(2, ceil(S / hop)); latent = scale * MDCT coefficients.
 
     ``scale`` (default 10) brings sources at RMS ~0.1 to coefficients of ~unit variance (the transform is
     orthonormal, so it preserves energy). Tails shorter than a hop are zero-padded; clips shorter than two
@@ -42,7 +46,7 @@ class MDCTCodec(AudioCodec):
     cast per call: the codec adds no state-dict keys.
     """
 
-    def __init__(self, sample_rate: int = 16_000, hop: int = 320, scale: float = 10.0):
+    def __init__(self, sample_rate: int = 16_000, hop: int = 320, scale: float = 10.0, bins: int | None = None):
         super().__init__()
         if isinstance(hop, bool) or not isinstance(hop, int) or hop < 2 or hop % 2:
             raise ValueError(f"hop must be an even int >= 2, got {hop!r}")
@@ -50,7 +54,12 @@ class MDCTCodec(AudioCodec):
             raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
         if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
             raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        if bins is None:
+            bins = hop
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= hop:
+            raise ValueError(f"bins must be an int in [1, hop={hop}], got {bins!r}")
         self.hop = hop
+        self.bins = bins
         self.scale = float(scale)
         self._sample_rate = sample_rate
         self._basis64 = mdct_basis(hop)
@@ -66,7 +75,12 @@ class MDCTCodec(AudioCodec):
 
     @property
     def latent_dim(self) -> int:
-        return self.hop
+        return self.bins
+
+    @property
+    def bandwidth_hz(self) -> float:
+        """Upper edge of the kept bins."""
+        return self.bins * self._sample_rate / (2 * self.hop)
 
     def num_frames(self, num_samples: int) -> int:
         return max(2, -(-num_samples // self.hop))
@@ -74,11 +88,11 @@ class MDCTCodec(AudioCodec):
     def basis(self, device, dtype) -> torch.Tensor:
         key = (str(device), dtype)
         if key not in self._basis_cache:
-            self._basis_cache[key] = self._basis64.to(device=device, dtype=dtype)
+            self._basis_cache[key] = self._basis64[:, : self.bins].to(device=device, dtype=dtype)
         return self._basis_cache[key]
 
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
-        """wave [B, S] (or [S]) -> latent [B, T, hop]."""
+        """wave [B, S] (or [S]) -> latent [B, T, bins]."""
         if not isinstance(wave, torch.Tensor):
             raise TypeError(f"wave must be a torch.Tensor, got {type(wave).__name__}")
         if wave.dim() == 1:
@@ -95,11 +109,11 @@ class MDCTCodec(AudioCodec):
         return (windows @ self.basis(wave.device, wave.dtype)) * self.scale
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """latent [B, T, hop] -> wave [B, T * hop]."""
+        """latent [B, T, bins] -> wave [B, T * hop]."""
         if not isinstance(latent, torch.Tensor):
             raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
-        if latent.dim() != 3 or latent.shape[-1] != self.hop or latent.shape[1] < 2:
-            raise ValueError(f"latent must be [B, T >= 2, {self.hop}], got shape {tuple(latent.shape)}")
+        if latent.dim() != 3 or latent.shape[-1] != self.bins or latent.shape[1] < 2:
+            raise ValueError(f"latent must be [B, T >= 2, {self.bins}], got shape {tuple(latent.shape)}")
         hop, half = self.hop, self.hop // 2
         B, T, _ = latent.shape
         windows = (latent / self.scale) @ self.basis(latent.device, latent.dtype).T  # [B, T, 2*hop]
