@@ -1,10 +1,14 @@
 """Compile the Triton kernels for a GPU target without a GPU, and report their resources.
 
     python -m latentflow_fast.kernels.triton_codegen            # table for sm_80 / sm_90, D 64/128/256
+    python -m latentflow_fast.kernels.triton_codegen --markdown # the static-evidence table of BENCHMARKS.md
 
 Triton can lower a kernel to PTX and cubin for any NVIDIA target on a machine without one (ptxas ships
 with Triton). This catches compile-only errors that the CPU interpreter cannot see, and `ptxas -v` tells
 registers, spills and shared memory per block configuration, the first thing to check when tuning.
+From the cubin's SASS (nvdisasm, also shipped with Triton) it counts the instructions of the hot key
+loop's body (a static count: the loop that issues the tensor-core MMAs, branches included) and whether
+the kernel uses wgmma (HGMMA) and TMA (UTMALDG / cp.async.bulk.tensor).
 The launch arguments come from the real launcher (`backend_triton.build_launches`) applied to a plan of
 meta tensors, mimicking the JIT's specialisation (ints equal to 1 become constants, multiples of 16 and
 tensor pointers get 16-divisibility hints), so what compiles here is what the JIT compiles on a GPU.
@@ -28,6 +32,11 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
           torch.int64: "i64", torch.bool: "i1"}
 
 
+# Largest dynamic shared memory a block may opt into (CUDA programming guide, per compute capability);
+# Triton raises OutOfResources at load time above it, so compile_plan raises it here already.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
 @dataclass
 class KernelReport:
     kernel: str
@@ -39,6 +48,9 @@ class KernelReport:
     spill_bytes: int
     shared_bytes: int
     mma: str
+    tma: bool = False
+    loop_instructions: int = 0  # SASS instructions in the hot loop's body (static count)
+    loop_mmas: int = 0          # of which tensor-core MMA instructions
 
 
 def meta_plan(B=1, H=4, Hkv=4, Nq=4096, Nk=4096, D=128, Dv=None, dtype=torch.bfloat16, G=3,
@@ -64,6 +76,42 @@ def _ptxas() -> str:
     import triton.backends.nvidia as nvidia
 
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+
+
+def _nvdisasm() -> str:
+    import triton.backends.nvidia as nvidia
+
+    return os.path.join(os.path.dirname(nvidia.__file__), "bin", "nvdisasm")
+
+
+_MMA = re.compile(r"\b(HGMMA|HMMA|QGMMA|IMMA)\b")
+
+
+def sass_loop_stats(cubin: bytes) -> tuple[int, int, bool]:
+    """(instructions, MMA instructions) of the hot loop -- the first backward-branch loop whose body holds
+    tensor-core MMAs -- and whether the SASS uses TMA loads (UTMALDG)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        sass = subprocess.run([_nvdisasm(), "-c", path], capture_output=True, text=True, check=True).stdout
+    lines = sass.splitlines()
+    labels, instructions = {}, []  # label -> index of the next instruction; (index, text)
+    for line in lines:
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+        elif re.search(r"/\*[0-9a-f]{4,}\*/", line):
+            instructions.append(line)
+    best = (0, 0)
+    for index, text in enumerate(instructions):
+        target = re.search(r"\bBRA\b.*?`?\(?(\.L_x_\d+)", text)
+        if target and labels.get(target.group(1), index + 1) <= index:
+            body = instructions[labels[target.group(1)]:index + 1]
+            mmas = sum(bool(_MMA.search(t)) for t in body)
+            if mmas and not best[1]:
+                best = (len(body), mmas)
+    return best[0], best[1], "UTMALDG" in sass
 
 
 def _ptxas_resources(ptx: str, arch: str) -> tuple[int, int]:
@@ -117,31 +165,53 @@ def compile_plan(plan: AttentionPlan, capability: int = 90, fwd_config=None, km_
         registers, spills = _ptxas_resources(compiled.asm["ptx"], arch)
         ptx = compiled.asm["ptx"]
         mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma")
+        limit = SHARED_LIMIT.get(capability, SHARED_LIMIT[80])
+        if compiled.metadata.shared > limit:  # what the launch would raise on the GPU
+            from triton.runtime.errors import OutOfResources
+
+            raise OutOfResources(compiled.metadata.shared, limit, "shared memory")
+        loop_instructions, loop_mmas, tma_sass = sass_loop_stats(compiled.asm["cubin"])
         blocks = (f"M{meta['BLOCK_M']} N{meta['BLOCK_N']}")
         reports.append(KernelReport(launch.kernel, arch, options["num_warps"], options["num_stages"], blocks,
-                                    registers, spills, compiled.metadata.shared, mma))
+                                    registers, spills, compiled.metadata.shared, mma,
+                                    tma_sass or "cp.async.bulk.tensor" in ptx, loop_instructions, loop_mmas))
     return reports
 
 
-def main() -> None:
-    print("| target | D | dtype | variant | kernel | warps | stages | blocks | regs | spill B | smem KiB | mma |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    variants = {
-        "plain": dict(interventions=False, capture=()),
-        "probe": dict(interventions=True, capture=("lse", "entropy", "segment_mass")),
-        "key_mass": dict(interventions=False, capture=("key_mass",)),
-    }
-    for capability in (90, 80):
-        for dtype in (torch.bfloat16, torch.float32):
-            for D in (64, 128, 256):
-                for name, spec in variants.items():
+VARIANTS = {
+    "plain": dict(interventions=False, capture=()),
+    "probe": dict(interventions=True, capture=("lse", "entropy", "segment_mass")),
+    "probe G=512": dict(interventions=True, capture=("lse", "entropy", "segment_mass"), G=512),
+    "key_mass": dict(interventions=False, capture=("key_mass",)),
+}
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="resources of the Triton kernels per target (no GPU needed)")
+    parser.add_argument("--capabilities", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--markdown", action="store_true", help="only the columns of BENCHMARKS.md, sm_90 bf16")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        args.capabilities, args.dtypes, args.head_dims = [90], ["bfloat16"], [64, 128]
+    print("| target | D | dtype | variant | kernel | warps | stages | blocks | regs | spill B | smem KiB | mma | TMA "
+          "| loop instr | loop MMAs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for capability in args.capabilities:
+        for dtype in (getattr(torch, name) for name in args.dtypes):
+            for D in args.head_dims:
+                for name, spec in VARIANTS.items():
                     plan = meta_plan(D=D, dtype=dtype, **spec)
                     for r in compile_plan(plan, capability):
                         if name == "key_mass" and r.kernel.endswith("fwd"):
                             continue
-                        print(f"| {r.target} | {D} | {_TYPES[dtype]} | {name} | {r.kernel} | {r.num_warps} | "
-                              f"{r.num_stages} | {r.blocks} | {r.registers} | {r.spill_bytes} | "
-                              f"{r.shared_bytes / 1024:.0f} | {r.mma} |", flush=True)
+                        print(f"| {r.target} | {D} | {_TYPES[dtype]} | {name} | {r.kernel.replace('latentflow_probed_attn_', '')} "
+                              f"| {r.num_warps} | {r.num_stages} | {r.blocks} | {r.registers} | {r.spill_bytes} | "
+                              f"{r.shared_bytes / 1024:.0f} | {r.mma} | {'yes' if r.tma else 'no'} | "
+                              f"{r.loop_instructions} | {r.loop_mmas} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The Triton kernels compile for real GPU targets (sm_90 and sm_80) on a machine without a GPU.
 
 The interpreter tests check the numbers; this catches what only the compiler sees (layouts, dot shapes,
-types of loop-carried values) for the feature combinations that matter, through the real launcher's
-arguments. `python -m latentflow_fast.kernels.triton_codegen` prints the full resource table.
+types of loop-carried values, register spills, shared memory beyond the chip's limit) for the feature
+combinations that matter, through the real launcher's arguments. `python -m latentflow_fast.kernels.triton_codegen`
+prints the full resource table.
 """
 
 import os
@@ -14,7 +15,7 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("codegen needs Triton without the interpreter", allow_module_level=True)
 
-from latentflow_fast.kernels.triton_codegen import compile_plan, meta_plan  # noqa: E402
+from latentflow_fast.kernels.triton_codegen import SHARED_LIMIT, compile_plan, meta_plan  # noqa: E402
 
 CASES = [
     # (capability, head dim, dtype, interventions, captures)
@@ -34,5 +35,20 @@ def test_kernels_compile_for_gpu_targets(capability, D, dtype, interventions, ca
                                            + (["latentflow_probed_attn_key_mass"] if "key_mass" in capture else []))
     for r in reports:
         assert r.registers <= 255
+        assert r.shared_bytes <= SHARED_LIMIT[capability], r
         if dtype != torch.float32:  # 16-bit operands must reach the tensor cores
             assert r.mma == ("wgmma" if capability >= 90 else "mma.sync"), r
+
+
+# One segment per text token (G = 77 at cross-attention sites), many time bins (G = 512) and a few
+# segments: the per-segment state must not grow with G (it once did: spills from G = 40, and at G = 300 a
+# shared-memory demand over the chip's limit, i.e. OutOfResources at launch).
+@pytest.mark.parametrize("G", [3, 77, 512])
+@pytest.mark.parametrize("D", [64, 128])
+def test_many_segments_compile_without_spills(G, D):
+    plan = meta_plan(D=D, Nk=4096, G=G, interventions=True,
+                     capture=("lse", "max", "entropy", "segment_mass", "key_mass"))
+    reports = compile_plan(plan, 90)  # raises triton's OutOfResources if the kernel cannot launch
+    for r in reports:
+        assert r.spill_bytes == 0, r
+        assert r.shared_bytes <= SHARED_LIMIT[90], r

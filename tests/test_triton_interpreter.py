@@ -313,6 +313,44 @@ def batch_invariance():
 
 
 @check
+def many_segments_one_per_key():
+    """G = Nk (one segment per key: every key block straddles BLOCK_N boundaries) and G between, with
+    segment bias: the segment masses live in the output, so any G works."""
+    torch = _torch()
+    q, k, v, kwargs, gen = _base(seed=16, B=2, H=2, Hkv=1, Nq=20, Nk=70)
+    for segments in (list(range(71)), [0, 1, 2, 3, 31, 32, 33, 64, 65, 70]):
+        G = len(segments) - 1
+        bias = torch.randn(2, 2, G, generator=gen)
+        bias[0, 0, ::3] = -math.inf
+        _compare(q, k, v, key_padding_mask=kwargs["key_padding_mask"], segments=segments, segment_bias=bias,
+                 capture=ALL)
+
+
+@check
+def row_offsets_are_64_bit():
+    """Tile bases are start * stride in 64-bit: packed QKV rows (stride 3 * 16 * 128) at N = 350k pass 2^31."""
+    torch = _torch()
+    import triton
+    import triton.language as tl
+
+    from latentflow_fast.ops.backend_triton import _kernels
+
+    global _row_offset  # the kernel below resolves it as a module global
+    _row_offset = _kernels()._row_offset
+
+    @triton.jit
+    def offsets(Out, start, stride, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(Out + i, _row_offset(start, stride) + i)
+
+    out = torch.zeros(4, dtype=torch.int64)
+    start, stride = 350_000, 3 * 16 * 128
+    offsets[(1,)](out, start, stride, BLOCK=4)
+    expected = torch.arange(4, dtype=torch.int64) + start * stride
+    assert start * stride > 2**31 and torch.equal(out, expected), (out, expected)
+
+
+@check
 def registry_accepts_cpu_under_interpreter():
     from latentflow_fast.ops import backends
 

@@ -151,15 +151,29 @@ def _outputs(plan: AttentionPlan, empty=torch.empty) -> dict:
     }
 
 
+def _tile_safe(t: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
+    """`t`, or a contiguous copy when an offset inside one tile (rows x last dim) could pass int32.
+
+    The kernels advance each tile's base row in 64-bit but index inside a tile in 32-bit (cheaper in the
+    hot loop); only a stride above 2^31 / rows (absurd for attention inputs) needs the copy.
+    """
+    if t is None:
+        return None
+    span = (rows - 1) * abs(t.stride(-2)) + (t.shape[-1] - 1) * abs(t.stride(-1)) if t.dim() >= 2 else 0
+    return t if span < 2**31 else t.contiguous()
+
+
 def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[BlockConfig] = None,
                    km_config: Optional[BlockConfig] = None) -> list[Launch]:
     """The launches that compute `plan` into `outputs` (also used to compile kernels offline)."""
-    q, k, v = plan.q, plan.k, plan.v
-    B, H, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    B, H, Nq, D = plan.q.shape
+    Hkv, Nk, Dv = plan.k.shape[1], plan.k.shape[2], plan.v.shape[3]
     G = plan.num_segments
-    d_pad, dv_pad, g_pad = _pow2(D), _pow2(Dv), _pow2(max(G, 1))
-    fwd = fwd_config or forward_config(d_pad, dv_pad, q.dtype)
+    d_pad, dv_pad = _pow2(D), _pow2(Dv)
+    fwd = fwd_config or forward_config(d_pad, dv_pad, plan.q.dtype)
+    km = km_config or key_mass_config(d_pad, plan.q.dtype)
+    rows = max(fwd.block_m, fwd.block_n, km.block_m, km.block_n)
+    q, k, v = (_tile_safe(t, rows) for t in (plan.q, plan.k, plan.v))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 needs exact products; 16-bit ignores it
     out, lse, key_mass = outputs["out"], outputs["lse"], outputs["key_mass"]
 
@@ -170,7 +184,7 @@ def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[Bloc
     mask = None if plan.key_padding_mask is None else plan.key_padding_mask.view(torch.uint8)
     patch_mask = None if plan.patch_mask is None else plan.patch_mask.view(torch.uint8)
     segments = plan.segments if plan.segments is not None else ptr(None)
-    patch = plan.out_patch
+    patch = _tile_safe(plan.out_patch, fwd.block_m)
     patch_strides = patch.stride() if patch is not None else (0, 0, 0, 0)
     qk_scale2 = plan.scale * LOG2E
     group = H // Hkv
@@ -187,8 +201,8 @@ def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[Bloc
          ptr(lse), ptr(outputs["max"]), ptr(outputs["entropy"]), ptr(outputs["segment_mass"]),
          *q.stride(), *k.stride(), *v.stride(), *patch_strides,
          H, group, Nq, Nk, D, Dv, max(G, 1), num_m_blocks, qk_scale2],
-        dict(BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, D_PAD=d_pad, DV_PAD=dv_pad, G_PAD=g_pad,
-             EVEN_D=D == d_pad, EVEN_DV=Dv == dv_pad,
+        dict(BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, LOG_BLOCK_N=_log2_ceil(fwd.block_n),
+             D_PAD=d_pad, DV_PAD=dv_pad, EVEN_D=D == d_pad, EVEN_DV=Dv == dv_pad,
              HAS_GATE=plan.head_gate is not None, HAS_OUT_BIAS=plan.out_bias is not None,
              HAS_PATCH=patch is not None, STORE_LSE=lse is not None, STORE_MAX=outputs["max"] is not None,
              STORE_ENT=outputs["entropy"] is not None, STORE_SEG=outputs["segment_mass"] is not None,
@@ -196,17 +210,22 @@ def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[Bloc
              num_warps=fwd.num_warps, num_stages=fwd.num_stages),
     )]
     if key_mass is not None:
-        km = km_config or key_mass_config(d_pad, q.dtype)
         num_n_blocks = triton_cdiv(Nk, km.block_n)
         launches.append(Launch(
             "latentflow_probed_attn_key_mass",
             (B * H * num_n_blocks,),
             [q, k, lse, key_mass, ptr(mask), segments, ptr(plan.logit_scale), ptr(plan.segment_bias),
-             *q.stride(), *k.stride(), H, group, Nq, Nk, D, max(G, 1), num_n_blocks, qk_scale2],
-            dict(BLOCK_N=km.block_n, BLOCK_M=km.block_m, D_PAD=d_pad, G_PAD=g_pad, EVEN_D=D == d_pad, **common,
+             *q.stride(), *k.stride(), H, group, Nq, Nk, D, max(G, 1), _log2_ceil(max(G, 1)), num_n_blocks,
+             qk_scale2],
+            dict(BLOCK_N=km.block_n, BLOCK_M=km.block_m, D_PAD=d_pad, EVEN_D=D == d_pad, **common,
                  num_warps=km.num_warps, num_stages=km.num_stages),
         ))
     return launches
+
+
+def _log2_ceil(n: int) -> int:
+    """Halvings a binary search over n candidates needs."""
+    return max(0, math.ceil(math.log2(n))) if n > 1 else 0
 
 
 def run(plan: AttentionPlan, fwd_config: Optional[BlockConfig] = None,
