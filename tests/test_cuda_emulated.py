@@ -127,3 +127,43 @@ def test_batch_invariance_bitwise(emu, rows):
         assert torch.equal(out[row].view(torch.int16), out_b.view(torch.int16))
         for name in caps:
             assert torch.equal(caps[name][row].view(torch.int32), caps_b[name].view(torch.int32)), name
+
+
+# Planted bugs the strict emulator must catch (tests/cuda_emulator/cuda_emulation.h): each is a real
+# hazard on the GPU that a lenient emulation (synchronous cp.async, zeroed shared memory, no race
+# shadow) passes.
+MUTANTS = {
+    # Retiring too few copy groups: the current K/V tile may still be in flight when it is read.
+    "wait_group_2": ({"probed_attention.cu": [("      cp_async_wait<1>();", "      cp_async_wait<2>();")]},
+                     "wrong"),
+    # No barrier between the last reads of a buffer (and of bias_s) and the next tile's writes into it.
+    "missing_trailing_syncthreads": (
+        {"probed_attention.cu": [("    __syncthreads();  // all warps are done with this buffer and bias_s before "
+                                  "they are overwritten\n", "")]},
+        "race"),
+    # Same in the key_mass pass (its Q double buffer and lse tiles).
+    "key_mass_missing_trailing_syncthreads": (
+        {"probed_attention_key_mass.cu": [("    __syncthreads();  // all warps are done with this buffer before it "
+                                           "is overwritten\n", "")]},
+        "race"),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_emulator_catches_planted_bug(name):
+    if build_module.compiler() is None:
+        pytest.skip("no host C++ compiler for the CUDA emulator")
+    mutations, expected = MUTANTS[name]
+    mutant = build_module.build(mutations=mutations, module_name=f"latentflow_cuda_emu_{name}")
+    # Several key and query tiles, so that the double buffers are reused.
+    q, k, v, gen = _inputs(1, 1, 1, 130, 200, 64, torch.bfloat16, seed=5)
+    plan = build_plan(q, k, v, segments=[0, 70, 200], capture=("lse", "segment_mass", "key_mass"))
+    try:
+        out, caps = backend_cuda.launch(plan, mutant, stream=0, device=0, rows=16)
+    except RuntimeError as exc:
+        assert expected == "race" and "shared-memory race" in str(exc), str(exc)
+        return
+    assert expected == "wrong", f"mutant {name} ran without the race being reported"
+    ref_out, ref_caps = reference_attention(plan, torch.float64)
+    errors = [rel_error(out, ref_out)] + [rel_error(caps[n], ref_caps[n]) for n in ref_caps]
+    assert max(errors) > TOLERANCE[torch.bfloat16], f"mutant {name} matched the reference: {errors}"
