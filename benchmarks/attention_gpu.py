@@ -253,6 +253,21 @@ def main(argv=None) -> int:
         print(line(r))
     print()
     print("TFLOP/s = 4*B*H*N^2*D / time (forward matmuls) for every row; 'pass' = (key_mass - plain) / plain.")
+    # Evidence for the dispatch table (latentflow_fast.ops.backends.GPU_DISPATCH): the faster probed
+    # backend per shape and variant, from this run's medians.
+    timed = {(r[0], r[1], r[3]): float(r[4]) for r in rows}
+    winners = []
+    for N in args.n:
+        for D in args.d:
+            for kind in ("plain", "probe", "key_mass"):
+                candidates = {be: timed[(N, D, f"{be} {kind}")] for be in probed if (N, D, f"{be} {kind}") in timed}
+                if len(candidates) > 1:
+                    best = min(candidates, key=candidates.get)
+                    ratios = ", ".join(f"{be} {ms / candidates[best]:.2f}x" for be, ms in sorted(candidates.items()))
+                    winners.append(f"#   N={N} D={D} {kind}: {best} ({ratios})")
+    if winners:
+        print(f"# dispatch evidence on {where}, {str(dtype).replace('torch.', '')} (time relative to the faster):")
+        print("\n".join(winners))
     if args.smoke:
         print("smoke run: CPU + Triton interpreter, timings are meaningless; the table format and plumbing are checked.")
     else:
