@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from op_cases import INTERVENTIONS, TOLERANCE, make_case, rel_error
+from op_cases import INTERVENTIONS, assert_matches_reference, make_case, reference_errors
 
 from latentflow_fast.ops import CAPTURE_NAMES, build_plan
 from latentflow_fast.ops import backend_cuda
@@ -42,15 +42,11 @@ def rows(request):
 def _run_and_check(emu, plan, rows):
     out, caps = backend_cuda.launch(plan, emu, stream=0, device=0, rows=rows)
     ref_out, ref_caps = reference_attention(plan, torch.float64)
-    tol = TOLERANCE[plan.q.dtype]
     assert out.dtype == plan.q.dtype and out.shape == ref_out.shape
-    errors = {"out": rel_error(out, ref_out)}
     assert set(caps) == set(ref_caps)
     for name, ref in ref_caps.items():
         assert caps[name].dtype == torch.float32 and caps[name].shape == ref.shape, name
-        errors[name] = rel_error(caps[name], ref)
-    bad = {name: err for name, err in errors.items() if not err <= tol}
-    assert not bad, bad
+    assert_matches_reference({"out": out, **caps}, {"out": ref_out, **ref_caps}, plan.q.dtype)
     return out, caps
 
 
@@ -165,5 +161,6 @@ def test_emulator_catches_planted_bug(name):
         return
     assert expected == "wrong", f"mutant {name} ran without the race being reported"
     ref_out, ref_caps = reference_attention(plan, torch.float64)
-    errors = [rel_error(out, ref_out)] + [rel_error(caps[n], ref_caps[n]) for n in ref_caps]
-    assert max(errors) > TOLERANCE[torch.bfloat16], f"mutant {name} matched the reference: {errors}"
+    outputs, refs = {"out": out, **caps}, {"out": ref_out, **ref_caps}
+    failures = [f for n in refs for f in reference_errors(n, outputs[n], refs[n], torch.bfloat16)]
+    assert failures, f"mutant {name} matched the reference"
