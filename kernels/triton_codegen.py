@@ -95,6 +95,11 @@ def sass_loop_stats(cubin: bytes) -> tuple[int, int, bool]:
         with open(path, "wb") as fh:
             fh.write(cubin)
         sass = subprocess.run([_nvdisasm(), "-c", path], capture_output=True, text=True, check=True).stdout
+    return loop_stats_from_sass(sass)
+
+
+def loop_stats_from_sass(sass: str) -> tuple[int, int, bool]:
+    """sass_loop_stats on disassembled text (nvdisasm or cuobjdump --dump-sass of one function)."""
     lines = sass.splitlines()
     labels, instructions = {}, []  # label -> index of the next instruction; (index, text)
     for line in lines:
@@ -103,15 +108,18 @@ def sass_loop_stats(cubin: bytes) -> tuple[int, int, bool]:
             labels[label.group(1)] = len(instructions)
         elif re.search(r"/\*[0-9a-f]{4,}\*/", line):
             instructions.append(line)
-    best = (0, 0)
+    loops = []  # (body length, MMAs, FFMAs) of each backward-branch loop, in program order
     for index, text in enumerate(instructions):
         target = re.search(r"\bBRA\b.*?`?\(?(\.L_x_\d+)", text)
         if target and labels.get(target.group(1), index + 1) <= index:
             body = instructions[labels[target.group(1)]:index + 1]
-            mmas = sum(bool(_MMA.search(t)) for t in body)
-            if mmas and not best[1]:
-                best = (len(body), mmas)
-    return best[0], best[1], "UTMALDG" in sass
+            loops.append((len(body), sum(bool(_MMA.search(t)) for t in body), sum("FFMA" in t for t in body)))
+    with_mma = [loop for loop in loops if loop[1]]
+    if with_mma:  # tensor-core kernels: the first loop that issues MMAs (the full key blocks)
+        hot = with_mma[0]
+    else:  # float32 products on CUDA cores: the loop with the most FMAs
+        hot = max(loops, key=lambda loop: loop[2], default=(0, 0, 0))
+    return hot[0], hot[1], "UTMALDG" in sass
 
 
 def _ptxas_resources(ptx: str, arch: str) -> tuple[int, int]:
@@ -139,7 +147,7 @@ def compile_plan(plan: AttentionPlan, capability: int = 90, fwd_config=None, km_
         raise RuntimeError("codegen needs real Triton kernels: unset TRITON_INTERPRET")
     outputs = backend_triton._outputs(plan)
     reports = []
-    for launch in backend_triton.build_launches(plan, outputs, fwd_config, km_config):
+    for launch in backend_triton.build_launches(plan, outputs, fwd_config, km_config, (capability // 10, capability % 10)):
         fn = getattr(kernels, launch.kernel)
         meta = dict(launch.meta)
         options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
@@ -186,6 +194,35 @@ VARIANTS = {
 }
 
 
+# Candidate tiles of the offline search (`--search`): (BLOCK_M, BLOCK_N, num_warps, num_stages).
+SEARCH_CANDIDATES = {
+    "16bit": ((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2),
+              (64, 32, 4, 3), (64, 32, 8, 2), (32, 32, 4, 2)),
+    "fp32": ((64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2), (16, 16, 4, 1)),
+}
+
+
+def search_tiles(capability: int, dtype: torch.dtype, D: int, variant: str):
+    """The deterministic static pick for one (arch, dtype, head dim, feature set): among the candidates
+    that compile without spills and within the shared memory of every chip of the family (99 KiB on
+    sm_8x, since sm_86/89 have no more), the largest tile (BLOCK_M x BLOCK_N), then the deeper pipeline,
+    then fewer registers. Speed is not measured here: a GPU run may refine the pick."""
+    from latentflow_fast.ops.backend_triton import BlockConfig
+
+    limit = 101376 if capability < 90 else SHARED_LIMIT[90]
+    spec = VARIANTS[variant]
+    ranked = []
+    for m, n, warps, stages in SEARCH_CANDIDATES["fp32" if dtype == torch.float32 else "16bit"]:
+        config = BlockConfig(m, n, warps, stages)
+        try:
+            r = compile_plan(meta_plan(D=D, dtype=dtype, **spec), capability, fwd_config=config)[0]
+        except Exception:  # OutOfResources or a compile error: not a candidate
+            continue
+        if r.spill_bytes == 0 and r.shared_bytes <= limit:
+            ranked.append(((-m * n, -stages, r.registers), config, r))
+    return min(ranked, key=lambda x: x[0])[1:] if ranked else (None, None)
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -194,7 +231,18 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--markdown", action="store_true", help="only the columns of BENCHMARKS.md, sm_90 bf16")
+    parser.add_argument("--search", action="store_true",
+                        help="offline tile search: the static pick per (arch, dtype, head dim, feature set)")
     args = parser.parse_args(argv)
+    if args.search:
+        for capability in args.capabilities:
+            for dtype in (getattr(torch, name) for name in args.dtypes):
+                for D in args.head_dims:
+                    for variant in ("plain", "probe"):
+                        config, r = search_tiles(capability, dtype, D, variant)
+                        print(f"sm_{capability} {_TYPES[dtype]} D={D} {variant}: {config}"
+                              + (f" regs {r.registers} smem {r.shared_bytes / 1024:.0f} KiB" if r else ""), flush=True)
+        return
     if args.markdown:
         args.capabilities, args.dtypes, args.head_dims = [90], ["bfloat16"], [64, 128]
     print("| target | D | dtype | variant | kernel | warps | stages | blocks | regs | spill B | smem KiB | mma | TMA "

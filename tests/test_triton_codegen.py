@@ -52,3 +52,16 @@ def test_many_segments_compile_without_spills(G, D):
     for r in reports:
         assert r.spill_bytes == 0, r
         assert r.shared_bytes <= SHARED_LIMIT[90], r
+
+
+# Every row of the tile tables compiles without spills for its architecture family with every feature
+# on (the tables' own criterion; backend_triton._TILES).
+@pytest.mark.parametrize("capability,D,dtype", [(90, 64, torch.bfloat16), (90, 256, torch.bfloat16),
+                                                (80, 128, torch.bfloat16), (80, 256, torch.bfloat16),
+                                                (90, 128, torch.float32), (80, 128, torch.float32)])
+def test_tile_table_rows_do_not_spill(capability, D, dtype):
+    plan = meta_plan(D=D, dtype=dtype, G=77, interventions=True,
+                     capture=("lse", "max", "entropy", "segment_mass", "key_mass"))
+    for r in compile_plan(plan, capability):
+        assert r.spill_bytes == 0, r
+        assert r.shared_bytes <= (101376 if capability < 90 else SHARED_LIMIT[90]), r

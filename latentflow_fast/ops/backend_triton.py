@@ -1,12 +1,12 @@
 """Backend "triton": launches the Triton kernels of `latentflow_fast.kernels.triton_probed_attention`.
 
-The launcher allocates the outputs, picks pinned block sizes per (padded head dim, dtype) and passes
+The launcher allocates the outputs, picks pinned block sizes per (padded head dim, dtype, architecture) and passes
 strides, so q/k/v/out_patch may have any layout. No host synchronisation and no data-dependent host
 logic: a call can be captured in a CUDA graph (outputs come from torch's allocator, which serves graph
 pools) and traced by torch.compile through the custom op.
 
-Determinism: block sizes are a fixed function of (head dims, dtype, interpreter or not), never
-autotuned at run time, so the reduction order -- hence every bit of the result -- is the same on every
+Determinism: block sizes are a fixed function of (head dims, dtype, device architecture, interpreter or
+not) -- the tables _TILES / _KM_TILES -- never autotuned at run time, so the reduction order -- hence every bit of the result -- is the same on every
 run and for every batch composition.
 
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (numpy; slow, for tests only).
@@ -56,17 +56,29 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-# Pinned per padded head dim: the largest padded head dim each row serves. Chosen so that no variant
-# spills registers on sm_90, even with every feature on (checked offline with
-# `python -m latentflow_fast.kernels.triton_codegen`, which compiles for sm_80/sm_90 without a GPU; on
-# sm_80 the all-features variant spills ~1 KiB at D=128). Speed is NOT yet measured on a GPU.
-# 16-bit operands use tensor cores (wgmma on sm_90, mma.sync on sm_80); float32 operands use exact
-# "ieee" products (CUDA-core FMA), hence the small tiles.
-_FWD_16BIT = ((64, BlockConfig(128, 64, 8, 3)), (128, BlockConfig(128, 64, 8, 3)), (256, BlockConfig(64, 32, 8, 2)))
-_FWD_32BIT = ((64, BlockConfig(32, 32, 4, 2)), (128, BlockConfig(32, 16, 4, 2)), (256, BlockConfig(16, 16, 4, 1)))
-# key_mass pass: block_n keys stay resident, block_m queries stream.
-_KM_16BIT = ((64, BlockConfig(64, 128, 4, 3)), (128, BlockConfig(64, 128, 8, 3)), (256, BlockConfig(32, 64, 8, 2)))
-_KM_32BIT = ((64, BlockConfig(32, 32, 4, 2)), (128, BlockConfig(16, 32, 4, 2)), (256, BlockConfig(16, 16, 4, 1)))
+# Tile tables: deterministic, chosen offline, one row per (arch family, operand width), each a list of
+# (largest padded head dim served, config). Arch family 90 = sm_90 and newer (wgmma), 80 = sm_8x
+# (mma.sync; configs fit the 99 KiB of shared memory of sm_86/89). Picked by
+# `python -m latentflow_fast.kernels.triton_codegen --search` (and single checks): the largest tile that
+# compiles without register spills within the family's shared memory WITH EVERY FEATURE ON. The feature
+# set deliberately does not select the tile: asking for a capture must not change the output's bits
+# (same tiles, same reduction order), and the in-loop interventions (mask, segment bias) cost fewer
+# registers than the captures. (A plain call could take larger tiles: sm_80 D=128 compiles spill-free
+# at 128x64 without captures, sm_90 D=256 at 128x64.) Static evidence only: speed is NOT measured on a
+# GPU yet, and a measurement run may change any row. 16-bit operands use tensor cores; float32 operands
+# use exact "ieee" products (CUDA-core FMA), hence the small tiles.
+_TILES = {
+    (90, "16bit"): ((64, BlockConfig(128, 64, 8, 3)), (128, BlockConfig(128, 64, 8, 3)), (256, BlockConfig(64, 32, 8, 2))),
+    (80, "16bit"): ((64, BlockConfig(128, 64, 8, 3)), (128, BlockConfig(64, 64, 8, 3)), (256, BlockConfig(32, 32, 4, 2))),
+    (90, "fp32"): ((64, BlockConfig(32, 32, 4, 2)), (128, BlockConfig(32, 16, 8, 2)), (256, BlockConfig(16, 16, 4, 1))),
+}
+_TILES[(80, "fp32")] = _TILES[(90, "fp32")]
+# key_mass pass (no per-row softmax state; the same on both families): block_n keys stay resident,
+# block_m queries stream.
+_KM_TILES = {
+    "16bit": ((64, BlockConfig(64, 128, 4, 3)), (128, BlockConfig(64, 128, 8, 3)), (256, BlockConfig(32, 64, 8, 2))),
+    "fp32": ((64, BlockConfig(32, 32, 4, 2)), (128, BlockConfig(16, 32, 4, 2)), (256, BlockConfig(16, 16, 4, 1))),
+}
 _FALLBACK = BlockConfig(16, 16, 4, 1)  # head dims above 256: correct, not tuned
 # Under the interpreter (numpy) small tiles keep several blocks per row in the small test shapes.
 INTERPRETER_CONFIG = BlockConfig(32, 32, 1, 1)
@@ -79,16 +91,28 @@ def _pick(table, d_pad: int) -> BlockConfig:
     return _FALLBACK
 
 
-def forward_config(d_pad: int, dv_pad: int, dtype: torch.dtype) -> BlockConfig:
+def _width(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def forward_config(d_pad: int, dv_pad: int, dtype: torch.dtype, capability: tuple = (9, 0)) -> BlockConfig:
+    """The forward's tile for a padded head dim, dtype and device capability."""
     if interpreter_enabled():
         return INTERPRETER_CONFIG
-    return _pick(_FWD_32BIT if dtype == torch.float32 else _FWD_16BIT, max(d_pad, dv_pad))
+    family = 90 if tuple(capability) >= (9, 0) else 80
+    return _pick(_TILES[(family, _width(dtype))], max(d_pad, dv_pad))
 
 
 def key_mass_config(d_pad: int, dtype: torch.dtype) -> BlockConfig:
     if interpreter_enabled():
         return INTERPRETER_CONFIG
-    return _pick(_KM_32BIT if dtype == torch.float32 else _KM_16BIT, d_pad)
+    return _pick(_KM_TILES[_width(dtype)], d_pad)
+
+
+def _capability(device: torch.device) -> tuple:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return (9, 0)  # meta tensors (offline compiles pass their target explicitly)
 
 
 def _patch_interpreter_scalars() -> None:
@@ -164,13 +188,14 @@ def _tile_safe(t: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
 
 
 def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[BlockConfig] = None,
-                   km_config: Optional[BlockConfig] = None) -> list[Launch]:
-    """The launches that compute `plan` into `outputs` (also used to compile kernels offline)."""
+                   km_config: Optional[BlockConfig] = None, capability: Optional[tuple] = None) -> list[Launch]:
+    """The launches that compute `plan` into `outputs` (also used to compile kernels offline for the
+    compute `capability`; default: the tensors' device)."""
     B, H, Nq, D = plan.q.shape
     Hkv, Nk, Dv = plan.k.shape[1], plan.k.shape[2], plan.v.shape[3]
     G = plan.num_segments
     d_pad, dv_pad = _pow2(D), _pow2(Dv)
-    fwd = fwd_config or forward_config(d_pad, dv_pad, plan.q.dtype)
+    fwd = fwd_config or forward_config(d_pad, dv_pad, plan.q.dtype, capability or _capability(plan.q.device))
     km = km_config or key_mass_config(d_pad, plan.q.dtype)
     rows = max(fwd.block_m, fwd.block_n, km.block_m, km.block_n)
     q, k, v = (_tile_safe(t, rows) for t in (plan.q, plan.k, plan.v))
