@@ -101,18 +101,23 @@ def sass_loop_stats(cubin: bytes) -> tuple[int, int, bool]:
 def loop_stats_from_sass(sass: str) -> tuple[int, int, bool]:
     """sass_loop_stats on disassembled text (nvdisasm or cuobjdump --dump-sass of one function)."""
     lines = sass.splitlines()
-    labels, instructions = {}, []  # label -> index of the next instruction; (index, text)
+    labels, instructions, at = {}, [], {}  # label -> next instruction's index; texts; address -> index
     for line in lines:
         label = re.match(r"^\s*(\.L_x_\d+):", line)
+        address = re.search(r"/\*([0-9a-f]{4,})\*/", line)
         if label:
             labels[label.group(1)] = len(instructions)
-        elif re.search(r"/\*[0-9a-f]{4,}\*/", line):
+        elif address:
+            at[int(address.group(1), 16)] = len(instructions)
             instructions.append(line)
     loops = []  # (body length, MMAs, FFMAs) of each backward-branch loop, in program order
     for index, text in enumerate(instructions):
-        target = re.search(r"\bBRA\b.*?`?\(?(\.L_x_\d+)", text)
-        if target and labels.get(target.group(1), index + 1) <= index:
-            body = instructions[labels[target.group(1)]:index + 1]
+        target = re.search(r"\bBRA\b[^;]*?(\.L_x_\d+|0x[0-9a-f]+)", text)  # nvdisasm: labels; cuobjdump: addresses
+        if not target:
+            continue
+        start = labels.get(target.group(1)) if target.group(1).startswith(".L") else at.get(int(target.group(1), 16))
+        if start is not None and start <= index:
+            body = instructions[start:index + 1]
             loops.append((len(body), sum(bool(_MMA.search(t)) for t in body), sum("FFMA" in t for t in body)))
     with_mma = [loop for loop in loops if loop[1]]
     if with_mma:  # tensor-core kernels: the first loop that issues MMAs (the full key blocks)

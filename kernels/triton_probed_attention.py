@@ -36,8 +36,9 @@ touch, and sums p per segment exactly with a one-hot float32 product ([BLOCK_M, 
 [BLOCK_N, BLOCK_N]); a block inside one segment (nearly all of them when G << Nk) costs one add per row.
 
 Offsets: a row offset start * stride can pass 2^31 (N ~ 350k with packed-QKV strides), so every tile's
-base is advanced in 64-bit (`_row_offset`); offsets inside a tile stay 32-bit (the launcher copies a
-tensor whose in-tile span would not fit).
+base is computed by `_row_offset`, in 64-bit when the launcher sees an element offset >= 2^31 (WIDE),
+else in 32-bit; offsets inside a tile stay 32-bit (the launcher copies a tensor whose in-tile span would
+not fit).
 
 A patched head (out_patch + patch_mask) whose statistics nobody asked for skips its key loop entirely.
 
@@ -54,10 +55,14 @@ MASKED = tl.constexpr(-18446744073709551616.0)  # -2^64: logit of a masked key, 
 
 
 @triton.jit
-def _row_offset(start, stride):
-    """start * stride in 64-bit: the element offset of row `start` (2^31 is passed at N ~ 350k when the
-    rows are packed QKV, stride 3 * H * D)."""
-    return tl.cast(start, tl.int64) * stride
+def _row_offset(start, stride, WIDE: tl.constexpr):
+    """start * stride, the element offset of row `start`: in 64-bit when WIDE (2^31 is passed at N ~ 350k
+    when the rows are packed QKV, stride 3 * H * D); in 32-bit otherwise (the launcher sets WIDE when some
+    element offset of an input reaches 2^31), which saves 64-bit arithmetic in the hot loop."""
+    if WIDE:
+        return tl.cast(start, tl.int64) * stride
+    else:
+        return start * stride
 
 
 @triton.jit
@@ -98,6 +103,7 @@ def _fwd_key_block(
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SEG_BIAS: tl.constexpr, STORE_ENT: tl.constexpr, STORE_SEG: tl.constexpr,
     MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Fold keys [start_n, start_n + BLOCK_N) into the running softmax state of a query block.
 
@@ -113,7 +119,7 @@ def _fwd_key_block(
     in_one_segment = block_end <= seg_end
 
     # K^T tile [D_PAD, BLOCK_N]; its base row in 64-bit, offsets inside the tile in 32-bit.
-    k_blk = k_head + _row_offset(start_n, stride_kn)
+    k_blk = k_head + _row_offset(start_n, stride_kn, WIDE)
     kt_ptrs = k_blk + offs_d[:, None] * stride_kd + offs_nb[None, :] * stride_kn
     kt = _load_tile(kt_ptrs, offs_d < D, keys_ok, not EVEN_D, MASK_KEYS)
 
@@ -153,7 +159,7 @@ def _fwd_key_block(
         t_i = alpha * (t_i + (m_i - m_new) * l_i) + tl.sum(p * shifted, axis=1)
     l_i = l_i * alpha + p_sum
 
-    v_blk = v_head + _row_offset(start_n, stride_vn)
+    v_blk = v_head + _row_offset(start_n, stride_vn, WIDE)
     v_ptrs = v_blk + offs_nb[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     v = _load_tile(v_ptrs, keys_ok, offs_dv < DV, MASK_KEYS, not EVEN_DV)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -212,7 +218,7 @@ def latentflow_probed_attn_fwd(
     HAS_MASK: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr, HAS_SEG_BIAS: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_OUT_BIAS: tl.constexpr, HAS_PATCH: tl.constexpr,
     STORE_LSE: tl.constexpr, STORE_MAX: tl.constexpr, STORE_ENT: tl.constexpr, STORE_SEG: tl.constexpr,
-    SKIP_PATCHED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SKIP_PATCHED: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
 ):
     # 1-D grid, query blocks of one head adjacent (K/V reuse in L2; no 65535 limit on B*H).
     pid = tl.program_id(0)
@@ -228,7 +234,7 @@ def latentflow_probed_attn_fwd(
     rows_ok = offs_m < Nq
     row_index = bh * Nq + offs_m  # int64
 
-    q_blk = Q + b * stride_qb + h * stride_qh + _row_offset(pid_m * BLOCK_M, stride_qm)
+    q_blk = Q + b * stride_qb + h * stride_qh + _row_offset(pid_m * BLOCK_M, stride_qm, WIDE)
     q_ptrs = q_blk + offs_mb[:, None] * stride_qm + offs_d[None, :] * stride_qd
     q = _load_tile(q_ptrs, rows_ok, offs_d < D, True, not EVEN_D)
     k_head = K + b * stride_kb + kvh * stride_kh
@@ -264,7 +270,7 @@ def latentflow_probed_attn_fwd(
             q, k_head, v_head, mask_row, seg_bias_row, Segments, SegMass, row_index, rows_ok,
             start_n, Nk, D, DV, G, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
             BLOCK_M, BLOCK_N, LOG_BLOCK_N, D_PAD, DV_PAD, HAS_MASK, HAS_SEG_BIAS, STORE_ENT, STORE_SEG,
-            False, EVEN_D, EVEN_DV, DOT_PRECISION,
+            False, EVEN_D, EVEN_DV, DOT_PRECISION, WIDE,
         )
     for start_n in range(n_full, n_end, BLOCK_N):  # the ragged last block, if any
         acc, l_i, m_i, t_i, l_seg, seg_cur, seg_end = _fwd_key_block(
@@ -272,7 +278,7 @@ def latentflow_probed_attn_fwd(
             q, k_head, v_head, mask_row, seg_bias_row, Segments, SegMass, row_index, rows_ok,
             start_n, Nk, D, DV, G, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
             BLOCK_M, BLOCK_N, LOG_BLOCK_N, D_PAD, DV_PAD, HAS_MASK, HAS_SEG_BIAS, STORE_ENT, STORE_SEG,
-            True, EVEN_D, EVEN_DV, DOT_PRECISION,
+            True, EVEN_D, EVEN_DV, DOT_PRECISION, WIDE,
         )
 
     alive = m_i > MASKED * 0.5  # some key of the row was live
@@ -281,7 +287,7 @@ def latentflow_probed_attn_fwd(
     dv_ok = offs_dv < DV
     if HAS_PATCH:
         patched_row = tl.load(PatchMask + bh) != 0
-        patch_blk = Patch + b * stride_pb + h * stride_ph + _row_offset(pid_m * BLOCK_M, stride_pm)
+        patch_blk = Patch + b * stride_pb + h * stride_ph + _row_offset(pid_m * BLOCK_M, stride_pm, WIDE)
         patch_ptrs = patch_blk + offs_mb[:, None] * stride_pm + offs_dv[None, :] * stride_pd
         patch = tl.load(patch_ptrs, mask=rows_ok[:, None] & dv_ok[None, :] & patched_row, other=0.0)
         o = tl.where(patched_row, patch.to(tl.float32), o)
@@ -321,7 +327,7 @@ def latentflow_probed_attn_key_mass(
     H, GROUP, Nq, Nk, D, G, seg_steps, num_n_blocks, qk_scale2,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
     EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr, HAS_SEG_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
 ):
     """key_mass[b, h, j] = sum_i 2^(s_ij - lse2_i): keys on the rows of the tile, queries in a fixed order."""
     pid = tl.program_id(0)
@@ -336,7 +342,7 @@ def latentflow_probed_attn_key_mass(
     offs_d = tl.arange(0, D_PAD)
     keys_ok = offs_n < Nk
 
-    k_blk = K + b * stride_kb + kvh * stride_kh + _row_offset(pid_n * BLOCK_N, stride_kn)
+    k_blk = K + b * stride_kb + kvh * stride_kh + _row_offset(pid_n * BLOCK_N, stride_kn, WIDE)
     k = _load_tile(k_blk + offs_nb[:, None] * stride_kn + offs_d[None, :] * stride_kd, keys_ok, offs_d < D,
                    True, not EVEN_D)
 
@@ -361,7 +367,7 @@ def latentflow_probed_attn_key_mass(
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start_m in range(0, q_end, BLOCK_M):
         rows_ok = start_m + offs_mb < Nq
-        qt_ptrs = q_head + _row_offset(start_m, stride_qm) + offs_d[:, None] * stride_qd + offs_mb[None, :] * stride_qm
+        qt_ptrs = q_head + _row_offset(start_m, stride_qm, WIDE) + offs_d[:, None] * stride_qd + offs_mb[None, :] * stride_qm
         qt = _load_tile(qt_ptrs, offs_d < D, rows_ok, not EVEN_D, True)
         s = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale + key_terms[:, None]  # [BLOCK_N, BLOCK_M]
         lse = tl.load(Lse + bh * Nq + start_m + offs_mb, mask=rows_ok, other=float("-inf"))

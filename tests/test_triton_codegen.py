@@ -65,3 +65,18 @@ def test_tile_table_rows_do_not_spill(capability, D, dtype):
     for r in compile_plan(plan, capability):
         assert r.spill_bytes == 0, r
         assert r.shared_bytes <= (101376 if capability < 90 else SHARED_LIMIT[90]), r
+
+
+def test_wide_offsets_variant_compiles():
+    # Inputs with element offsets past 2^31 take the 64-bit offset arithmetic (WIDE) and still compile.
+    from latentflow_fast.ops import backend_triton
+
+    plan = meta_plan(B=16, H=16, Hkv=16, Nq=70000, Nk=70000, D=128, capture=("lse", "segment_mass", "key_mass"))
+    launches = backend_triton.build_launches(plan, backend_triton._outputs(plan, empty=_meta_empty))
+    assert all(launch.meta["WIDE"] for launch in launches)
+    for r in compile_plan(plan, 90):
+        assert r.spill_bytes == 0, r
+
+
+def _meta_empty(shape, dtype, device):
+    return torch.empty(shape, dtype=dtype, device="meta")

@@ -325,7 +325,8 @@ def many_segments_one_per_key():
 
 @check
 def row_offsets_are_64_bit():
-    """Tile bases are start * stride in 64-bit: packed QKV rows (stride 3 * 16 * 128) at N = 350k pass 2^31."""
+    """Tile bases are start * stride in 64-bit when the launcher says WIDE: packed QKV rows (stride
+    3 * 16 * 128) at N = 350k pass 2^31; the launcher says WIDE for such a tensor."""
     torch = _torch()
     import triton
     import triton.language as tl
@@ -338,13 +339,19 @@ def row_offsets_are_64_bit():
     @triton.jit
     def offsets(Out, start, stride, BLOCK: tl.constexpr):
         i = tl.arange(0, BLOCK)
-        tl.store(Out + i, _row_offset(start, stride) + i)
+        tl.store(Out + i, _row_offset(start, stride, True) + i)
 
     out = torch.zeros(4, dtype=torch.int64)
     start, stride = 350_000, 3 * 16 * 128
     offsets[(1,)](out, start, stride, BLOCK=4)
     expected = torch.arange(4, dtype=torch.int64) + start * stride
     assert start * stride > 2**31 and torch.equal(out, expected), (out, expected)
+
+    from latentflow_fast.ops.backend_triton import _max_offset
+
+    packed = torch.empty_strided((1, 16, 350_000, 128), (0, 128, stride, 1), device="meta")  # q of packed QKV
+    short = torch.empty_strided((1, 16, 1000, 128), (0, 128, stride, 1), device="meta")
+    assert _max_offset(packed) >= 2**31 > _max_offset(short)
 
 
 @check

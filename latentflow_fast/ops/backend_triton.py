@@ -187,6 +187,11 @@ def _tile_safe(t: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
     return t if span < 2**31 else t.contiguous()
 
 
+def _max_offset(t: Optional[torch.Tensor]) -> int:
+    """The largest element offset of `t` from its data pointer."""
+    return 0 if t is None else sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
 def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[BlockConfig] = None,
                    km_config: Optional[BlockConfig] = None, capability: Optional[tuple] = None) -> list[Launch]:
     """The launches that compute `plan` into `outputs` (also used to compile kernels offline for the
@@ -214,7 +219,8 @@ def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[Bloc
     qk_scale2 = plan.scale * LOG2E
     group = H // Hkv
     common = dict(HAS_MASK=mask is not None, HAS_LOGIT_SCALE=plan.logit_scale is not None,
-                  HAS_SEG_BIAS=plan.segment_bias is not None, DOT_PRECISION=precision)
+                  HAS_SEG_BIAS=plan.segment_bias is not None, DOT_PRECISION=precision,
+                  WIDE=any(_max_offset(t) >= 2**31 for t in (q, k, v, patch)))
 
     num_m_blocks = triton_cdiv(Nq, fwd.block_m)
     launches = [Launch(
