@@ -42,6 +42,9 @@ not fit).
 
 A patched head (out_patch + patch_mask) whose statistics nobody asked for skips its key loop entirely.
 
+USE_TMA (sm_90+, chosen by the launcher's tile table when the layout meets TMA's rules) loads the K and V
+tiles through tensor descriptors (TMA) instead of pointer tiles; everything else is the same kernel.
+
 Head dims that are not a power of two are padded to the next one (at least 16, tl.dot's minimum)
 with masked loads (EVEN_D / EVEN_DV flags drop the masks when no padding is needed).
 """
@@ -96,14 +99,14 @@ def _segment_search(keys, Segments, lo0, hi0, steps):
 @triton.jit
 def _fwd_key_block(
     acc, l_i, m_i, t_i, l_seg, seg_cur, seg_end,
-    q, k_head, v_head, mask_row, seg_bias_row, Segments, SegMass, row_index, rows_ok,
+    q, k_head, v_head, desc_k, desc_v, mask_row, seg_bias_row, Segments, SegMass, row_index, rows_ok,
     start_n, Nk, D, DV, G, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG_BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SEG_BIAS: tl.constexpr, STORE_ENT: tl.constexpr, STORE_SEG: tl.constexpr,
     MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Fold keys [start_n, start_n + BLOCK_N) into the running softmax state of a query block.
 
@@ -118,10 +121,14 @@ def _fwd_key_block(
     block_end = tl.minimum(start_n + BLOCK_N, Nk)
     in_one_segment = block_end <= seg_end
 
-    # K^T tile [D_PAD, BLOCK_N]; its base row in 64-bit, offsets inside the tile in 32-bit.
-    k_blk = k_head + _row_offset(start_n, stride_kn, WIDE)
-    kt_ptrs = k_blk + offs_d[:, None] * stride_kd + offs_nb[None, :] * stride_kn
-    kt = _load_tile(kt_ptrs, offs_d < D, keys_ok, not EVEN_D, MASK_KEYS)
+    # K^T tile [D_PAD, BLOCK_N]: a TMA box (rows past Nk and columns past D arrive as zeros), or pointer
+    # loads with the tile's base row in 64-bit when WIDE and offsets inside the tile in 32-bit.
+    if USE_TMA:
+        kt = tl.trans(desc_k.load([start_n, 0]))
+    else:
+        k_blk = k_head + _row_offset(start_n, stride_kn, WIDE)
+        kt_ptrs = k_blk + offs_d[:, None] * stride_kd + offs_nb[None, :] * stride_kn
+        kt = _load_tile(kt_ptrs, offs_d < D, keys_ok, not EVEN_D, MASK_KEYS)
 
     # Per-key logit terms as one [BLOCK_N] bias vector (segment bias, mask, keys past Nk).
     if HAS_SEG_BIAS or STORE_SEG:
@@ -159,9 +166,12 @@ def _fwd_key_block(
         t_i = alpha * (t_i + (m_i - m_new) * l_i) + tl.sum(p * shifted, axis=1)
     l_i = l_i * alpha + p_sum
 
-    v_blk = v_head + _row_offset(start_n, stride_vn, WIDE)
-    v_ptrs = v_blk + offs_nb[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    v = _load_tile(v_ptrs, keys_ok, offs_dv < DV, MASK_KEYS, not EVEN_DV)
+    if USE_TMA:
+        v = desc_v.load([start_n, 0])
+    else:
+        v_blk = v_head + _row_offset(start_n, stride_vn, WIDE)
+        v_ptrs = v_blk + offs_nb[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        v = _load_tile(v_ptrs, keys_ok, offs_dv < DV, MASK_KEYS, not EVEN_DV)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
 
     if HAS_SEG_BIAS or STORE_SEG:
@@ -218,7 +228,7 @@ def latentflow_probed_attn_fwd(
     HAS_MASK: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr, HAS_SEG_BIAS: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_OUT_BIAS: tl.constexpr, HAS_PATCH: tl.constexpr,
     STORE_LSE: tl.constexpr, STORE_MAX: tl.constexpr, STORE_ENT: tl.constexpr, STORE_SEG: tl.constexpr,
-    SKIP_PATCHED: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    SKIP_PATCHED: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # 1-D grid, query blocks of one head adjacent (K/V reuse in L2; no 65535 limit on B*H).
     pid = tl.program_id(0)
@@ -239,6 +249,15 @@ def latentflow_probed_attn_fwd(
     q = _load_tile(q_ptrs, rows_ok, offs_d < D, True, not EVEN_D)
     k_head = K + b * stride_kb + kvh * stride_kh
     v_head = V + b * stride_vb + kvh * stride_vh
+    if USE_TMA:
+        # Hopper: K/V tiles through the tensor memory accelerator (descriptors of this (b, kv head)'s
+        # [Nk, D] / [Nk, Dv] matrices; the launcher checks TMA's alignment rules before choosing this).
+        desc_k = tl.make_tensor_descriptor(k_head, shape=[Nk, D], strides=[stride_kn, 1], block_shape=[BLOCK_N, D_PAD])
+        desc_v = tl.make_tensor_descriptor(v_head, shape=[Nk, DV], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, DV_PAD])
+    else:
+        desc_k = k_head
+        desc_v = v_head
     mask_row = Mask + b * Nk
     seg_bias_row = SegBias + bh * G
 
@@ -267,18 +286,18 @@ def latentflow_probed_attn_fwd(
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i, t_i, l_seg, seg_cur, seg_end = _fwd_key_block(
             acc, l_i, m_i, t_i, l_seg, seg_cur, seg_end,
-            q, k_head, v_head, mask_row, seg_bias_row, Segments, SegMass, row_index, rows_ok,
+            q, k_head, v_head, desc_k, desc_v, mask_row, seg_bias_row, Segments, SegMass, row_index, rows_ok,
             start_n, Nk, D, DV, G, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
             BLOCK_M, BLOCK_N, LOG_BLOCK_N, D_PAD, DV_PAD, HAS_MASK, HAS_SEG_BIAS, STORE_ENT, STORE_SEG,
-            False, EVEN_D, EVEN_DV, DOT_PRECISION, WIDE,
+            False, EVEN_D, EVEN_DV, DOT_PRECISION, WIDE, USE_TMA,
         )
     for start_n in range(n_full, n_end, BLOCK_N):  # the ragged last block, if any
         acc, l_i, m_i, t_i, l_seg, seg_cur, seg_end = _fwd_key_block(
             acc, l_i, m_i, t_i, l_seg, seg_cur, seg_end,
-            q, k_head, v_head, mask_row, seg_bias_row, Segments, SegMass, row_index, rows_ok,
+            q, k_head, v_head, desc_k, desc_v, mask_row, seg_bias_row, Segments, SegMass, row_index, rows_ok,
             start_n, Nk, D, DV, G, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
             BLOCK_M, BLOCK_N, LOG_BLOCK_N, D_PAD, DV_PAD, HAS_MASK, HAS_SEG_BIAS, STORE_ENT, STORE_SEG,
-            True, EVEN_D, EVEN_DV, DOT_PRECISION, WIDE,
+            True, EVEN_D, EVEN_DV, DOT_PRECISION, WIDE, USE_TMA,
         )
 
     alive = m_i > MASKED * 0.5  # some key of the row was live

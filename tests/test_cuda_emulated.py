@@ -164,3 +164,13 @@ def test_emulator_catches_planted_bug(name):
     outputs, refs = {"out": out, **caps}, {"out": ref_out, **ref_caps}
     failures = [f for n in refs for f in reference_errors(n, outputs[n], refs[n], torch.bfloat16)]
     assert failures, f"mutant {name} matched the reference"
+
+
+def test_one_segment_per_key(emu, rows):
+    # G = Nk (one segment per text token at cross-attention sites, one per time bin at self-attention
+    # sites): every key tile holds up to 64 segment ends.
+    q, k, v, gen = _inputs(1, 2, 1, 40, 70, 64, torch.bfloat16, seed=7)
+    bias = torch.randn(1, 2, 70, generator=gen)
+    bias[0, 0, ::3] = -math.inf
+    plan = build_plan(q, k, v, segments=list(range(71)), segment_bias=bias, capture=CAPTURE_NAMES)
+    _run_and_check(emu, plan, rows)

@@ -80,3 +80,13 @@ def test_wide_offsets_variant_compiles():
 
 def _meta_empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_tma_variant_compiles_for_hopper(D):
+    # The Hopper variant (BlockConfig.tma): K/V through TMA descriptors, still wgmma, no spills.
+    from latentflow_fast.ops.backend_triton import BlockConfig
+
+    plan = meta_plan(D=D, G=77, interventions=True, capture=("lse", "entropy", "segment_mass"))
+    (r,) = compile_plan(plan, 90, fwd_config=BlockConfig(128, 64, 8, 3, tma=True))
+    assert r.tma and r.mma == "wgmma" and r.spill_bytes == 0, r

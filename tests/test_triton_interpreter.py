@@ -243,6 +243,22 @@ def block_sizes_all_match_reference():
 
 
 @check
+def tma_variant_matches_reference():
+    """The Hopper variant (K/V tiles through tensor descriptors, USE_TMA) computes the same function:
+    ragged key blocks and a padded head dim arrive zero-filled from the descriptor."""
+    from latentflow_fast.ops import build_plan
+    from latentflow_fast.ops.backend_triton import BlockConfig, build_launches, _outputs
+
+    for D, Dv in ((16, 16), (20, 24)):
+        q, k, v, kwargs, gen = _base(seed=17, D=D, Dv=Dv)
+        extra = _interventions(2, 4, q.shape[2], v.shape[3], gen, q.dtype)
+        tma = BlockConfig(32, 32, 1, 1, tma=True)
+        plan = build_plan(q, k, v, capture=ALL, **kwargs, **extra)
+        assert build_launches(plan, _outputs(plan), tma)[0].meta["USE_TMA"]
+        _compare(q, k, v, fwd_config=tma, km_config=BlockConfig(32, 32, 1, 1), capture=ALL, **kwargs, **extra)
+
+
+@check
 def patched_heads_skip_attention():
     """A patched head with no capture requested skips the key loop and returns gate * patch + bias."""
     torch = _torch()

@@ -1,13 +1,18 @@
 """Backend "triton": launches the Triton kernels of `latentflow_fast.kernels.triton_probed_attention`.
 
-The launcher allocates the outputs, picks pinned block sizes per (padded head dim, dtype, architecture) and passes
-strides, so q/k/v/out_patch may have any layout. No host synchronisation and no data-dependent host
-logic: a call can be captured in a CUDA graph (outputs come from torch's allocator, which serves graph
-pools) and traced by torch.compile through the custom op.
+The launcher allocates the outputs, picks pinned block sizes per (padded head dim, dtype, architecture)
+and passes strides, so q/k/v/out_patch may have any layout. No host synchronisation and no
+data-dependent host logic: a call can be captured in a CUDA graph (outputs come from torch's allocator,
+which serves graph pools) and traced by torch.compile through the custom op.
 
 Determinism: block sizes are a fixed function of (head dims, dtype, device architecture, interpreter or
-not) -- the tables _TILES / _KM_TILES -- never autotuned at run time, so the reduction order -- hence every bit of the result -- is the same on every
-run and for every batch composition.
+not) -- the tables _TILES / _KM_TILES -- never autotuned at run time, so the reduction order -- hence
+every bit of the result -- is the same on every run and for every batch composition.
+
+Constexpr variants chosen here from the plan's shapes: WIDE (64-bit tile offsets, when an input's
+element offsets reach 2^31) and USE_TMA (K/V through TMA descriptors on sm_90+, when BlockConfig.tma is
+set and the layout meets TMA's alignment rules; no table row sets it until a GPU measurement says so:
+the benchmark times it as "triton-tma").
 
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (numpy; slow, for tests only).
 """
@@ -50,6 +55,7 @@ class BlockConfig:
     block_n: int      # keys per tile
     num_warps: int
     num_stages: int
+    tma: bool = False  # forward: K/V tiles through TMA descriptors (sm_90+, when the layout allows)
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -187,6 +193,24 @@ def _tile_safe(t: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
     return t if span < 2**31 else t.contiguous()
 
 
+def _tma_ok(t: torch.Tensor) -> bool:
+    """TMA's layout rules for a [B, H, N, D] operand: last dim contiguous, every other stride and the base
+    address 16-byte aligned (then every (b, h) matrix base is too)."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((stride * size) % 16 == 0 for stride in t.stride()[:-1]))
+
+
+def _ensure_allocator() -> None:
+    """In-kernel TMA descriptors need a small global scratch buffer per launch: give Triton torch's
+    allocator (graph-capture safe) unless the application set its own."""
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _max_offset(t: Optional[torch.Tensor]) -> int:
     """The largest element offset of `t` from its data pointer."""
     return 0 if t is None else sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
@@ -221,6 +245,8 @@ def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[Bloc
     common = dict(HAS_MASK=mask is not None, HAS_LOGIT_SCALE=plan.logit_scale is not None,
                   HAS_SEG_BIAS=plan.segment_bias is not None, DOT_PRECISION=precision,
                   WIDE=any(_max_offset(t) >= 2**31 for t in (q, k, v, patch)))
+    capability = capability or _capability(q.device)
+    use_tma = fwd.tma and (interpreter_enabled() or tuple(capability) >= (9, 0)) and _tma_ok(k) and _tma_ok(v)
 
     num_m_blocks = triton_cdiv(Nq, fwd.block_m)
     launches = [Launch(
@@ -237,7 +263,7 @@ def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[Bloc
              HAS_GATE=plan.head_gate is not None, HAS_OUT_BIAS=plan.out_bias is not None,
              HAS_PATCH=patch is not None, STORE_LSE=lse is not None, STORE_MAX=outputs["max"] is not None,
              STORE_ENT=outputs["entropy"] is not None, STORE_SEG=outputs["segment_mass"] is not None,
-             SKIP_PATCHED=patch is not None and not plan.capture, **common,
+             SKIP_PATCHED=patch is not None and not plan.capture, USE_TMA=use_tma, **common,
              num_warps=fwd.num_warps, num_stages=fwd.num_stages),
     )]
     if key_mass is not None:
@@ -266,6 +292,8 @@ def run(plan: AttentionPlan, fwd_config: Optional[BlockConfig] = None,
     outputs = _outputs(plan)
     with _device_scope(plan.q.device):
         for launch in build_launches(plan, outputs, fwd_config, km_config):
+            if launch.meta.get("USE_TMA") and not interpreter_enabled():
+                _ensure_allocator()
             getattr(kernels, launch.kernel)[launch.grid](*launch.args, **launch.meta)
     return outputs["out"], {name: outputs[name] for name in plan.capture}
 

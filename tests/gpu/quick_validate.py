@@ -8,7 +8,8 @@ On a GPU (bfloat16, the shapes of the issue's validation run):
   * ragged Nq x Nk = 1000 x 3001 with GQA (H = 4, Hkv = 2);
   * one segment per key (G = N = 4096) with segment_mass and segment bias;
   * bitwise determinism (three runs) and batch invariance (a batch vs its rows alone);
-  * CUDA-graph capture and replay with new inputs, bitwise equal to eager calls.
+  * CUDA-graph capture and replay with new inputs, bitwise equal to eager calls;
+  * on sm_90+, the Triton forward's TMA variant (BlockConfig.tma) against the reference.
 With --dry-run (no GPU): the same code on CPU tensors under Triton's interpreter, float32, tiny shapes,
 so that CI checks the script itself; the CUDA backend and graph replay then print SKIP.
 Prints one line per check and "PASS" or "FAIL" last; exit status 0 only on PASS.
@@ -165,6 +166,24 @@ def _validate(be, dry, torch, assert_matches_reference, rel_error, row_error, CA
             torch.cuda.synchronize()
             assert same_bits(static, flat(*call())), "graph replay differs from an eager call"
 
+    def tma_variant():
+        # sm_90+: the Triton forward with K/V tiles through TMA descriptors (not the table's default until
+        # measured) must compute the same function.
+        if be != "triton" or dry or torch.cuda.get_device_capability() < (9, 0):
+            return "SKIP (Triton on sm_90+ only)"
+        from dataclasses import replace
+
+        from latentflow_fast.ops import backend_triton
+
+        q, k, v, kwargs = inputs(2, 2, 1, N, N + 37, 128, seed=6)
+        plan = build_plan(q, k, v, **kwargs)
+        config = replace(backend_triton.forward_config(128, 128, dtype, torch.cuda.get_device_capability()), tma=True)
+        assert backend_triton.build_launches(plan, backend_triton._outputs(plan), config)[0].meta["USE_TMA"]
+        out, caps = backend_triton.run(plan, config)
+        ref_out, ref_caps = reference_attention(plan, torch.float64, query_chunk=512)
+        assert_matches_reference({"out": out, **caps}, {"out": ref_out, **ref_caps}, dtype)
+
+    run_check(f"TMA variant N={N} Nk={N}+37 D=128", tma_variant)
     run_check("bitwise determinism (3 runs)", determinism)
     run_check("batch invariance (B=3 vs rows alone)", batch_invariance)
     run_check("CUDA-graph capture + replay", graph_replay)

@@ -5,13 +5,14 @@
 #   OUT=/tmp/qv tests/gpu/quick_validate.sh --dry-run          (CPU: Triton interpreter, tiny shapes; CI)
 #
 # Stages, each with its own time limit and log file under $OUT (default: a new temporary folder):
-#   1 build       the CUDA extension for this GPU's architecture only, in parallel          (limit 150 s)
+#   1 build       the CUDA extension for this GPU's architecture only, in parallel          (limit 120 s)
 #   2 correctness cuda and triton against the float64 reference, norm and per-row max-abs checks:
 #                 N=8192 at D=64/128 with every capture and intervention, ragged 1000x3001 with GQA,
 #                 one segment per key (G=N), bitwise determinism, batch invariance, CUDA-graph replay
-#                 (tests/gpu/quick_validate.py)                                           (limit 90 s each)
-#   3 benchmark   benchmarks/attention_gpu.py at N=8192, D=64/128, B=4, H=16, bf16       (limit 120 s)
-#   4 sanitize    compute-sanitizer memcheck and racecheck on small cases of each kernel  (limit 50 s each)
+#                 (tests/gpu/quick_validate.py)                           (limits 75 s cuda, 90 s triton)
+#   3 benchmark   benchmarks/attention_gpu.py at N=8192, D=64/128, B=4, H=16, bf16       (limit 110 s)
+#   4 sanitize    compute-sanitizer memcheck and racecheck on small cases of each kernel  (limit 35 s each)
+# The limits add up to 535 s, so even a run where every stage hits its limit ends inside 9 minutes.
 # A summary table is printed last. Exit status 0 only when every stage passed.
 # --dry-run runs the same stages on the CPU (no build: the installed extension is imported; Triton
 # under its interpreter; the benchmark's --smoke mode; the sanitizer cases without compute-sanitizer,
@@ -58,19 +59,19 @@ else
   CC=${CC:-$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")}
   "$PY" -c "import torch, triton; print('== device:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__)"
   # 1. Build for this architecture only (machine code, no PTX), all cores.
-  stage build 150 env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${CC}-real" \
+  stage build 120 env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${CC}-real" \
     "$PY" -m pip install --no-build-isolation --no-deps -q -e .
   # 2. Correctness (each backend in its own process and time limit).
-  stage correctness-cuda 90 "$PY" tests/gpu/quick_validate.py --backend cuda
+  stage correctness-cuda 75 "$PY" tests/gpu/quick_validate.py --backend cuda
   stage correctness-triton 90 "$PY" tests/gpu/quick_validate.py --backend triton
   # 3. Benchmark: B*H*N = 4*16*8192 gives B=4 at H=16.
-  stage benchmark 120 "$PY" benchmarks/attention_gpu.py --n 8192 --d 64 128 --heads 16 --tokens $((4 * 16 * 8192)) --rounds 7
+  stage benchmark 110 "$PY" benchmarks/attention_gpu.py --n 8192 --d 64 128 --heads 16 --tokens $((4 * 16 * 8192)) --rounds 5
   # 4. compute-sanitizer on small cases of each kernel (only our kernels, no caching allocator).
   if command -v compute-sanitizer >/dev/null 2>&1; then
     for tool in memcheck racecheck; do
-      stage "$tool-triton" 50 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 99 \
+      stage "$tool-triton" 35 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 99 \
         --kernel-name kns=latentflow_probed_attn "$PY" tests/gpu/sanitize_case.py triton
-      stage "$tool-cuda" 50 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 99 \
+      stage "$tool-cuda" 35 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 99 \
         --kernel-name kns=latentflow_probed_attn "$PY" tests/gpu/sanitize_cuda_case.py --head-dims 64 128 --dtypes bfloat16
     done
   else
