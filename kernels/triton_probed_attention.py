@@ -14,7 +14,7 @@ Two kernels with stable names (for `ncu --kernel-name` filters):
 Hot loop of the forward, per key block (log2 units):
   s   = q.k * qk_scale + key_bias[j]        one FMA per element. key_bias folds the segment bias, the
                                             padding mask and keys past Nk into one [BLOCK_N] vector;
-                                            a masked key gets MASKED = -2^64 (finite, see below)
+                                            a masked key gets MASKED = -2^120 (finite, see below)
   m'  = max(m, max_j s),  p = 2^(s - m'),  alpha = 2^(m - m')
   l   = alpha l + sum_j p
   t   = alpha (t + (m - m') l) + sum_j p (s - m')     entropy numerator, relative to m (no cancellation):
@@ -25,7 +25,8 @@ Because MASKED is finite, m starts at MASKED and every exponent is finite: a row
 masked keys has m = MASKED and p = 1 for them, and the first live key resets l, t and acc through
 alpha = 2^(MASKED - m') = 0. A row whose final m is MASKED had no live key: the epilogue gives it the
 contract's p = 0 (out = gate * 0 + bias or the patch, lse = max = -inf, entropy = 0, segment_mass = 0).
-MASKED * Nk stays far below the float32 range, so (m - m') l never overflows.
+A finite segment bias down to about -9e35 still behaves as a number (only -inf knocks a segment out), and
+(m - m') l is clamped to -2^64 * l before it could overflow.
 
 segment_mass keeps only the open segment's normaliser in registers (one [BLOCK_M] vector, rescaled
 like l). When a segment ends, its absolute log2-mass log2(mass) + m is written to the segment_mass
@@ -54,7 +55,8 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-MASKED = tl.constexpr(-18446744073709551616.0)  # -2^64: logit of a masked key, log2 units (finite)
+MASKED = tl.constexpr(-1.329227995784916e36)  # -2^120: logit of a masked key, log2 units (finite)
+FAR = tl.constexpr(-18446744073709551616.0)    # -2^64: any shift of the running max beyond this gives alpha = 0
 
 
 @triton.jit
@@ -163,7 +165,8 @@ def _fwd_key_block(
     p = tl.math.exp2(shifted)
     p_sum = tl.sum(p, axis=1)
     if STORE_ENT:
-        t_i = alpha * (t_i + (m_i - m_new) * l_i) + tl.sum(p * shifted, axis=1)
+        # (m - m') l, clamped so that a row leaving MASKED (l up to Nk) cannot overflow; alpha is 0 there.
+        t_i = alpha * (t_i + tl.maximum(m_i - m_new, FAR) * l_i) + tl.sum(p * shifted, axis=1)
     l_i = l_i * alpha + p_sum
 
     if USE_TMA:
