@@ -10,6 +10,7 @@ Per (N, D) it times, interleaved round-robin with CUDA events (median over round
   <be> plain      probed kernel of backend <be> (triton, cuda if built), no capture, no intervention
   <be> probe      lse + entropy + segment_mass captured, logit_scale/segment_bias/head_gate/out_bias applied
   <be> key_mass   key_mass captured (forward storing lse + the deterministic second pass)
+  triton-tma      on sm_90+: the Triton forward with K/V tiles through TMA descriptors (BlockConfig.tma)
 TFLOP/s counts the forward's two matmuls, 4*B*H*N^2*D, for every row. Targets (DESIGN.md / issue 3):
   probe >= 0.9x SDPA at N=8192 D=128;  probe overhead <= 10% over plain;  key_mass pass <= 0.6x plain.
 Without CUDA (and without --smoke) it prints why and exits 0 having measured nothing.
@@ -168,6 +169,19 @@ def main(argv=None) -> int:
     probed = [b for b in args.backends if backends.unavailable_reason(b, device.type) is None]
     skipped = {b: backends.unavailable_reason(b, device.type) for b in args.backends if b not in probed}
 
+    # On sm_90+ the Triton forward is also timed with TMA loads (BlockConfig.tma), so that one run gives the
+    # evidence to switch the tile table's rows (backend_triton._TILES) on or off.
+    from latentflow_fast.ops import backend_triton
+    from dataclasses import replace
+
+    def tma_config(plan):
+        pad = backend_triton._pow2
+        return replace(backend_triton.forward_config(pad(plan.head_dim), pad(plan.value_dim), plan.q.dtype,
+                                                     torch.cuda.get_device_capability(device)), tma=True)
+
+    timed_backends = list(probed)
+    if "triton" in probed and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
+        timed_backends.append("triton-tma")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         where = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
@@ -219,6 +233,12 @@ def main(argv=None) -> int:
                 err = rel_error(torch, run(plans["plain"])[0], expected)
                 ok = err <= (1e-5 if dtype == torch.float32 else 2e-2)
                 checks.update({f"{be} {kind}": "ok" if ok else f"BAD {err:.1e}" for kind in plans})
+            if "triton-tma" in timed_backends:  # the Hopper variant: K/V tiles through TMA descriptors
+                tma_run = lambda plan: backend_triton.run(plan, tma_config(plan))
+                for kind, plan in plans.items():
+                    variants[f"triton-tma {kind}"] = lambda plan=plan: tma_run(plan)
+                err = rel_error(torch, tma_run(plans["plain"])[0], expected)
+                checks.update({f"triton-tma {kind}": "ok" if err <= 2e-2 else f"BAD {err:.1e}" for kind in plans})
             times = time_variants(timer, variants, args.rounds, args.min_ms)
 
             for name, ms in times.items():
@@ -253,6 +273,22 @@ def main(argv=None) -> int:
         print(line(r))
     print()
     print("TFLOP/s = 4*B*H*N^2*D / time (forward matmuls) for every row; 'pass' = (key_mass - plain) / plain.")
+    # Evidence for the dispatch table (latentflow_fast.ops.backends.GPU_DISPATCH): the faster probed
+    # backend per shape and variant, from this run's medians.
+    timed = {(r[0], r[1], r[3]): float(r[4]) for r in rows}
+    winners = []
+    for N in args.n:
+        for D in args.d:
+            for kind in ("plain", "probe", "key_mass"):
+                candidates = {be: timed[(N, D, f"{be} {kind}")] for be in timed_backends
+                              if (N, D, f"{be} {kind}") in timed}
+                if len(candidates) > 1:
+                    best = min(candidates, key=candidates.get)
+                    ratios = ", ".join(f"{be} {ms / candidates[best]:.2f}x" for be, ms in sorted(candidates.items()))
+                    winners.append(f"#   N={N} D={D} {kind}: {best} ({ratios})")
+    if winners:
+        print(f"# dispatch evidence on {where}, {str(dtype).replace('torch.', '')} (time relative to the faster):")
+        print("\n".join(winners))
     if args.smoke:
         print("smoke run: CPU + Triton interpreter, timings are meaningless; the table format and plumbing are checked.")
     else:

@@ -106,8 +106,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (tid < kKeys) {
       int segment;
-      bias_s[tid] = key_bias(args, bh, b, k0 + tid, &segment);
-      seg_s[tid] = segment;
+      smem_store(&bias_s[tid], key_bias(args, bh, b, k0 + tid, &segment));
+      smem_store(&seg_s[tid], segment);
     }
     if (prefetch) {
       cp_async_wait<1>();
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[i][n][e] = s[i][n][e] * logit_mult + bias_s[n * 8 + 2 * t4 + (e & 1)];
+          s[i][n][e] = s[i][n][e] * logit_mult + smem_load(&bias_s[n * 8 + 2 * t4 + (e & 1)]);
           tile_max[i][e >> 1] = fmaxf(tile_max[i][e >> 1], s[i][n][e]);
         }
       }
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kThreads)
     if (want_segments) {
       // Segments present in this tile, in key order; every segment but possibly the last ends here.
       const int valid_keys = min(kKeys, Nk - k0);
-      const int first = seg_s[0], last = seg_s[valid_keys - 1];
+      const int first = smem_load(&seg_s[0]), last = smem_load(&seg_s[valid_keys - 1]);
       for (int segment = first; segment <= last; ++segment) {
         const int64_t seg_end = args.segments[segment + 1];
         const int lo = static_cast<int>(max(args.segments[segment], static_cast<int64_t>(k0)) - k0);

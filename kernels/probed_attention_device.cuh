@@ -39,15 +39,34 @@ __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000);
 #define LATENTFLOW_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
+// ---- scalar shared-memory accesses ----
+// Plain loads and stores on the GPU; the host emulation checks each one for races (cuda_emulation.h),
+// so every shared-memory access of the kernels goes through these, load_pair, ldmatrix or cp.async.
+#ifdef LATENTFLOW_EMULATE
+using ::latentflow_emu::smem_load;
+using ::latentflow_emu::smem_store;
+#else
+template <typename T>
+__device__ __forceinline__ T smem_load(const T* p) {
+  return *p;
+}
+template <typename T>
+__device__ __forceinline__ void smem_store(T* p, T value) {
+  *p = value;
+}
+#endif
+
 // ---- asynchronous global -> shared copies (sm_80+) ----
 
 #ifdef LATENTFLOW_EMULATE
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
   ::latentflow_emu::copy16(smem_dst, gmem_src, valid);
 }
-__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_commit() { ::latentflow_emu::cp_async_commit(); }
 template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void cp_async_wait() {
+  ::latentflow_emu::cp_async_wait(kPending);
+}
 #else
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
@@ -111,7 +130,9 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 
 // Two consecutive 16-bit elements (row-major tile in shared memory) as one register. With a row pitch
 // of D + 8 elements, the 32 lanes of a fragment load (rows g, words t) hit 32 distinct banks.
-__device__ __forceinline__ uint32_t load_pair(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ uint32_t load_pair(const uint16_t* p) {
+  return smem_load(reinterpret_cast<const uint32_t*>(p));
+}
 
 // A fragment of rows [row0, row0+16) and columns [col0, col0+16) of a row-major tile.
 __device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const uint16_t* tile, int pitch, int row0, int col0,

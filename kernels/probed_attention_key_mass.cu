@@ -58,10 +58,10 @@ __global__ void __launch_bounds__(kThreads)
   load_tile_async<kKeys, D>(k_s, k_g, args.k_stride[2], min(kKeys, Nk - k0), tid);
   load_tile_async<kQueryTile, D>(q_s, q_g, args.q_stride[2], min(kQueryTile, Nq), tid);
   cp_async_commit();
-  if (tid < kQueryTile) lse_s[tid] = tid < Nq ? lse_g[tid] : neg_inf();
+  if (tid < kQueryTile) smem_store(&lse_s[tid], tid < Nq ? lse_g[tid] : neg_inf());
   for (int key = tid; key < kKeys; key += kThreads) {
     int segment;
-    bias_s[key] = key_bias(args, bh, b, k0 + key, &segment);
+    smem_store(&bias_s[key], key_bias(args, bh, b, k0 + key, &segment));
   }
 
   float mass[kM][2];  // per-lane partial sums for keys g and g + 8 of each sub-tile
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads)
       load_tile_async<kQueryTile, D>(q_s + (buf ^ 1) * kQTileElems, q_g + q1 * args.q_stride[2], args.q_stride[2],
                                      min(kQueryTile, Nq - q1), tid);
       cp_async_commit();
-      if (tid < kQueryTile) lse_s[(buf ^ 1) * kQueryTile + tid] = q1 + tid < Nq ? lse_g[q1 + tid] : neg_inf();
+      if (tid < kQueryTile) smem_store(&lse_s[(buf ^ 1) * kQueryTile + tid], q1 + tid < Nq ? lse_g[q1 + tid] : neg_inf());
     }
     if (prefetch) {
       cp_async_wait<1>();
@@ -92,8 +92,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < kM; ++i) {
 #pragma unroll
         for (int c = 0; c < D / 16; ++c) load_a_frag(k_frag[i][c], k_s, kPitch, warp_key0 + 16 * i, c * 16, lane);
-        bias[i][0] = bias_s[warp_key0 + 16 * i + g];
-        bias[i][1] = bias_s[warp_key0 + 16 * i + g + 8];
+        bias[i][0] = smem_load(&bias_s[warp_key0 + 16 * i + g]);
+        bias[i][1] = smem_load(&bias_s[warp_key0 + 16 * i + g + 8]);
       }
     }
 
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < kM; ++i) mma_16816<T>(st[i], k_frag[i][c], bf);
       }
-      const float lse0 = lse_t[n * 8 + 2 * t4], lse1 = lse_t[n * 8 + 2 * t4 + 1];
+      const float lse0 = smem_load(&lse_t[n * 8 + 2 * t4]), lse1 = smem_load(&lse_t[n * 8 + 2 * t4 + 1]);
 #pragma unroll
       for (int i = 0; i < kM; ++i) {
 #pragma unroll

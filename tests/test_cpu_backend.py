@@ -397,3 +397,17 @@ def test_portable_path_on_aarch64_under_qemu(tmp_path):
     assert build.returncode == 0, build.stderr
     run = subprocess.run([QEMU_AARCH64, str(exe)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "auto -> generic" in run.stdout and "OK" in run.stdout, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("Nk", [70, 300])
+def test_one_segment_per_key(Nk):
+    # Any G the contract allows, G = Nk included (one segment per key).
+    from op_cases import assert_matches_reference
+
+    q, k, v, gen = _inputs(Nq=33, Nk=Nk, D=16, Dv=16, seed=Nk)
+    bias = torch.randn(2, 4, Nk, generator=gen)
+    bias[:, :, ::5] = -math.inf
+    kwargs = dict(segments=list(range(Nk + 1)), segment_bias=bias, capture=CAPTURE_NAMES)
+    out, caps = probed_attention(q, k, v, backend="cpu", **kwargs)
+    ref_out, ref_caps = reference_attention(build_plan(q, k, v, **kwargs), torch.float64)
+    assert_matches_reference({"out": out, **caps}, {"out": ref_out, **ref_caps}, torch.float32)

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from op_cases import INTERVENTIONS, TOLERANCE, make_case, rel_error
+from op_cases import INTERVENTIONS, assert_matches_reference, make_case, reference_errors
 
 from latentflow_fast.ops import CAPTURE_NAMES, build_plan
 from latentflow_fast.ops import backend_cuda
@@ -42,15 +42,11 @@ def rows(request):
 def _run_and_check(emu, plan, rows):
     out, caps = backend_cuda.launch(plan, emu, stream=0, device=0, rows=rows)
     ref_out, ref_caps = reference_attention(plan, torch.float64)
-    tol = TOLERANCE[plan.q.dtype]
     assert out.dtype == plan.q.dtype and out.shape == ref_out.shape
-    errors = {"out": rel_error(out, ref_out)}
     assert set(caps) == set(ref_caps)
     for name, ref in ref_caps.items():
         assert caps[name].dtype == torch.float32 and caps[name].shape == ref.shape, name
-        errors[name] = rel_error(caps[name], ref)
-    bad = {name: err for name, err in errors.items() if not err <= tol}
-    assert not bad, bad
+    assert_matches_reference({"out": out, **caps}, {"out": ref_out, **ref_caps}, plan.q.dtype)
     return out, caps
 
 
@@ -127,3 +123,54 @@ def test_batch_invariance_bitwise(emu, rows):
         assert torch.equal(out[row].view(torch.int16), out_b.view(torch.int16))
         for name in caps:
             assert torch.equal(caps[name][row].view(torch.int32), caps_b[name].view(torch.int32)), name
+
+
+# Planted bugs the strict emulator must catch (tests/cuda_emulator/cuda_emulation.h): each is a real
+# hazard on the GPU that a lenient emulation (synchronous cp.async, zeroed shared memory, no race
+# shadow) passes.
+MUTANTS = {
+    # Retiring too few copy groups: the current K/V tile may still be in flight when it is read.
+    "wait_group_2": ({"probed_attention.cu": [("      cp_async_wait<1>();", "      cp_async_wait<2>();")]},
+                     "wrong"),
+    # No barrier between the last reads of a buffer (and of bias_s) and the next tile's writes into it.
+    "missing_trailing_syncthreads": (
+        {"probed_attention.cu": [("    __syncthreads();  // all warps are done with this buffer and bias_s before "
+                                  "they are overwritten\n", "")]},
+        "race"),
+    # Same in the key_mass pass (its Q double buffer and lse tiles).
+    "key_mass_missing_trailing_syncthreads": (
+        {"probed_attention_key_mass.cu": [("    __syncthreads();  // all warps are done with this buffer before it "
+                                           "is overwritten\n", "")]},
+        "race"),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_emulator_catches_planted_bug(name):
+    if build_module.compiler() is None:
+        pytest.skip("no host C++ compiler for the CUDA emulator")
+    mutations, expected = MUTANTS[name]
+    mutant = build_module.build(mutations=mutations, module_name=f"latentflow_cuda_emu_{name}")
+    # Several key and query tiles, so that the double buffers are reused.
+    q, k, v, gen = _inputs(1, 1, 1, 130, 200, 64, torch.bfloat16, seed=5)
+    plan = build_plan(q, k, v, segments=[0, 70, 200], capture=("lse", "segment_mass", "key_mass"))
+    try:
+        out, caps = backend_cuda.launch(plan, mutant, stream=0, device=0, rows=16)
+    except RuntimeError as exc:
+        assert expected == "race" and "shared-memory race" in str(exc), str(exc)
+        return
+    assert expected == "wrong", f"mutant {name} ran without the race being reported"
+    ref_out, ref_caps = reference_attention(plan, torch.float64)
+    outputs, refs = {"out": out, **caps}, {"out": ref_out, **ref_caps}
+    failures = [f for n in refs for f in reference_errors(n, outputs[n], refs[n], torch.bfloat16)]
+    assert failures, f"mutant {name} matched the reference"
+
+
+def test_one_segment_per_key(emu, rows):
+    # G = Nk (one segment per text token at cross-attention sites, one per time bin at self-attention
+    # sites): every key tile holds up to 64 segment ends.
+    q, k, v, gen = _inputs(1, 2, 1, 40, 70, 64, torch.bfloat16, seed=7)
+    bias = torch.randn(1, 2, 70, generator=gen)
+    bias[0, 0, ::3] = -math.inf
+    plan = build_plan(q, k, v, segments=list(range(71)), segment_bias=bias, capture=CAPTURE_NAMES)
+    _run_and_check(emu, plan, rows)

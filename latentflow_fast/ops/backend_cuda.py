@@ -4,10 +4,11 @@ Coverage (`supports`): CUDA tensors of compute capability >= 8.0, float16 or bfl
 q, k and v may have any strides whose last dim is contiguous, whose other strides are multiples of 8
 elements and whose data is 16-byte aligned; anything else is copied to a contiguous tensor first.
 
-Auto rule (`prefer`, used by `backend="auto"` when the Triton kernel is also available): the CUDA kernel
-for every plan it supports (float16/bfloat16, D == Dv in {64, 128}), Triton for everything else
-(float32, other head dims, Dv != D). This is the first-cut rule; it is to be refined from
-benchmarks/attention_gpu.py on real GPUs (on Hopper, Triton's wgmma path may win at large N).
+Auto rule (`prefer`, used by `backend="auto"` when the Triton kernel is also available): the table
+`latentflow_fast.ops.backends.GPU_DISPATCH`. Until measurements say otherwise: Triton on sm_90 and newer
+(its forward issues wgmma there; this kernel uses mma.sync), this kernel on sm_80/86/89 for every plan it
+supports (float16/bfloat16, D == Dv in {64, 128}), Triton for everything else. A measurement run
+(benchmarks/attention_gpu.py prints the winner per shape) changes the table, not this code.
 
 Tiling: the forward gives each warp 32 query rows (rows_per_warp=32: every K/V fragment read from shared
 memory feeds two MMAs; 128-row CTAs, 64-key tiles at D=64 and 32-key tiles at D=128) or 16 rows
@@ -81,8 +82,11 @@ def supports(plan: AttentionPlan) -> bool:
 
 
 def prefer(plan: AttentionPlan) -> str:
-    """The auto rule between the two GPU kernels (see the module docstring)."""
-    return "cuda" if supports(plan) else "triton"
+    """The auto rule between the two GPU kernels: the dispatch table backends.GPU_DISPATCH."""
+    from .backends import preferred_gpu_backend
+
+    capability = torch.cuda.get_device_capability(plan.q.device) if plan.q.device.type == "cuda" else (0, 0)
+    return preferred_gpu_backend(capability, plan.q.dtype, plan.head_dim, supports(plan))
 
 
 def rows_per_warp(device: Optional[torch.device] = None) -> int:

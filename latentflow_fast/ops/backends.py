@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -24,6 +25,46 @@ _MODULES = {
 }
 # Devices each backend computes on.
 _DEVICES = {"reference": ("cpu", "cuda"), "cpu": ("cpu",), "triton": ("cuda",), "cuda": ("cuda",)}
+
+
+@dataclass(frozen=True)
+class GpuRule:
+    """One row of the GPU dispatch table: plans on devices of compute capability in [min_cc, max_cc]
+    (and, when given, of these dtypes / head dims) prefer `backend`."""
+
+    min_cc: tuple
+    max_cc: tuple
+    backend: str  # "cuda" or "triton"
+    dtypes: Optional[tuple] = None     # e.g. (torch.bfloat16,); None = any
+    head_dims: Optional[tuple] = None  # None = any
+    evidence: str = ""
+
+
+# The GPU dispatch table for backend="auto" when both GPU kernels can run a plan. First matching row
+# wins; no row, or "cuda" for a plan the CUDA kernel does not support (backend_cuda.supports), gives
+# Triton. Rows come from evidence: a measurement run (benchmarks/attention_gpu.py prints the winner per
+# shape) replaces or refines them.
+GPU_DISPATCH = (
+    GpuRule((9, 0), (99, 99), "triton",
+            evidence="static, not measured: Triton's forward issues wgmma on sm_90+ (kernels/triton_codegen.py); "
+                     "the CUDA kernel uses the older mma.sync"),
+    GpuRule((8, 0), (8, 9), "cuda",
+            evidence="static, not measured: both use mma.sync on sm_8x; the CUDA kernel is hand-tiled for it"),
+)
+
+
+def preferred_gpu_backend(capability: tuple, dtype: torch.dtype, head_dim: int, cuda_supported: bool,
+                          table: tuple = GPU_DISPATCH) -> str:
+    """The GPU dispatch rule as a pure function of the device and the plan (see GPU_DISPATCH)."""
+    for rule in table:
+        if not rule.min_cc <= tuple(capability) <= rule.max_cc:
+            continue
+        if rule.dtypes is not None and dtype not in rule.dtypes:
+            continue
+        if rule.head_dims is not None and head_dim not in rule.head_dims:
+            continue
+        return "cuda" if rule.backend == "cuda" and cuda_supported else "triton"
+    return "triton"
 
 
 def _devices(name: str) -> tuple:
@@ -60,9 +101,9 @@ def available_backends(device_type: Optional[str] = None) -> list[str]:
 def choose_backend(plan: AttentionPlan) -> str:
     """The "auto" rule: the fastest available kernel for the tensors' device.
 
-    CPU tensors use the fused C++ kernel; CUDA tensors use the backend module's own shape rule
-    (`latentflow_fast.ops.backend_cuda.prefer` when both GPU kernels exist); float64 and anything
-    no kernel supports fall back to the reference.
+    CPU tensors use the fused C++ kernel; CUDA tensors use the GPU dispatch table (GPU_DISPATCH, through
+    `backend_cuda.prefer`) when both GPU kernels exist; float64 and anything no kernel supports fall back
+    to the reference.
     """
     device_type = plan.q.device.type
     if plan.q.dtype == torch.float64:

@@ -12,11 +12,23 @@
 //                          fragment in float;
 //   ldmatrix.x4.trans      every lane publishes its row address; each lane gathers its registers by the
 //                          PTX ISA's ldmatrix layout;
-//   cp.async               a synchronous 16-byte copy (zero fill when invalid);
-//   shared memory          a per-CTA buffer of exactly the launch's dynamic size plus a guard band that
-//                          is checked after the CTA (overflow -> exception).
-// What this does NOT check: the real hardware's fragment layout (it encodes the documented one),
-// timing-dependent races, bank conflicts, register spills or speed.
+//   cp.async               strict: the source is read at issue, but the 16 bytes land in shared memory
+//                          only when the issuing thread's cp.async.wait_group retires their group (or at
+//                          thread exit), the latest moment the hardware allows. A wait that retires too
+//                          few groups therefore leaves the tile unwritten;
+//   shared memory          a per-CTA buffer of exactly the launch's dynamic size, filled with 0xFF bytes
+//                          (NaN in float32, bfloat16 and float16) so that a read of unwritten data poisons
+//                          the result, plus a guard band that is checked after the CTA (overflow ->
+//                          exception);
+//   races                  every shared-memory access of the kernels goes through load_pair, ldmatrix,
+//                          cp.async or smem_load/smem_store, which this header checks against a shadow
+//                          (per 4-byte word: last writer and readers, with the barrier interval of the
+//                          access). Two accesses of different threads to one word in the same interval
+//                          (between two __syncthreads), one of them a write, are a race (RAW, WAR, WAW).
+//                          A cp.async counts as a write from its issue to its landing. The first race is
+//                          reported as an exception after the CTA.
+// What this does NOT check: the real hardware's fragment layout (it encodes the documented one), races
+// through global memory, bank conflicts, register spills or speed.
 #pragma once
 
 #include <algorithm>
@@ -24,7 +36,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -145,18 +159,40 @@ struct Warp {
   const uint16_t* rows[32];
 };
 
+constexpr unsigned char kUnwrittenByte = 0xFF;  // NaN in every float type the kernels use
+constexpr int kManyReaders = -2;
+
+// Shadow of one 4-byte word of shared memory: last writer and reader(s), with their barrier interval.
+struct ShadowWord {
+  int write_tid = -1, write_epoch = -1, read_tid = -1, read_epoch = -1;
+};
+
 struct Cta {
-  Cta(int threads, size_t smem_bytes) : barrier(threads), smem(smem_bytes + kGuardBytes, kGuardByte) {
+  Cta(int threads, size_t smem_bytes)
+      : barrier(threads), smem(smem_bytes + kGuardBytes, kGuardByte), size(smem_bytes), shadow((smem_bytes + 3) / 4) {
+    std::memset(smem.data(), kUnwrittenByte, smem_bytes);
     for (int w = 0; w < threads / 32; ++w) warps.emplace_back(std::make_unique<Warp>());
   }
   std::barrier<> barrier;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<unsigned char> smem;
+  size_t size;
+  std::vector<ShadowWord> shadow;
+  std::mutex shadow_mutex;
+  std::string race;  // first race found, empty if none
+};
+
+struct PendingCopy {
+  void* dst;
+  unsigned char bytes[16];
 };
 
 struct ThreadContext {
   dim3 thread, block;
   Cta* cta = nullptr;
+  int epoch = 0;                                  // __syncthreads passed so far
+  std::vector<PendingCopy> open_group;            // cp.async issued since the last commit
+  std::deque<std::vector<PendingCopy>> committed;  // committed groups, oldest first
 };
 inline thread_local ThreadContext tls;
 
@@ -164,12 +200,92 @@ inline unsigned char* dynamic_smem() { return tls.cta->smem.data(); }
 inline Warp& my_warp() { return *tls.cta->warps[tls.thread.x / 32]; }
 inline int my_lane() { return static_cast<int>(tls.thread.x % 32); }
 
-inline void copy16(void* dst, const void* src, bool valid) {
-  if (valid) {
-    std::memcpy(dst, src, 16);
-  } else {
-    std::memset(dst, 0, 16);
+// Record an access of `bytes` bytes at `p` by this thread; a conflicting access of another thread in the
+// same barrier interval is a race. Addresses outside the dynamic shared memory are not tracked.
+inline void shadow_access(const void* p, size_t bytes, bool write, const char* what) {
+  Cta& cta = *tls.cta;
+  const auto* base = cta.smem.data();
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < base || c >= base + cta.size) return;
+  const int me = static_cast<int>(tls.thread.x), epoch = tls.epoch;
+  std::lock_guard<std::mutex> lock(cta.shadow_mutex);
+  for (size_t w = (c - base) / 4; w <= (c - base + bytes - 1) / 4 && w < cta.shadow.size(); ++w) {
+    ShadowWord& s = cta.shadow[w];
+    const char* hazard = nullptr;
+    int other = -1;
+    if (s.write_epoch == epoch && s.write_tid != me) {
+      hazard = write ? "write after write" : "read after write";
+      other = s.write_tid;
+    } else if (write && s.read_epoch == epoch && s.read_tid != me) {
+      hazard = "write after read";
+      other = s.read_tid;
+    }
+    if (hazard != nullptr && cta.race.empty()) {
+      cta.race = std::string("emulator: shared-memory race (") + hazard + ") at byte " + std::to_string(4 * w) +
+                 " by thread " + std::to_string(me) + " (" + what + ") and thread " +
+                 (other == kManyReaders ? std::string("several") : std::to_string(other)) +
+                 " between the same two __syncthreads, block (" + std::to_string(tls.block.x) + "," +
+                 std::to_string(tls.block.y) + "," + std::to_string(tls.block.z) + ")";
+    }
+    if (write) {
+      s.write_tid = me;
+      s.write_epoch = epoch;
+    } else if (s.read_epoch == epoch) {
+      if (s.read_tid != me) s.read_tid = kManyReaders;
+    } else {
+      s.read_tid = me;
+      s.read_epoch = epoch;
+    }
   }
+}
+
+// cp.async: the source is read now, the destination written when the group retires.
+inline void copy16(void* dst, const void* src, bool valid) {
+  PendingCopy copy{dst, {}};
+  if (valid) {
+    std::memcpy(copy.bytes, src, 16);
+  } else {
+    std::memset(copy.bytes, 0, 16);
+  }
+  shadow_access(dst, 16, true, "cp.async issue");
+  tls.open_group.push_back(copy);
+}
+
+inline void land(const std::vector<PendingCopy>& group) {
+  for (const PendingCopy& copy : group) {
+    shadow_access(copy.dst, 16, true, "cp.async landing");
+    std::memcpy(copy.dst, copy.bytes, 16);
+  }
+}
+
+inline void cp_async_commit() {
+  tls.committed.push_back(std::move(tls.open_group));
+  tls.open_group.clear();
+}
+
+// cp.async.wait_group n: every committed group but the n most recent has landed.
+inline void cp_async_wait(int pending) {
+  while (static_cast<int>(tls.committed.size()) > pending) {
+    land(tls.committed.front());
+    tls.committed.pop_front();
+  }
+}
+
+inline void drain_copies() {  // at thread exit the hardware completes whatever is still in flight
+  cp_async_commit();
+  cp_async_wait(0);
+}
+
+template <typename T>
+inline T smem_load(const T* p) {
+  shadow_access(p, sizeof(T), false, "load");
+  return *p;
+}
+
+template <typename T>
+inline void smem_store(T* p, T value) {
+  shadow_access(p, sizeof(T), true, "store");
+  *p = value;
 }
 
 template <typename T>
@@ -220,6 +336,7 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
   Warp& w = my_warp();
   const int lane = my_lane();
+  shadow_access(row, 16, false, "ldmatrix");
   w.rows[lane] = row;
   w.barrier.arrive_and_wait();
   const int g = lane >> 2, t = lane & 3;
@@ -241,13 +358,16 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t smem_bytes, const Args
         pool.reserve(threads);
         for (int t = 0; t < threads; ++t) {
           pool.emplace_back([&, t] {
+            tls = ThreadContext{};
             tls.thread = dim3(t);
             tls.block = dim3(x, y, z);
             tls.cta = &cta;
             kernel(args);
+            drain_copies();
           });
         }
         for (auto& th : pool) th.join();
+        if (!cta.race.empty()) throw std::runtime_error(cta.race);
         for (size_t i = smem_bytes; i < cta.smem.size(); ++i) {
           if (cta.smem[i] != kGuardByte) throw std::runtime_error("emulator: shared memory written past its size");
         }
@@ -261,7 +381,10 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t smem_bytes, const Args
 #define threadIdx (::latentflow_emu::tls.thread)
 #define blockIdx (::latentflow_emu::tls.block)
 
-inline void __syncthreads() { latentflow_emu::tls.cta->barrier.arrive_and_wait(); }
+inline void __syncthreads() {
+  latentflow_emu::tls.cta->barrier.arrive_and_wait();
+  ++latentflow_emu::tls.epoch;  // accesses after this barrier are ordered after those of every thread before it
+}
 
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   latentflow_emu::Warp& w = latentflow_emu::my_warp();

@@ -4,7 +4,11 @@
 
 void register_cuda_bindings(pybind11::module_& m);
 
-PYBIND11_MODULE(latentflow_cuda_emu, m) {
+#ifndef LATENTFLOW_EMU_MODULE
+#define LATENTFLOW_EMU_MODULE latentflow_cuda_emu  // mutants (tests) get their own module name
+#endif
+
+PYBIND11_MODULE(LATENTFLOW_EMU_MODULE, m) {
   m.doc() = "kernels/probed_attention*.cu run on the host by tests/cuda_emulator/cuda_emulation.h";
   register_cuda_bindings(m);
 }

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from op_cases import TOLERANCE, check_against_reference, make_case, rel_error  # noqa: E402
+from op_cases import assert_matches_reference, check_against_reference, make_case  # noqa: E402
 
 from latentflow_fast.ops import CAPTURE_NAMES, build_plan, probed_attention, unavailable_reason  # noqa: E402
 from latentflow_fast.ops import backend_cuda, backends  # noqa: E402
@@ -75,15 +75,11 @@ def _check(q, k, v, query_chunk=256, **kwargs):
     out, caps = probed_attention(q, k, v, backend=BACKEND, **kwargs)
     plan = build_plan(q, k, v, **kwargs)
     ref_out, ref_caps = reference_attention(plan, torch.float64, query_chunk=query_chunk)
-    tol = TOLERANCE[q.dtype]
     assert out.dtype == q.dtype and out.shape == ref_out.shape
-    err = rel_error(out, ref_out)
-    assert err <= tol, f"out: {err:.3g}"
     assert set(caps) == set(ref_caps)
     for name, ref in ref_caps.items():
         assert caps[name].dtype == torch.float32 and caps[name].shape == ref.shape, name
-        err = rel_error(caps[name], ref)
-        assert err <= tol, f"{name}: {err:.3g}"
+    assert_matches_reference({"out": out, **caps}, {"out": ref_out, **ref_caps}, q.dtype)
     return out, caps
 
 
@@ -259,6 +255,9 @@ def test_dispatch_rule():
         assert backends.choose_backend(plan) == "cuda"
     else:
         assert backends.choose_backend(plan) == backend_cuda.prefer(plan)
+        # The table's rule until measurements change it: Triton on sm_90+, CUDA on sm_8x.
+        expected = "triton" if torch.cuda.get_device_capability() >= (9, 0) else "cuda"
+        assert backends.choose_backend(plan) == expected
     q32 = q.float()
     plan32 = build_plan(q32, k.float(), v.float())
     assert not backend_cuda.supports(plan32)
