@@ -11,7 +11,7 @@ Per (N, D) it times, interleaved round-robin with CUDA events (median over round
   <be> probe      lse + entropy + segment_mass captured, logit_scale/segment_bias/head_gate/out_bias applied
   <be> key_mass   key_mass captured (forward storing lse + the deterministic second pass)
   triton-tma      on sm_90+: the Triton forward with K/V tiles through TMA descriptors (BlockConfig.tma)
-TFLOP/s counts the forward's two matmuls, 4*B*H*N^2*D, for every row. Targets (DESIGN.md / issue 3):
+TFLOP/s counts the forward's two matmuls, 4*B*H*N^2*D, for every row. Targets (docs/design.md):
   probe >= 0.9x SDPA at N=8192 D=128;  probe overhead <= 10% over plain;  key_mass pass <= 0.6x plain.
 Without CUDA (and without --smoke) it prints why and exits 0 having measured nothing.
 

@@ -1,4 +1,4 @@
-// The fused CPU probed-attention kernel (DESIGN.md section 3): raw pointers, shapes and strides in,
+// The fused CPU probed-attention kernel (docs/design.md, the operator contract): raw pointers, shapes and strides in,
 // no libtorch. The Python side (latentflow_fast/ops/backend_cpu.py) allocates every output and passes
 // already validated, normalised arguments; `check_args` re-checks what would otherwise crash.
 #pragma once

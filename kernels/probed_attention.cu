@@ -1,4 +1,4 @@
-// CUDA forward kernel of probed attention (DESIGN.md section 3), FlashAttention-2 style:
+// CUDA forward kernel of probed attention (docs/design.md, the operator contract), FlashAttention-2 style:
 // one CTA = 4 warps = 64 * kM query rows of one (b, h); each warp owns kM sub-tiles of 16 rows and
 // streams the keys in tiles of kKeys = 64 or 32 (cp.async double buffer), S = Q K^T and O += P V on
 // mma.sync.m16n8k16 tensor cores (every K/V fragment read from shared memory feeds kM MMAs), an online

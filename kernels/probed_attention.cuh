@@ -1,4 +1,4 @@
-// Host-facing API of the CUDA probed-attention kernels (DESIGN.md section 3).
+// Host-facing API of the CUDA probed-attention kernels (docs/design.md, the operator contract).
 //
 // Plain C++ (no CUDA types) so that bindings/cuda_bindings.cpp, compiled by the host compiler, can
 // include it. The launchers take raw pointers, shapes, strides (in elements) and a cudaStream_t passed as

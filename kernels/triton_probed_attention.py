@@ -1,4 +1,4 @@
-"""Triton kernels for probed attention (DESIGN.md section 3).
+"""Triton kernels for probed attention (docs/design.md, the operator contract).
 
 Two kernels with stable names (for `ncu --kernel-name` filters):
 

@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-USER_FACING = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "latentflow_fast").rglob("*.py"))]
+USER_FACING = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md")),
+               *sorted((ROOT / "latentflow_fast").rglob("*.py")),
+               *sorted(p for folder in ("kernels", "csrc", "benchmarks", "scripts", "training")
+                       for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".cu", ".cuh", ".h", ".cpp", ".sh"))]
 
 
 def test_no_reference_to_files_outside_the_repository():

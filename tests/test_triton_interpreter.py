@@ -6,7 +6,7 @@ run in ONE subprocess started with that variable set: this file is also the work
 Triton with the interpreter on, so other test files that import Triton normally are unaffected.
 Each check becomes its own pytest test that reports the worker's verdict.
 
-Interpreter limits (DESIGN.md section 8): tl.dot on bfloat16 is wrong there, so kernels are checked in
+Interpreter limits: tl.dot on bfloat16 is wrong there, so kernels are checked in
 float32 (tolerance 1e-5) and float16 (2e-2); bfloat16 is covered by tests/gpu.
 """
 

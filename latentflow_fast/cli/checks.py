@@ -80,11 +80,14 @@ def read_audio(command: str, name: str, path):
 
 def model_spec(command: str, name: str, spec) -> None:
     """Cheap checks of a --model value before loading it (loading errors are turned into one line too)."""
-    if spec is None or str(spec) == "tiny":
+    from ..models.loading import SHIPPED_MODELS
+
+    if spec is None or str(spec) in SHIPPED_MODELS:
         return
     path = Path(spec)
     if not path.exists():
-        fail(command, f"{name}: {spec} is neither \"tiny\" nor an existing model folder")
+        fail(command, f"{name}: {spec} is neither a shipped model ({', '.join(SHIPPED_MODELS)}) "
+                      f"nor an existing model folder")
     if not path.is_dir():
         fail(command, f"{name}: {spec} is a file; give the model folder (config.json + weights)")
     if not (path / "config.json").is_file():

@@ -1,6 +1,7 @@
 """`latentflow info`: what a model accepts and what this install can run.
 
-    latentflow info                 # the shipped default ("tiny")
+    latentflow info                 # the shipped "tiny" model
+    latentflow info --model small   # the shipped 8-layer "small" model
     latentflow info --model DIR     # any model folder load_model reads; --json for a machine-readable dump
 
 Everything is read from the model that --model names (nothing is hard-coded per model): prompt
@@ -20,7 +21,7 @@ from typing import Optional
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="show a model's prompt vocabulary, sizes and input limits",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help='"tiny" (default, shipped) or a model folder')
+    p.add_argument("--model", default="tiny", help='"tiny" (default), "small" (shipped) or a model folder')
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
@@ -77,6 +78,12 @@ def describe(model, spec) -> dict:
         info.update(sample_rate=int(codec.sample_rate), latent_frames_per_second=float(rate),
                     max_input_seconds=float(cfg.max_positions / rate))
     info["trained_clip_seconds"] = trained_clip_seconds(model_folder(spec))
+    if codec is not None:
+        seconds = info["trained_clip_seconds"] or 4.0
+        frames = codec.num_frames(int(round(seconds * codec.sample_rate)))
+        tokens = max(1, getattr(text, "max_tokens", 1) // 2)
+        info["flops_per_evaluation"] = {"clip_seconds": seconds, "frames": frames, "text_tokens": tokens,
+                                        "gflops": cfg.flops_per_evaluation(frames, tokens) / 1e9}
     vocabulary = getattr(text, "vocabulary", None)
     info["prompt_vocabulary"] = list(vocabulary) if vocabulary is not None else None
     info["max_prompt_words"] = getattr(text, "max_tokens", None)
@@ -99,6 +106,10 @@ def run(args) -> int:
         print(f"audio: {info['sample_rate']} Hz in (other rates are resampled), {info['latent_frames_per_second']:g} "
               f"latent frames per second")
         print(f"longest input: {info['max_input_seconds']:g} s (the position range of the model)")
+    if "flops_per_evaluation" in info:
+        f = info["flops_per_evaluation"]
+        print(f"one network evaluation of a {f['clip_seconds']:g} s clip ({f['frames']} frames, {f['text_tokens']} text "
+              f"tokens): {f['gflops']:.2f} GFLOP (matrix products and attention)")
     trained = info["trained_clip_seconds"]
     print(f"trained on clips of: {'unknown' if trained is None else f'up to {trained:g} s'}"
           + ("" if trained is None else "; quality falls on much longer inputs"))

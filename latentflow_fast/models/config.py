@@ -87,6 +87,22 @@ class SAMAudioConfig:
         hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def flops_per_evaluation(self, frames: int, text_tokens: int = 1) -> int:
+        """Floating-point operations (2 per multiply-add) of one network evaluation at batch 1 over
+        ``frames`` latent frames and ``text_tokens`` memory tokens: matrix products and attention only
+        (norms, activations and the vision/anchor paths are left out; they are a small share)."""
+        if frames < 1 or text_tokens < 1:
+            raise ValueError(f"frames and text_tokens must be >= 1, got {frames}, {text_tokens}")
+        T, L, D, F = frames, text_tokens, self.dim, self.ffn_hidden_dim
+        macs = T * self.in_channels * D + 2 * T * 3 * D * D  # proj; x_embedder (two k=3 convolutions)
+        macs += L * (self.text_dim * D + 3 * D * D)  # memory_proj; y_embedder (SwiGLU)
+        macs += self.frequency_embedding_dim * D * 2 + D * D + D * 6 * D  # t_embedder; t_block
+        per_layer = 4 * T * D * D + 2 * T * T * D  # self-attention: projections, q.k and p.v
+        per_layer += 2 * T * D * D + 2 * L * D * D + 2 * T * L * D  # cross-attention
+        per_layer += 3 * T * D * F  # SwiGLU feed-forward
+        macs += self.n_layers * per_layer + T * D * self.out_channels  # output
+        return 2 * macs
+
     # presets
     @classmethod
     def preset(cls, name: str, **overrides) -> "SAMAudioConfig":

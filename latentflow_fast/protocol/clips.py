@@ -5,8 +5,11 @@ Default set (`default_clips`)
 * Seeds are scanned in order from ``EVAL_SEEDS.start + config.clip_seed_offset``; a mixture is kept while
   its source count still has room, so the set holds ``ceil(n/2)`` 2-source and ``floor(n/2)`` 3-source
   mixtures (the first ones found). Same config -> same clips.
-* Counterfactual prompt (P1): the class of the source that follows the target in the mixture's source
-  order, ``(target_index + 1) % n_sources`` -- always another source present in the same mix.
+* Data: the generator the model was trained on (`data.dataset_for`): the small model's 4 s phrase-prompted
+  scenes, or the tiny model's 2 s clips (also without a model).
+* Counterfactual prompt (P1): the prompt (scenes: the phrase; tiny data: the class) of the source that
+  follows the target in the mixture's source order, ``(target_index + 1) % n_sources`` -- always another
+  source present in the same mix.
 * Groups (acoustic complexity): ``group`` = "2 sources" / "3 sources"; ``meta["gain_group"]`` =
   "gain spread < 6 dB" / "gain spread >= 6 dB" (spread = max - min source gain, from [-6, +6] dB draws;
   6 dB is half the possible range, a fixed rule, not a data-dependent median).
@@ -28,7 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..data.synthetic import EVAL_SEEDS, make_mixture
+from ..data import dataset_for, synthetic
 from ..probe import Clip
 from .base import ProtocolClip
 
@@ -81,7 +84,7 @@ def _clip_from_mixture(mix, seconds: Optional[float], model) -> ProtocolClip:
         sources=sources,
         classes=tuple(mix.classes),
         target_index=mix.target_index,
-        counterfactual_prompt=mix.classes[cf_index],
+        counterfactual_prompt=mix.phrases[cf_index] if hasattr(mix, "phrases") else mix.classes[cf_index],
         counterfactual_index=cf_index,
         group=f"{mix.n_sources} sources",
         active_frames=active_frames(interval, n, mix.sample_rate, model),
@@ -112,9 +115,11 @@ def default_clips(config, model=None, seconds: Optional[float] = None) -> list[P
         raise ValueError(f"seconds must be positive, got {seconds}")
     quota = {2: (count + 1) // 2, 3: count // 2}
     chosen = []
-    seed = EVAL_SEEDS.start + int(config.clip_seed_offset)
+    # the data the model was trained on: the small model's 4 s scenes, the tiny model's 2 s clips
+    data = synthetic if model is None else dataset_for(model)
+    seed = data.EVAL_SEEDS.start + int(config.clip_seed_offset)
     for seed in range(seed, seed + MAX_SEED_SCAN):
-        mix = make_mixture(seed)
+        mix = data.make_mixture(seed)
         if quota[mix.n_sources] > 0:
             quota[mix.n_sources] -= 1
             chosen.append(_clip_from_mixture(mix, seconds, model))
