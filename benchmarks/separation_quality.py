@@ -194,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--steps-count", type=int, default=None,
+                   help="held-out mixtures of the steps section (default: --count; it runs 189 evaluations each)")
     p.add_argument("--json", default=None, help="write every row and summary to this JSON file")
     p.add_argument("--figure", default=None, help="write the quality-vs-steps plot (PNG) here")
     args = p.parse_args(argv)
@@ -237,11 +239,13 @@ def main(argv=None) -> int:
               f"{'met' if s['identity_accuracy'] >= TARGETS['prompt_follow_rate'] else 'NOT met'}")
     if "steps" in sections:
         print("\n## quality vs steps", flush=True)
-        table = steps_sweep(model, data, args.count, args.seed, args.batch_size)
+        steps_count = args.count if args.steps_count is None else args.steps_count
+        table = steps_sweep(model, data, steps_count, args.seed, args.batch_size)
+        result["steps_count"] = steps_count
         result["steps"] = table
         print(format_steps(table))
         if args.figure:
-            plot_steps(table, args.figure, f"{args.model}: {args.count} held-out mixtures")
+            plot_steps(table, args.figure, f"{args.model}: {steps_count} held-out mixtures")
             print(f"figure: {args.figure}")
     if "timing" in sections:
         tiny = load_model("tiny")

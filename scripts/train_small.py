@@ -4,6 +4,12 @@
     python scripts/train_small.py                      # the shipped recipe (defaults below)
     python scripts/train_small.py --steps 20 --out-dir /tmp/small --work-dir /tmp/small_work   # smoke run
 
+A second stage continues from the first stage's final weights with its own schedule, data seeds and
+work folder (deterministic too: its start is a function of stage 1):
+
+    python scripts/train_small.py --init-from runs/train_small/checkpoint.pt --seed 1 --steps 1500 \
+        --phases 1:4:16 --lr 5e-4 --work-dir runs/train_small_stage2
+
 Writes <out-dir>/config.json, model.safetensors and training_log.json. Checkpoints go to <work-dir>;
 rerunning the same command after an interruption (kill, Ctrl-C, end of a session) resumes there and gives
 bitwise the same weights as an uninterrupted run (same thread count).
@@ -44,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=200, help="held-out check interval in steps (0 = off)")
     p.add_argument("--out-dir", default=str(REPO / "latentflow_fast" / "assets" / "small"))
     p.add_argument("--work-dir", default=str(REPO / "runs" / "train_small"))
+    p.add_argument("--init-from", default=None,
+                   help="start from the model weights of this training checkpoint (a second training stage)")
     p.add_argument("--save-dtype", default="float16", choices=["float32", "float16"],
                    help="storage dtype of model.safetensors (float16 halves the file)")
     return p.parse_args(argv)
@@ -58,10 +66,21 @@ def main(argv=None) -> int:
     model_config = copy.deepcopy(DEFAULT_SMALL_CONFIG)
     torch.manual_seed(args.seed)
     model = build_small_model(model_config)
+    previous = None
+    if args.init_from:
+        state = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        previous = {"init_from": str(args.init_from), "step": state["step"], "train_config": state["train_config"],
+                    "wall_seconds": state["wall_seconds"], "held_out": state.get("held_out", []),
+                    "losses": state["losses"]}
+        print(f"starting from {args.init_from} (step {state['step']} of its run)", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"small model: {n_params:,} parameters; config {json.dumps(model_config['model'])}", flush=True)
     t0 = time.time()
     record = train(model, cfg, args.work_dir, log=lambda s: print(s, flush=True))
+    if previous is not None:
+        record["previous_stage"] = previous
+        record["total_wall_seconds"] = previous["wall_seconds"] + record["wall_seconds"]
     record.update(parameters=n_params, model_config=model_config,
                   finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     save_model(model, model_config, args.out_dir, record, dtype=getattr(torch, args.save_dtype))

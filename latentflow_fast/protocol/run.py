@@ -80,29 +80,11 @@ def experiment_plan(names: Sequence[str]) -> list[str]:
 
 
 def load_protocol_model(spec="tiny"):
-    """"tiny" (the shipped default), a directory in the tiny model's format (config.json with a "codec"
-    section + model.safetensors), or any directory `latentflow_fast.models.load_model` reads."""
+    """A shipped model ("tiny", "small"), a stand-in model folder (config.json with codec / text_encoder /
+    model sections + model.safetensors) or any folder `latentflow_fast.models.load_model` reads."""
     from ..models import load_model
 
-    if str(spec) == "tiny":
-        return load_model("tiny")
-    directory = Path(spec)
-    config_path = directory / "config.json"
-    if config_path.is_file():
-        raw = json.loads(config_path.read_text())
-        if isinstance(raw, dict) and {"codec", "text_encoder", "model"} <= set(raw):
-            from safetensors.torch import load_file
-
-            from ..models.loading import load_state_dict_strict
-            from ..models.tiny import build_tiny_model
-
-            weights = directory / "model.safetensors"
-            if not weights.is_file():
-                raise FileNotFoundError(f"model: no model.safetensors in {directory}")
-            model = build_tiny_model(raw)
-            load_state_dict_strict(model, load_file(str(weights), device="cpu"))
-            return model.eval()
-    return load_model(directory)
+    return load_model(spec if str(spec) in ("tiny", "small") else Path(spec)).eval()
 
 
 def describe_model(model, spec) -> dict:
