@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import json
 import platform
 import time
 from pathlib import Path
