@@ -7,8 +7,8 @@
 A second stage continues from the first stage's final weights with its own schedule, data seeds and
 work folder (deterministic too: its start is a function of stage 1):
 
-    python scripts/train_small.py --init-from runs/train_small/checkpoint.pt --seed 1 --steps 1500 \
-        --phases 1:4:16 --lr 5e-4 --work-dir runs/train_small_stage2
+    python scripts/train_small.py --init-from runs/train_small/checkpoint.pt --seed 1 --steps 1000 \
+        --phases 1:4:16 --lr 5e-4 --warmup 50 --work-dir runs/train_small_stage2
 
 Writes <out-dir>/config.json, model.safetensors and training_log.json. Checkpoints go to <work-dir>;
 rerunning the same command after an interruption (kill, Ctrl-C, end of a session) resumes there and gives

@@ -22,7 +22,13 @@ STEPS = 2  # midpoint: 4 evaluations
 
 @pytest.fixture(scope="module")
 def setup():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield _setup()
+    torch.set_num_threads(threads)  # no process-wide side effect left behind
+
+
+def _setup():
     model = small_model()
     engine = ProbeEngine(model, time_bins=4)
     clip = small_clip(0)
@@ -344,3 +350,72 @@ def test_results_name_the_kind_the_user_asked_for():
     assert kinds == {"uniform", "text_knockout", "head_ablation"}
     uniform = next(p for p in probes if p.probe_kind == "uniform")
     assert uniform.describe()["intervention"] == "temperature" and uniform.value == 0.0
+
+
+def test_steering_vectors_are_registered_checked_and_applied(setup):
+    """output_bias adds value * vector[head] to the head output: compared with an independent computation
+    (the same forward with the bias added by a router handler around plain attention)."""
+    from latentflow_fast.models.attention import sdpa
+
+    engine, traj = setup
+    hd = engine.model.config.head_dim
+    vector = torch.linspace(-1, 1, hd)
+    engine.add_vector("ramp", vector)
+    assert engine.vectors["ramp"].shape == (engine.num_heads, hd)
+    with pytest.raises(ValueError, match="vector must be"):
+        engine.add_vector("bad", torch.ones(hd + 1))
+    with pytest.raises(ValueError, match="NaN"):
+        engine.add_vector("nan", torch.full((hd,), float("nan")))
+    probe = Probe("layers.1.self_attn", "output_bias", heads=(1,), value=0.5, source="ramp", evaluation=2)
+    row = engine.run_batch(traj, 2, [probe])[0]
+
+    def handler(site, q, k, v, mask):
+        out = sdpa(q, k, v, mask)
+        out[:, 1] += 0.5 * vector
+        return out
+
+    router = engine.model.attention_router
+    router.handlers["layers.1.self_attn"] = handler
+    try:
+        with torch.no_grad():
+            expected = engine.model(traj.states[2], torch.full((1,), traj.schedule[2][1]), traj.inputs.mixture,
+                                    traj.inputs.text, traj.inputs.text_mask)
+    finally:
+        router.handlers.clear()
+    clean = traj.velocities[2]
+    independent = float((expected - clean).norm() / clean.norm())
+    assert row["local_effect"] > 0
+    assert row["local_effect"] == pytest.approx(independent, rel=1e-3)
+
+
+def test_single_threaded_is_per_thread_and_restores():
+    """Two Python threads in single_threaded() blocks at once: each runs on one intra-op thread, and
+    closing one block does not change the other's setting; every thread gets its count back."""
+    import threading
+
+    from latentflow_fast.probe.invariance import single_threaded
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inside, release, seen = threading.Event(), threading.Event(), {}
+
+        def worker():
+            torch.set_num_threads(2)
+            with single_threaded():
+                inside.set()
+                release.wait(10)
+                seen["worker inside"] = torch.get_num_threads()
+            seen["worker after"] = torch.get_num_threads()
+
+        t = threading.Thread(target=worker)
+        t.start()
+        inside.wait(10)
+        with single_threaded():
+            seen["main inside"] = torch.get_num_threads()
+        seen["main after"] = torch.get_num_threads()
+        release.set()  # the worker's block outlived the main thread's
+        t.join(10)
+        assert seen == {"main inside": 1, "main after": 2, "worker inside": 1, "worker after": 2}
+    finally:
+        torch.set_num_threads(before)

@@ -190,3 +190,46 @@ def test_small_config_rejects_mismatched_parts():
     cfg["codec"]["type"] = "wavelet"
     with pytest.raises(ValueError, match="type"):
         build_small_model(cfg)
+
+
+# ------------------------------------------------------------------------------------------ shipped weights
+def test_shipped_small_model_loads_and_separates():
+    from latentflow_fast import load_model
+    from latentflow_fast.models.loading import SMALL_DIR
+
+    assert (SMALL_DIR / "model.safetensors").stat().st_size <= 40 * 2**20  # the size the project allows
+    model = load_model("small")
+    assert model.config.n_layers == 8 and model.config.head_dim == 64
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in build_small_model().parameters())
+    mix = scenes.make_mixture(scenes.eval_seeds(1)[0])
+    out = model.separate(torch.from_numpy(mix.mixture), mix.sample_rate, mix.prompt, steps=2)
+    assert out.target.shape == (scenes.CLIP_SAMPLES,) and torch.isfinite(out.target).all()
+    with pytest.raises(ValueError, match="known words"):
+        model.separate(torch.from_numpy(mix.mixture), mix.sample_rate, "a purple elephant", steps=1)
+
+
+def test_info_reports_the_small_models_size_and_flops():
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "latentflow_fast.cli", "info", "--model", "small", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["layers"] == 8 and info["latent_frames_per_second"] == 50
+    assert info["trained_clip_seconds"] == 4.0 and "siren" in info["prompt_vocabulary"]
+    model = build_small_model()
+    assert info["flops_per_evaluation"]["gflops"] == pytest.approx(
+        model.config.flops_per_evaluation(200, info["flops_per_evaluation"]["text_tokens"]) / 1e9)
+
+
+def test_flops_count_by_hand():
+    from latentflow_fast.models.config import SAMAudioConfig
+
+    cfg = SAMAudioConfig(dim=64, n_heads=1, n_layers=1, latent_dim=2, text_dim=4, ffn_exp=1.5, multiple_of=64)
+    T, L, D, F = 3, 2, 64, cfg.ffn_hidden_dim
+    assert F == 64
+    macs = T * 12 * D + 2 * T * 3 * D * D + L * (4 * D + 3 * D * D) + 256 * D * 2 + D * D + 6 * D * D
+    macs += 4 * T * D * D + 2 * T * T * D + 2 * T * D * D + 2 * L * D * D + 2 * T * L * D + 3 * T * D * F + T * D * 4
+    assert cfg.flops_per_evaluation(T, L) == 2 * macs

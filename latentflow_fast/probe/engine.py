@@ -407,6 +407,23 @@ class ProbeEngine:
             self.runs[name] = traj
         return traj
 
+    def add_vector(self, name: str, vector) -> None:
+        """Register a steering vector for `output_bias` probes (`Probe.source` = `name`): one [hd] vector
+        for every head, or [H, hd] with one per head. A probe adds `value * vector[head]` to the head's
+        output at every query."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        vector = torch.as_tensor(vector, dtype=torch.float32)
+        hd = self.model.config.head_dim
+        if vector.shape == (hd,):
+            vector = vector.expand(self.num_heads, hd)
+        if vector.shape != (self.num_heads, hd):
+            raise ValueError(f"vector must be [{hd}] or [{self.num_heads}, {hd}] (heads, head dim), "
+                             f"got {tuple(vector.shape)}")
+        if not torch.isfinite(vector).all():
+            raise ValueError(f"vector {name!r} holds NaN or Inf")
+        self.vectors[name] = vector.clone()
+
     def add_run(self, name: str, trajectory: Trajectory) -> None:
         """Register a trajectory as a patch source (`Probe.source`)."""
         self.runs[name] = trajectory

@@ -57,12 +57,15 @@ def batch_invariant():
 
 @contextlib.contextmanager
 def single_threaded():
-    """Run torch CPU ops on one intra-op thread.
+    """Run torch CPU ops on one intra-op thread in the calling Python thread, restoring its previous count.
 
     torch's multi-threaded element-wise kernels split a tensor at offsets that depend on its total size,
     and the elements at the end of each thread's chunk take a scalar path whose transcendental functions
     (exp, silu, ...) round differently from the vectorised one. With several threads a row's bits
     therefore depend on how many rows share the batch; with one thread they do not.
+
+    torch's intra-op thread count is an OpenMP setting of the calling thread, so each Python thread sets
+    and restores its own (tested): two threads in such blocks at once do not undo each other's setting.
     """
     threads = torch.get_num_threads()
     if threads == 1:
