@@ -27,7 +27,11 @@ def test_separate_and_engine_name_evaluation_and_layer(nan_model_dir):
     wave = torch.randn(2000) * 0.1
     with pytest.raises(NonFiniteError, match=r"evaluation 0 .*layers\.0\.attention"):
         model.separate(wave, 16_000, "chirp", steps=2)
+    # sites with captures run the probed kernel, which names the site and the tensor
     with pytest.raises(NonFiniteError, match=r"clip 'c'.*evaluation 0, layers\.0\.self_attn: q holds"):
+        ProbeEngine(model).trajectory(Clip("c", wave, 16_000, "chirp"), steps=2, capture=("entropy",))
+    # without captures the clean run uses native attention; the velocity check names the first bad layer
+    with pytest.raises(NonFiniteError, match=r"clip 'c' at evaluation 0 .*layers\.0\.attention"):
         ProbeEngine(model).trajectory(Clip("c", wave, 16_000, "chirp"), steps=2)
 
 

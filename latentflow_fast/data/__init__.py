@@ -38,4 +38,8 @@ def dataset_for(model):
     name = config.get("dataset")
     if name is None and config:
         name = "scenes" if config.get("text_encoder", {}).get("type") == "phrase_transformer" else "tiny_synthetic"
+    if name is None:  # no config: go by the text encoder (the tiny model's word lookup -> its data)
+        from ..models.tiny import TinyTextEncoder
+
+        name = "tiny_synthetic" if isinstance(getattr(model, "text_encoder", None), TinyTextEncoder) else "scenes"
     return synthetic if name == "tiny_synthetic" else scenes

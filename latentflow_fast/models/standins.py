@@ -50,4 +50,6 @@ def build_standin_model(config_dict: dict):
         raise ValueError(f"model.latent_dim ({model_cfg['latent_dim']}) must equal the codec's ({codec.latent_dim})")
     if model_cfg["text_dim"] != text_encoder.dim:
         raise ValueError(f"model.text_dim ({model_cfg['text_dim']}) must equal text_encoder.dim ({text_encoder.dim})")
-    return SAMAudio(SAMAudioConfig(**model_cfg), audio_codec=codec, text_encoder=text_encoder)
+    model = SAMAudio(SAMAudioConfig(**model_cfg), audio_codec=codec, text_encoder=text_encoder)
+    model.standin_config = copy.deepcopy(config_dict)  # which data it goes with (data.dataset_for), its sizes
+    return model
