@@ -27,6 +27,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+# the helpers the tiny model's generator uses too: one implementation of the fades, draws and seed check
+from .synthetic import _check_seed, _log_uniform
+from .synthetic import _fade_envelope as _fade
+
 SAMPLE_RATE = 16_000
 CLIP_SECONDS = 4.0
 CLIP_SAMPLES = int(SAMPLE_RATE * CLIP_SECONDS)
@@ -40,20 +44,6 @@ EVAL_SEEDS = range(1_000_000_000, 2_000_000_000)
 
 
 # --------------------------------------------------------------------------------------------- rendering
-def _fade(length: int, fade: int) -> np.ndarray:
-    env = np.ones(length)
-    fade = min(fade, length // 2)
-    if fade > 0:
-        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(fade) + 0.5) / fade)
-        env[:fade] = ramp
-        env[length - fade:] = ramp[::-1]
-    return env
-
-
-def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
-    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
-
-
 def _band_noise(rng: np.random.Generator, n: int, low_hz: float, high_hz: float) -> np.ndarray:
     spectrum = np.fft.rfft(rng.standard_normal(n))
     freqs = np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE)
@@ -303,14 +293,6 @@ class MixtureBatch:
     prompts: tuple[str, ...]
     items: tuple[Mixture, ...]
     sample_rate: int = SAMPLE_RATE
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    return int(seed)
 
 
 def render_source(name: str, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int], dict]:
