@@ -116,10 +116,12 @@ def run(args) -> int:
     out_dir = Path(args.out_dir)
     outputs: list = []  # (path, wave, rate): written only after the separation succeeded
 
+    model = None
     if args.demo:
-        from latentflow_fast.data import make_mixture
+        from latentflow_fast.data import dataset_for
 
-        mix = make_mixture(args.demo_seed)
+        model = checks.load_model("separate", "--model", args.model)
+        mix = dataset_for(model).make_mixture(args.demo_seed)  # the data the model was trained on
         audio, sample_rate, prompt = mix.mixture, mix.sample_rate, args.prompt or mix.prompt
         stem, ext = f"demo_{args.demo_seed}", args.format or "wav"
         outputs.append((out_dir / f"{stem}.mixture.{ext}", mix.mixture, sample_rate))
@@ -133,7 +135,8 @@ def run(args) -> int:
         stem = path.stem
         ext = args.format or (path.suffix.lstrip(".").lower() if path.suffix.lower() in (".wav", ".flac") else "wav")
 
-    model = checks.load_model("separate", "--model", args.model)
+    if model is None:
+        model = checks.load_model("separate", "--model", args.model)
     _check_length(model, args.model, len(audio) / float(sample_rate), "input" if args.input else "--demo")
     try:
         result = model.separate(torch.from_numpy(np.ascontiguousarray(audio)), int(sample_rate), prompt,

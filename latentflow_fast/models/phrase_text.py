@@ -13,13 +13,12 @@ DiT's attention sites.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .text import TextEncoder
+from .text import TextEncoder, tokenize_words
 
 
 class _EncoderLayer(nn.Module):
@@ -74,20 +73,7 @@ class PhraseTextEncoder(TextEncoder):
         return self.token_embedding.embedding_dim
 
     def tokenize(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        words = [w for w in re.split(r"\s+", prompt.strip().lower()) if w]
-        if not words:
-            raise ValueError("prompt must contain at least one word")
-        unknown = [w for w in words if w not in self._index]
-        if unknown:
-            raise ValueError(
-                f"prompt {prompt!r} has words outside this model's vocabulary {unknown}; "
-                f"known words: {', '.join(sorted(self.vocabulary))}"
-            )
-        if len(words) > self.max_tokens:
-            raise ValueError(f"prompt {prompt!r} has {len(words)} words, at most {self.max_tokens} allowed")
-        return [self._index[w] for w in words]
+        return tokenize_words(prompt, self._index, self.max_tokens)
 
     def forward(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(prompts, str):

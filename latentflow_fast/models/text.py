@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import os
+import re
 from typing import Mapping, Sequence, Union
 
 import torch
@@ -16,6 +17,23 @@ def check_prompts(prompts) -> list[str]:
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of str")
     return list(prompts)
+
+
+def tokenize_words(prompt, index: Mapping[str, int], max_tokens: int, owner: str = "this model's") -> list[int]:
+    """Lower-cased whitespace words of `prompt` -> ids from `index` (fixed-vocabulary encoders).
+    Unknown words raise a ValueError that lists the vocabulary."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    words = [w for w in re.split(r"\s+", prompt.strip().lower()) if w]
+    if not words:
+        raise ValueError("prompt must contain at least one word")
+    unknown = [w for w in words if w not in index]
+    if unknown:
+        raise ValueError(f"prompt {prompt!r} has words outside {owner} vocabulary {unknown}; "
+                         f"known words: {', '.join(index)}")
+    if len(words) > max_tokens:
+        raise ValueError(f"prompt {prompt!r} has {len(words)} words, at most {max_tokens} allowed")
+    return [index[w] for w in words]
 
 
 class TextEncoder(nn.Module, abc.ABC):

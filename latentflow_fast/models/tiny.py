@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 
 import numpy as np
 import torch
 from torch import nn
 
 from .codecs import AudioCodec
-from .text import TextEncoder
+from .text import TextEncoder, tokenize_words
 
 TINY_VOCABULARY: tuple[str, ...] = (
     "sine", "tone", "square", "wave", "white", "noise", "click", "train", "chirp", "bursts",
@@ -134,21 +133,7 @@ class TinyTextEncoder(TextEncoder):
         return self.token_embedding.embedding_dim
 
     def tokenize(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        words = re.split(r"\s+", prompt.strip().lower())
-        words = [w for w in words if w]
-        if not words:
-            raise ValueError("prompt must contain at least one word")
-        unknown = [w for w in words if w not in self._index]
-        if unknown:
-            raise ValueError(
-                f"prompt {prompt!r} has words outside the tiny model's vocabulary {unknown}; "
-                f"known words: {', '.join(self.vocabulary)}"
-            )
-        if len(words) > self.max_tokens:
-            raise ValueError(f"prompt {prompt!r} has {len(words)} words, at most {self.max_tokens} allowed")
-        return [self._index[w] for w in words]
+        return tokenize_words(prompt, self._index, self.max_tokens, owner="the tiny model's")
 
     def forward(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts (str or list[str]) -> (features [B, L, dim] float32, mask [B, L] bool, True = token)."""
