@@ -31,7 +31,7 @@ import torch
 
 from .base import ProtocolConfig, ProtocolContext
 from .limitations import limitations
-from .report import headline_rows, json_ready, write_json, write_report
+from .report import headline_rows, json_ready, scorecard, write_json, write_report
 
 ORDER = ("p0", "p1", "p2", "p3", "p4", "p5", "p6")
 MODULES = {
@@ -48,7 +48,7 @@ DEPENDS = {"p4": ("p3",), "p6": ("p3",)}
 
 def quick_config(**overrides) -> ProtocolConfig:
     """A very small configuration (2 clips, 4 midpoint steps = 8 evaluations) for smoke runs and tests."""
-    base = dict(num_clips=2, steps=4, time_bins=4, window=2, freeze_starts=(2, 4, 6), lsac_refresh=(2, 4),
+    base = dict(num_clips=2, steps=4, time_bins=4, window=4, freeze_starts=(2, 4, 6), lsac_refresh=(2, 4),
                 bootstrap=200)
     base.update(overrides)
     return ProtocolConfig(**base)
@@ -207,6 +207,7 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
                                  "summary": ctx.summaries[e.name]} for e in experiments},
         "figures": figures,
     }
+    summary["scorecard"] = json_ready(scorecard(json_ready(summary)))
     summary["limitations"] = limitations(json_ready(summary))
     write_json(out_dir / "summary.json", summary)
     run_info = {"seconds_per_experiment": timings, "total_seconds": round(sum(timings.values()), 2),
