@@ -99,3 +99,36 @@ def test_holm_hand_values_and_final_verdict():
     assert raw[0]["verdict"] == "supported" and raw[0]["p_holm"] == pytest.approx(2 / 1024)
     with pytest.raises(ValueError, match="values"):
         evaluate_claim({"id": "x", "claim": "c"})
+
+
+def test_scorecard_holm_families_markdown_and_cli(tmp_path):
+    import json
+
+    from latentflow_fast.cli import main
+    from latentflow_fast.protocol.report import scorecard, scorecard_markdown
+
+    up = list(range(1, 11))  # p = 2/1024 each
+    summary = {"model": {"spec": "small"}, "config": {"steps": 16, "method": "midpoint"}, "clips": [{}] * 10,
+               "experiments": {
+                   "p1": {"summary": {"claims": [
+                       paired_claim(up, claim_id="P1.a", claim="first", subset="all clips"),
+                       paired_claim([1, -1] * 5, claim_id="P1.b", claim="second", subset="all clips"),
+                       paired_claim(up, claim_id="P1.a", claim="first", subset="separated")]}},
+                   "p6": {"summary": {"claims": [{"id": "P6.x", "claim": "raw", "values": [-v for v in up],
+                                                  "direction": 1}], "grid_reduction": "fewer refresh values"}}}}
+    card = scorecard(summary)
+    assert [(c["id"], c["subset"]) for c in card] == [("P1.a", "all clips"), ("P1.b", "all clips"),
+                                                     ("P6.x", "all clips"), ("P1.a", "separated")]
+    # all-clips family of 3: 2/1024 * 3 for the two smallest (tied), p = 1 stays 1
+    assert card[0]["p_holm"] == pytest.approx(3 * 2 / 1024) and card[2]["p_holm"] == pytest.approx(3 * 2 / 1024)
+    assert card[3]["p_holm"] == pytest.approx(2 / 1024)  # its own family of one
+    assert [c["verdict"] for c in card] == ["supported", "not supported", "opposite", "supported"]
+    text = scorecard_markdown(summary)
+    assert "our reconstruction" in text and "| P6.x | all clips | opposite |" in text
+    assert "fewer refresh values" in text
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(folder), "--markdown", str(tmp_path / "REPORT.md")]) == 0
+    assert "P1.b" in (tmp_path / "REPORT.md").read_text() and (folder / "report.html").is_file()
+    assert main(["report", str(tmp_path / "missing")]) == 2

@@ -9,7 +9,8 @@ Output folder:
     figures/*.png            matplotlib figures
     summary.json             every headline figure (identical on a rerun: no timings in it)
     run_info.json            wall time per experiment, versions, threads (differs between runs)
-    report.html              the figures with captions and the summary tables
+    report.html              the scorecard, the figures with captions and the summary tables
+    REPORT.md                the scorecard (Holm-corrected verdicts with test, n, p, interval) in Markdown
 
 Resumable and deterministic: every experiment skips rows already stored and its summary is recomputed
 from the stored rows, so an interrupted run continues where it stopped and a rerun writes the same
@@ -31,7 +32,7 @@ import torch
 
 from .base import ProtocolConfig, ProtocolContext
 from .limitations import limitations
-from .report import headline_rows, json_ready, scorecard, write_json, write_report
+from .report import headline_rows, json_ready, scorecard, write_json, write_markdown, write_report
 
 ORDER = ("p0", "p1", "p2", "p3", "p4", "p5", "p6")
 MODULES = {
@@ -215,6 +216,7 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
                 "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     write_json(out_dir / "run_info.json", run_info)
     write_report(out_dir, json_ready(summary), figures, run_info)
+    write_markdown(out_dir / "REPORT.md", json_ready(summary))
     return {**json_ready(summary), "out_dir": str(out_dir)}
 
 
