@@ -132,3 +132,18 @@ def test_scorecard_holm_families_markdown_and_cli(tmp_path):
     assert main(["report", str(folder), "--markdown", str(tmp_path / "REPORT.md")]) == 0
     assert "P1.b" in (tmp_path / "REPORT.md").read_text() and (folder / "report.html").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_limitations_v2_no_split_separated_and_holm():
+    from latentflow_fast.protocol.limitations import limitations
+
+    summary = {"clips": [{}] * 24, "experiments": {
+        "p0": {"summary": {"separated_clips": ["a", "b"]}},
+        "p3": {"summary": {"split": {"no_split": True, "reason": "the criteria disagree on the split"},
+                           "criteria": {"map": {"stable_layers": [0], "fast_layers": [1]},
+                                        "output": {"stable_layers": [1], "fast_layers": [0]}}}},
+        "p4": {"summary": {}}},
+        "scorecard": [{"subset": "all clips", "holm_family": "all clips", "holm_family_size": 5}]}
+    text = " ".join(item["text"] for item in limitations(summary))
+    assert "our reconstruction" in text and "no stable/fast split" in text and "P4 results" in text
+    assert "separates 2 of 24 clips" in text and "all clips (5 tests)" in text
