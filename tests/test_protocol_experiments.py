@@ -155,13 +155,16 @@ def test_identity_effects_known_by_construction():
 def test_p2_grid_shape_and_neutral_probe(results):
     df = results[0][0]["p2"]
     windows = len(p2_grid.window_starts(4, 2))
-    assert len(df) == 2 * LAYERS * windows * 2  # 2 layer groups (here one layer each) x windows x 2 swaps
+    assert len(df) == 2 * LAYERS * windows  # 2 layer groups (here one layer each) x windows x full patch
     assert len(p2_grid.grid_probes(LAYERS, HEADS, 4, 2, per_head=True)) == LAYERS * windows * (4 + HEADS)
-    grid = p2_grid.grid_means(df, "routing", "acoustic_v2")
+    grid = p2_grid.grid_means(df, "full patch", "acoustic_v2")
     assert grid.shape == (LAYERS, windows) and np.isfinite(grid.to_numpy()).all()
     assert (df["acoustic_v2"] > 0).all()
     assert p2_grid.layer_groups(16, 2) == [(0, 9, "[0-9]"), (10, 15, "1[0-5]")]
     assert p2_grid.layer_groups(8, 2) == [(0, 3, "[0-3]"), (4, 7, "[4-7]")]
+    assert len(p2_grid.group_probes(8, 32, 16, 2, ("additive", "routing"))) == 2 * 2 * 2
+    with pytest.raises(ValueError, match="p2_types"):
+        p2_grid.group_probes(8, 32, 16, 2, ("nonsense",))
     assert "layer groups" in p2_grid.summarize(df, results[0][1])["grid_reduction"]
     # A gate of 1 changes nothing: the engine + end metrics give exact zeros.
     ctx = results[0][1]

@@ -34,6 +34,7 @@ class ProtocolConfig:
     tau: float = 0.95  # convergence threshold (P3)
     window: int = 16  # evaluations per window of the layer x evaluation grid (P2): two halves of 32
     p2_layer_groups: int = 2  # P2 on 2 layer groups (time budget); 0 = v1's per-layer grid
+    p2_types: tuple = ("full patch",)  # P2 probe types per (layer group, window): full patch / additive / routing
     freeze_starts: tuple = (4, 8, 16, 24)  # k0 values of causal freezing (P4)
     lsac_refresh: tuple = (2, 4, 8)  # LSAC refresh intervals N (P6)
     bootstrap: int = 2000

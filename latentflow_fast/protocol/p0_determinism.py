@@ -56,7 +56,9 @@ def run(ctx: ProtocolContext) -> pd.DataFrame:
     store = ctx.store("p0")
     done = store.done_keys()
     cfg = ctx.config
-    for pclip in ctx.clips:
+    from tqdm.auto import tqdm
+
+    for pclip in tqdm(ctx.clips, desc="P0 clean runs", unit="clip", disable=not ctx.progress, dynamic_ncols=True):
         if (pclip.clip.clip_id, PROBE_ID) in done:
             continue
         runs = [ctx.engine.trajectory(pclip.clip, steps=cfg.steps, method=cfg.method, seed=cfg.noise_seed)

@@ -17,8 +17,10 @@ Protocol v2 default (time budget, recorded as ``grid_reduction`` in the summary)
 *groups* instead of single layers -- ``config.p2_layer_groups`` contiguous groups (2: the first and second
 half of the layers, split where a site glob can name each group, e.g. 0-9 / 10-15 for 16 layers) -- with
 windows of ``config.window`` evaluations (16: the first and second half of the 32 evaluations) and the
-additive and routing swaps only; v2 effects (semantic_v2, acoustic_v2) as in P1. ``p2_layer_groups = 0``
-runs v1's per-layer grid with all four probe types.
+probe types ``config.p2_types`` (default: the full cross-attention patch c_A -> c_B, i.e. where and when
+everything text conditioning carries matters; "additive" and "routing" add P1's swaps per cell); v2
+effects (semantic_v2, acoustic_v2) as in P1. ``p2_layer_groups = 0`` runs v1's per-layer grid with all four
+v1 probe types.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from .effects import json_ready, make_end_metrics
 from .clips import separation_gain_db
 from .p1_pathways import COUNTERFACTUAL_RUN, prepare_runs, save_figure, tidy
 
-PROBE_TYPES = ("additive", "routing", "cross-attn ablation", "self-attn ablation", "self-attn head ablation")
+PROBE_TYPES = ("full patch", "additive", "routing", "cross-attn ablation", "self-attn ablation",
+               "self-attn head ablation")
 EFFECTS = ("semantic_v2", "acoustic_v2")
 
 
@@ -88,20 +91,22 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple]:
     raise ValueError(f"no split of {num_layers} layers into two glob-named groups")
 
 
-def group_probes(num_layers: int, num_evaluations: int, window: int, groups: int) -> list[Probe]:
-    """Additive and routing swaps at each layer group (all its cross-attention layers) per window."""
+GROUP_TYPES = {"full patch": "output_patch", "additive": "additive_swap", "routing": "routing_swap"}
+
+
+def group_probes(num_layers: int, num_evaluations: int, window: int, groups: int,
+                 types=("full patch",)) -> list[Probe]:
+    """`types` (keys of GROUP_TYPES) at each layer group (all its cross-attention layers) per window."""
+    unknown = [t for t in types if t not in GROUP_TYPES]
+    if unknown or not types:
+        raise ValueError(f"p2_types must be a non-empty subset of {sorted(GROUP_TYPES)}, got {tuple(types)}")
     probes = []
     for first, last, glob in layer_groups(num_layers, groups):
         site = f"layers.{glob}.cross_attn"
         for start in window_starts(num_evaluations, window):
-            common = dict(evaluation=start, window=window)
-            suffix = f" L{first}-{last}"
-            probes += [
-                Probe(site=site, intervention="additive_swap", source=COUNTERFACTUAL_RUN, label="additive" + suffix,
-                      **common),
-                Probe(site=site, intervention="routing_swap", source=COUNTERFACTUAL_RUN, label="routing" + suffix,
-                      **common),
-            ]
+            for name in types:
+                probes.append(Probe(site=site, intervention=GROUP_TYPES[name], source=COUNTERFACTUAL_RUN,
+                                    label=f"{name} L{first}-{last}", evaluation=start, window=window))
     return probes
 
 
@@ -115,7 +120,8 @@ def run(ctx: ProtocolContext) -> pd.DataFrame:
             continue
         clean, counterfactual = prepare_runs(ctx, pclip)
         if groups:
-            probes = group_probes(num_layers, clean.num_evaluations, ctx.config.window, groups)
+            probes = group_probes(num_layers, clean.num_evaluations, ctx.config.window, groups,
+                                  tuple(getattr(ctx.config, "p2_types", ("full patch",))))
         else:
             probes = grid_probes(num_layers, engine.num_heads, clean.num_evaluations, ctx.config.window)
         engine.sweep(clean, probes, end_effect=True, store=store, progress=ctx.progress,
@@ -169,7 +175,8 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
     groups = int(getattr(ctx.config, "p2_layer_groups", 0))
     reduction = (f"layer groups instead of single layers ({groups} groups"
                  f"{': ' + ', '.join(sorted(df['layer_group'].dropna().unique())) if 'layer_group' in df.columns else ''}),"
-                 f" windows of {ctx.config.window} evaluations, additive and routing swaps only (time budget)"
+                 f" windows of {ctx.config.window} evaluations, probe types "
+                 f"{', '.join(getattr(ctx.config, 'p2_types', ()))} only (time budget)"
                  if groups else "")
     return json_ready({"clips": int(df["clip_id"].nunique()), "window": int(ctx.config.window), "grids": grids,
                        "grid_reduction": reduction})

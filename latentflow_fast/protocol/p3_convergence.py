@@ -184,7 +184,9 @@ def run(ctx: ProtocolContext) -> pd.DataFrame:
     done = store.done_keys()
     cfg = ctx.config
     sites = expand_sites(SELF_SITES, ctx.engine.sites)  # fails early on a model without self-attention sites
-    for pclip in ctx.clips:
+    from tqdm.auto import tqdm
+
+    for pclip in tqdm(ctx.clips, desc="P3 exact maps", unit="clip", disable=not ctx.progress, dynamic_ncols=True):
         clip_id = pclip.clip.clip_id
         if any(c == clip_id for c, _ in done):
             continue  # a clip's rows are written in one shard: present = complete
