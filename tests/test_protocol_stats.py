@@ -147,3 +147,13 @@ def test_limitations_v2_no_split_separated_and_holm():
     text = " ".join(item["text"] for item in limitations(summary))
     assert "our reconstruction" in text and "no stable/fast split" in text and "P4 results" in text
     assert "separates 2 of 24 clips" in text and "all clips (5 tests)" in text
+
+
+def test_separated_clip_ids_reads_the_first_summary_that_has_them():
+    from types import SimpleNamespace
+
+    from latentflow_fast.protocol.clips import separated_clip_ids
+
+    ctx = SimpleNamespace(summaries={"p1": {"separated_clips": ["b"]}, "p3": {"separated_clips": ["c"]}})
+    assert separated_clip_ids(ctx) == ["b"]
+    assert separated_clip_ids(SimpleNamespace(summaries={})) is None

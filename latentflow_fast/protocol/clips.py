@@ -236,6 +236,17 @@ def separation_gain_db(output, pclip) -> float:
     return float(metrics.si_sdr(out, ref)[0] - metrics.si_sdr(mix, ref)[0])
 
 
+def separated_clip_ids(ctx):
+    """Clip ids the clean model separates, from the first of P0/P1/P3 that ran in this protocol run (their
+    summaries' ``separated_clips``); None when none of them ran (then compute `separation_gain_db` of your
+    own clean runs)."""
+    summaries = getattr(ctx, "summaries", None) or {}
+    for name in ("p0", "p1", "p3"):
+        if "separated_clips" in (summaries.get(name) or {}):
+            return list(summaries[name]["separated_clips"])
+    return None
+
+
 def clips_from_files(paths: Sequence, prompts: Sequence[str], counterfactual_prompts: Optional[Sequence] = None,
                      model=None) -> list[ProtocolClip]:
     """Clips from audio files (read with soundfile, downmixed to mono) with one prompt each.
@@ -275,5 +286,6 @@ def clips_from_files(paths: Sequence, prompts: Sequence[str], counterfactual_pro
     return clips
 
 
-__all__ = ["active_frames", "clip_design", "clips_from_files", "default_clips", "separation_gain_db",
+__all__ = ["active_frames", "clip_design", "clips_from_files", "default_clips", "separated_clip_ids",
+           "separation_gain_db",
            "GAIN_SPREAD_SPLIT_DB", "SEPARATED_DB", "TIMING_ONLY_PAIRS"]
