@@ -55,6 +55,8 @@ def test_min_p_mde_and_power_floor_verdicts():
     assert mde == pytest.approx(2 * mde_sd)
     five = paired_claim([1, 2, 3, 4, 5], claim_id="x", claim="c")
     assert five["verdict_pre_holm"] == "not testable" and five["reason"].startswith("power")
+    zeros = paired_claim([0.0] * 20 + [1.0, 2.0], claim_id="x", claim="c")  # no effect found, not "power"
+    assert zeros["verdict_pre_holm"] == "not supported" and zeros["p"] == pytest.approx(0.5)
     tiny = paired_claim(np.linspace(0.001, 0.002, 10), claim_id="x", claim="c", floor=0.01)
     assert tiny["verdict_pre_holm"] == "not testable" and tiny["reason"].startswith("floor")
     assert paired_claim(np.linspace(0.001, 0.002, 10), claim_id="x", claim="c")["verdict_pre_holm"] == "supported"

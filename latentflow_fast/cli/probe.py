@@ -170,7 +170,12 @@ def run(args) -> int:
     card = [c for c in summary.get("scorecard") or [] if c.get("subset") == "all clips"]
     if card:
         print("\nScorecard (all clips; exact Wilcoxon, Holm-adjusted p; see REPORT.md):")
-        print(format_table([(c["id"], c["verdict"], f"n = {c['n']}, p_holm = {c.get('p_holm')}") for c in card]))
+        def detail(c):
+            if c.get("p_holm") is None:
+                return f"n = {c['n']}; {c.get('reason') or 'no p value'}"
+            return f"n = {c['n']}, p_holm = {c['p_holm']:.3g}, effect = {c.get('effect')!s:.6}"
+
+        print(format_table([(c["id"], c["verdict"], detail(c)) for c in card]))
     if summary.get("limitations"):
         print()
         print(format_limitations(summary))

@@ -31,8 +31,9 @@ paper's abstract predicts. `paired_claim(values, claim_id=..., claim=..., direct
   that the Wilcoxon test detects with 80% power at two-sided alpha, from the normal approximation with the
   Wilcoxon test's asymptotic relative efficiency 3/pi against the t test:
   ``mde = (z_{1-alpha/2} + z_{0.80}) * sd / sqrt(n * 3/pi)`` (sd = sample standard deviation), and
-  ``mde_sd`` = the same in units of sd. If even the most extreme sign pattern cannot reach alpha
-  (``2 / 2**n_nonzero > alpha``, i.e. n_nonzero < 6 at alpha = 0.05) the claim is not testable (power).
+  ``mde_sd`` = the same in units of sd. If even the most extreme sign pattern of n clips cannot reach
+  alpha (``2 / 2**n > alpha``, i.e. n < 6 at alpha = 0.05) the claim is not testable (power). Exact zeros
+  do not make a claim untestable: with n >= 6 clips, mostly zero effects are "not supported".
 * pre-Holm verdict:
   - "not testable" with reason "model" (the caller says the model cannot express the claim), "power" (n too
     small, above) or "floor" (a noise floor is given and the whole interval lies inside [-floor, floor]:
@@ -301,9 +302,9 @@ def paired_claim(values, *, claim_id: str, claim: str, direction: int = +1, floo
         reason = str(not_testable)
     elif n == 0:
         reason = "power: no finite per-clip value"
-    elif result["min_p"] > alpha:
-        reason = (f"power: {test_result['n_nonzero']} nonzero values; the smallest attainable p is "
-                  f"{result['min_p']:.3g} > {alpha}")
+    elif min_attainable_p(n) > alpha:
+        # judged on n, not on the nonzero count: many exact zeros are evidence of no effect, not of low power
+        reason = f"power: {n} clips; the smallest attainable p is {min_attainable_p(n):.3g} > {alpha}"
     elif floor is not None and -floor <= lo and hi <= floor:
         reason = f"floor: the 95% interval [{lo:.3g}, {hi:.3g}] lies inside the noise floor +-{floor:.3g}"
     if reason is not None:
