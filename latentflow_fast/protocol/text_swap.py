@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from ..probe import Probe, ProbeEngine
 
 # label -> (swap keys, swap values)
