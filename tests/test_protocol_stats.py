@@ -159,3 +159,29 @@ def test_separated_clip_ids_reads_the_first_summary_that_has_them():
     ctx = SimpleNamespace(summaries={"p1": {"separated_clips": ["b"]}, "p3": {"separated_clips": ["c"]}})
     assert separated_clip_ids(ctx) == ["b"]
     assert separated_clip_ids(SimpleNamespace(summaries={})) is None
+
+
+def test_clip_design_balanced_twins_and_exclusions():
+    import collections
+
+    from latentflow_fast.data import scenes, synthetic
+    from latentflow_fast.protocol import clips as clips_mod
+
+    for data in (scenes, synthetic):
+        design = clips_mod.clip_design(24, 0, data)
+        assert len(design) == 24 and [len(s) for s in design].count(2) == 12 and [len(s) for s in design].count(3) == 12
+        for first, second in zip(design[0::2], design[1::2]):  # twins swap the prompt order on one class set
+            assert (first[0], first[1]) == (second[1], second[0]) and first[2:] == second[2:]
+        for slot in design:
+            assert len(set(slot)) == len(slot)
+            for a in slot:
+                for b in slot:
+                    assert frozenset({a, b}) not in clips_mod.TIMING_ONLY_PAIRS[data.__name__.rsplit(".", 1)[-1]]
+        uses = collections.Counter(c for s in design for c in s)
+        assert max(uses.values()) - min(uses.values()) <= 4  # classes used about equally
+    assert clips_mod.clip_design(24, 0, scenes) == clips_mod.clip_design(24, 0, scenes)
+    assert clips_mod.clip_design(24, 5, scenes) != clips_mod.clip_design(24, 0, scenes)
+    # scenes: the counterfactual phrase has as many words as the prompt (values/weights swaps)
+    for index, slot in enumerate(clips_mod.clip_design(4, 0, scenes)):
+        mix = clips_mod._design_mixture(scenes, slot, index, 0)
+        assert mix.classes == slot and len(mix.phrases[0].split()) == len(mix.phrases[1].split())
