@@ -57,6 +57,7 @@ __all__ = [
     "Trace",
     "UnsupportedAttentionError",
     "intercept",
+    "dry_trace",
     "run_with_cache",
     "run_with_hooks",
     "static_sites",
@@ -70,7 +71,7 @@ STAT_HOOKS = tuple(f"hook_{name}" for name in CAPTURE_NAMES)
 HOOK_KINDS = INPUT_HOOKS + MAP_HOOKS + ("hook_z",) + STAT_HOOKS
 GRAD_HOOKS = INPUT_HOOKS + ("hook_z",)  # values on the path from inputs to the output: bwd_hooks reach them
 _ALTERNATIVES = (
-    "editing the operator's statistics from a hook is not supported; change the distribution "
+    "editing the operator's statistics or hook_result from a hook is not supported; change the distribution "
     "with the trace's interventions instead: ablate_heads, set_temperature (float('inf') = uniform), "
     "knockout_segments, bias_segments, knockout_keys, or edit the head outputs (hook_z: return a tensor, or "
     "Trace.patch_output / steer) or the inputs (hook_q / hook_k / hook_v)"
@@ -270,30 +271,97 @@ class Trace:
         self.pattern_slice = (None, None)
         self._plans: dict[str, _SitePlan] = {}
         self._interceptor = Interceptor(model, self, intercept_sdpa)
+        self._points = activation_points(model)  # hook name -> (how, module)
+        self._point_plans: dict[str, tuple] = {}
+        self._point_handles: list = []
+        self._out_projs = output_projections(model)  # site -> the nn.Linear after its attention
 
     # -- context
     def __enter__(self) -> "Trace":
         self._forwards = 0
         self._count_handle = self.model.register_forward_pre_hook(self._count_forward)
+        self._point_handles = []
         try:
+            for name, (how, module) in self._points.items():
+                self._point_handles.append(self._install_point(name, how, module))
             self._interceptor.__enter__()
         except BaseException:
-            self._count_handle.remove()
+            self._remove_points()
             raise
         return self
+
+    def _remove_points(self) -> None:
+        self._count_handle.remove()
+        while self._point_handles:
+            self._point_handles.pop().remove()
+
+    def _install_point(self, name: str, how: str, module: nn.Module):
+        """A forward (pre-)hook that hands the activation to `_on_point` and puts back its replacement."""
+        if how == "pre":  # the first positional input of `module`
+            def pre(mod, args):
+                if not args:
+                    return None
+                new = self._on_point(name, args[0])
+                return None if new is args[0] else (new,) + tuple(args[1:])
+
+            return module.register_forward_pre_hook(pre)
+
+        def post(mod, args, output):
+            value = output[0] if how == "out0" else output
+            new = self._on_point(name, value)
+            if new is value:
+                return None
+            return (new,) + tuple(output[1:]) if how == "out0" else new
+
+        return module.register_forward_hook(post)
+
+    def _on_point(self, name: str, value: Tensor) -> Tensor:
+        entry = self._point_plans.get(name)
+        if entry is None:
+            fwd = [fn for test, fn, d in self._hooks if d == "fwd" and test(name)]
+            bwd = [fn for test, fn, d in self._hooks if d == "bwd" and test(name)]
+            cached = self._cache_filter is not None and self._cache_filter(name)
+            entry = self._point_plans[name] = (fwd, bwd, cached)
+        fwd, bwd, cached = entry
+        if not (fwd or bwd or cached) or not isinstance(value, Tensor):
+            return value
+        site, _, kind = name.rpartition(".")
+        point = HookPoint(name, site, kind)
+        for fn in fwd:
+            result = fn(value, point)
+            if result is not None:
+                if not isinstance(result, Tensor) or result.shape != value.shape:
+                    raise ValueError(f"hook on {name} must return None or a tensor of shape {tuple(value.shape)}")
+                value = result.to(value.dtype)
+        if cached:
+            self.cache[name] = value.detach()
+        if bwd and value.requires_grad:
+            def call(grad, fns=bwd):
+                for fn in fns:
+                    result = fn(grad, point)
+                    if result is not None:
+                        grad = result
+                return grad
+
+            value.register_hook(call)
+        return value
 
     def _count_forward(self, module, args) -> None:
         self._forwards += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._interceptor.__exit__(exc_type, exc, tb)
-        self._count_handle.remove()
+        self._remove_points()
         if exc_type is None:
             self._check_matched()
 
+    def _site_kinds(self, site: str) -> tuple:
+        return HOOK_KINDS + (("hook_result",) if site in self._out_projs else ())
+
     def hook_names(self) -> list[str]:
-        """Every hook name of the sites called (or, before a forward pass, known statically)."""
-        return [f"{site}.{kind}" for site in self.sites for kind in HOOK_KINDS]
+        """Every hook name: those of the attention sites called (before a forward pass: the sites known
+        statically; `dry_run` lists them all without computing), then the residual-stream hook points."""
+        return [f"{site}.{kind}" for site in self.sites for kind in self._site_kinds(site)] + list(self._points)
 
     def _check_matched(self) -> None:
         """Never silent: after a traced forward pass, every requested site pattern, intervention, hook name and
@@ -307,7 +375,7 @@ class Trace:
         for iv in self._interventions:
             if not any(_matches(site, iv.sites) for site in seen):
                 problems.append(f"intervention {_IV_NAMES.get(iv.kind, iv.kind)} on {list(iv.sites)}")
-        names = [f"{site}.{kind}" for site in seen for kind in HOOK_KINDS]
+        names = [f"{site}.{kind}" for site in seen for kind in self._site_kinds(site)] + list(self._points)
         for spec, _ in self._hook_specs:
             if not any(_name_filter(spec)(n) for n in names):
                 problems.append(f"hook {spec!r}")
@@ -316,7 +384,9 @@ class Trace:
         if not problems:
             return
         if seen:
-            where = (f"sites called: {seen}; hook names are '<site>.<kind>' with kinds {', '.join(HOOK_KINDS)}")
+            where = (f"sites called: {seen}; hook names are '<site>.<kind>' with kinds {', '.join(HOOK_KINDS)}"
+                     + (", hook_result" if self._out_projs else "")
+                     + (f"; residual-stream hook points: {_abbreviate(list(self._points))}" if self._points else ""))
         else:
             where = ("the model ran but made no attention call that can be probed (none through "
                      "F.scaled_dot_product_attention, nn.MultiheadAttention or an attention router): an eager "
@@ -342,6 +412,7 @@ class Trace:
     # -- configuration
     def _changed(self) -> None:
         self._plans.clear()
+        self._point_plans.clear()
 
     def _add(self, site, kind, heads=None, rows=None, value=None, segments=None) -> "Trace":
         self._interventions.append(_Intervention(_patterns("site", site), kind, heads, rows, value, segments))
@@ -431,7 +502,7 @@ class Trace:
             if self.capture and _matches(site, self.site_patterns):
                 plan.record = self.capture
             plan.interventions = [iv for iv in self._interventions if _matches(site, iv.sites)]
-            for kind in HOOK_KINDS:
+            for kind in self._site_kinds(site):
                 name = f"{site}.{kind}"
                 for direction, hooks in (("fwd", plan.hooks), ("bwd", plan.bwd_hooks)):
                     fns = [fn for test, fn, d in self._hooks if d == direction and test(name)]
@@ -442,7 +513,7 @@ class Trace:
                 raise ValueError(f"bwd_hooks on {', '.join(f'{site}.{b}' for b in bad)}: these values are not part "
                                  f"of the forward graph; gradients reach {', '.join(GRAD_HOOKS)}")
             if self._cache_filter is not None:
-                plan.cache = tuple(k for k in HOOK_KINDS if self._cache_filter(f"{site}.{k}"))
+                plan.cache = tuple(k for k in self._site_kinds(site) if self._cache_filter(f"{site}.{k}"))
             self._plans[site] = plan
         return plan
 
@@ -512,6 +583,8 @@ class Trace:
                                      f"{tuple(z.shape)}, got {getattr(result, 'shape', type(result).__name__)}")
                 z = result.to(out.dtype)
         self._bwd_hook(plan, site, "hook_z", z)
+        if "hook_result" in plan.hooks or "hook_result" in plan.cache:
+            self._read_only_hook(plan, site, "hook_result", head_results(z, self._out_projs[site].weight))
         out = z.transpose(1, 2)
         if "hook_z" in plan.cache:
             self.cache[f"{site}.hook_z"] = z.detach()
@@ -714,6 +787,60 @@ class Trace:
         return args
 
 
+# ---------------------------------------------------------------------------------- hook points
+def activation_points(model: nn.Module) -> dict:
+    """Residual-stream hook names of the model -> (how, module): "out" = the module's output, "out0" = the
+    first element of its output tuple, "pre" = its first input.
+
+    - `HookPointModule`s (the DiT's blocks: layers.{i}.hook_resid_pre / attn_out / cross_attn_out / resid_mid /
+      mlp_out / resid_post), by their own names;
+    - nn.TransformerEncoderLayer / nn.TransformerDecoderLayer at path P: P.hook_resid_pre (the layer input),
+      P.hook_attn_out (self_attn's output, before dropout1 and, for post-norm layers, before norm1),
+      P.hook_cross_attn_out (decoder layers), P.hook_mlp_out (linear2's output), P.hook_resid_post (the output).
+    """
+    from ..models.hook_points import HookPointModule
+
+    points: dict = {}
+    for path, module in model.named_modules():
+        if isinstance(module, HookPointModule):
+            points[module.name] = ("out", module)
+        elif isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            prefix = f"{path}." if path else ""
+            points[f"{prefix}hook_resid_pre"] = ("pre", module)
+            points[f"{prefix}hook_attn_out"] = ("out0", module.self_attn)
+            if isinstance(module, nn.TransformerDecoderLayer):
+                points[f"{prefix}hook_cross_attn_out"] = ("out0", module.multihead_attn)
+            points[f"{prefix}hook_mlp_out"] = ("out", module.linear2)
+            points[f"{prefix}hook_resid_post"] = ("out", module)
+    return points
+
+
+def output_projections(model: nn.Module) -> dict:
+    """site -> the nn.Linear that maps the merged head outputs "(h d)" to the model width, where the model
+    structure says so: router attention modules (`.site`, `.wo`) and nn.MultiheadAttention (`out_proj`)."""
+    from .intercept import ROOT_SITE
+
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(getattr(module, "site", None), str) and isinstance(getattr(module, "wo", None), nn.Linear):
+            found[module.site] = module.wo
+        elif isinstance(module, nn.MultiheadAttention):
+            found[path or ROOT_SITE] = module.out_proj
+    return found
+
+
+def head_results(z: Tensor, weight: Tensor) -> Tensor:
+    """TransformerLens's hook_result: head h's term of the output projection, [B, N, H, d_model] =
+    z[b, n, h] @ W_O[:, h*Dv:(h+1)*Dv]^T (no output bias; heads merge contiguously "(h d)")."""
+    B, N, H, Dv = z.shape
+    w = weight.reshape(weight.shape[0], H, Dv)
+    return torch.einsum("bnhd,mhd->bnhm", z.to(w.dtype), w)
+
+
+def _abbreviate(names: list, keep: int = 8) -> str:
+    return ", ".join(names[:keep]) + (f", ... ({len(names)} in all)" if len(names) > keep else "")
+
+
 def _finite_float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite float, got {value!r}")
@@ -891,6 +1018,42 @@ def pattern_from_scores(scores: Tensor, lse: Tensor, heads: Tensor, queries: Opt
 
 
 # ---------------------------------------------------------------------------------------------- functions
+def dry_trace(model: nn.Module, *inputs, meta: bool = True, intercept_sdpa: Optional[bool] = None,
+              **kwargs) -> Trace:
+    """Learn a model's site and hook names without computing: `dry_trace(model, x).hook_names()`.
+
+    meta=True runs `model(*inputs, **kwargs)` once on meta tensors (parameters, buffers and tensor inputs
+    swapped for shape-only copies with torch.func.functional_call; nothing is computed or allocated, the
+    model is not modified). Models whose forward reads tensor values (.item(), data-dependent control flow)
+    cannot run on meta tensors: meta=False runs a real forward under no_grad with nothing probed.
+    Returns the (exited) Trace: `.sites` in call order, `.hook_names()`.
+    """
+    tr = Trace(model, intercept_sdpa=intercept_sdpa)
+    if not meta:
+        with torch.no_grad(), tr:
+            model(*inputs, **kwargs)
+        return tr
+
+    def to_meta(x):
+        if isinstance(x, Tensor):
+            return torch.empty_like(x, device="meta")
+        if isinstance(x, (list, tuple)):
+            return type(x)(to_meta(i) for i in x)
+        if isinstance(x, dict):
+            return {key: to_meta(val) for key, val in x.items()}
+        return x
+
+    state = {name: to_meta(t) for name, t in model.named_parameters()}
+    state.update({name: to_meta(t) for name, t in model.named_buffers()})
+    try:
+        with torch.no_grad(), tr:
+            torch.func.functional_call(model, state, to_meta(tuple(inputs)), to_meta(kwargs))
+    except (NotImplementedError, RuntimeError) as exc:
+        raise RuntimeError(f"dry_trace: the model cannot run on meta tensors ({type(exc).__name__}: {exc}); "
+                           "pass meta=False for a real forward pass with nothing probed") from exc
+    return tr
+
+
 def trace(model: nn.Module, sites: SiteSpec = "*", capture: Sequence[str] = (), **kwargs) -> Trace:
     """`with trace(model, sites=..., capture=...) as tr:` -- see `Trace`."""
     return Trace(model, sites, capture, **kwargs)
