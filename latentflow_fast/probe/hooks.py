@@ -17,17 +17,35 @@ Hook names, per site (layouts as TransformerLens uses them; B batch, H heads, N 
                                                       operator's interventions; a hook may return a replacement
     {site}.hook_lse / hook_max / hook_entropy [B, H, Nq], hook_segment_mass [B, H, Nq, G],
     {site}.hook_key_mass [B, H, Nk]                   the operator's float32 captures
+    {site}.hook_result                [B, Nq, H, d_model] head h's term of the output projection (no bias), at
+                                                      sites whose output projection the model structure gives
+                                                      (router `Attention.wo`, `MultiheadAttention.out_proj`)
+
+Residual-stream hook points [B, N, d_model] (`activation_points`): `layers.{i}.hook_resid_pre / hook_attn_out /
+hook_cross_attn_out / hook_resid_mid / hook_mlp_out / hook_resid_post` on SAM Audio's DiT (identity modules),
+`{path}.hook_resid_pre / hook_attn_out / hook_mlp_out / hook_resid_post` on nn.TransformerEncoderLayer /
+DecoderLayer (forward hooks); a hook may return a replacement. `dry_trace` lists every name without computing.
 
 `h`, `n` are the heads and queries of `pattern_slice=(heads, queries)` (default: all): scores and patterns
-are recomputed from q and k for that slice only, using the lse of the fused pass, so the full
-[B, H, Nq, Nk] map exists only when asked for. hook_z's `z[b, i, h]` is head h's output at query i; how heads
-merge into channels is the model's business (SAM Audio and nn.MultiheadAttention both merge "(h d)", so
-`z.flatten(2)` is the input of the output projection).
+are recomputed from q and k for that slice only, so the full [B, H, Nq, Nk] map exists only when asked for.
+hook_z's `z[b, i, h]` is head h's output at query i; how heads merge into channels is the model's business
+(SAM Audio and nn.MultiheadAttention both merge "(h d)", so `z.flatten(2)` is the input of the output
+projection).
 
-Per call, hooks run in this order: hook_q/k/v (may edit) -> the operator, with the trace's interventions ->
-statistics -> hook_attn_scores -> hook_pattern -> hook_z (may edit). Scores, patterns and statistics are
-read-only: a hook that returns or edits them raises ValueError that names the interventions which do
-change the distribution (see `Trace`).
+Per call, hooks run in this order: hook_q/k/v (may edit) -> hook_attn_scores -> hook_pattern (may edit: see
+below) -> the operator, with the trace's interventions -> statistics -> hook_z (may edit) -> hook_result.
+With no hook function on scores / patterns (caching only) they are recomputed after the operator from its lse.
+
+Score / pattern edits: edits that an operator argument expresses are fused -- scores + b[key] (the same for
+every query; b may be -inf: a key mask) become a per-key segment bias, scores * c a logit scale, pattern * c
+(0: head removed) a head gate; other edits (or edits of a query slice) are computed eagerly for the edited
+(row, head) pairs only, with a warning giving the size of the map materialised. Statistics and hook_result
+are read-only: a hook that returns or edits them raises ValueError naming the interventions that change
+the distribution.
+
+Never silent: at the end of a traced forward pass, a capture site pattern, intervention, hook name or cache
+filter that matched nothing raises `NothingMatchedError` listing the names that exist. Gradients flow
+through the operator (ops/autograd.py); `bwd_hooks` reach hook_q/k/v, hook_z and the residual hook points.
 """
 
 from __future__ import annotations
