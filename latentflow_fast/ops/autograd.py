@@ -5,7 +5,8 @@ walks the queries in blocks; per block it rebuilds the logits s = scale * logit_
 (masked keys -inf) for that block only ([B, H, block, Nk], bounded by `BLOCK_ELEMENTS`), the probabilities
 p = exp(s - lse) from the forward's saved lse, and accumulates dq, dk, dv and the parameter gradients. It is
 written in torch operations, so it runs on every device and after every backend (reference, cpu, triton,
-cuda); the forward backends never see it.
+cuda); plans whose forward ran on a GPU backend use the Triton kernels of the same algorithm instead
+(kernels/triton_probed_attention_bwd.py, launched by ops/autograd_triton.py).
 
 What is differentiable (docs/design.md, section 2):
 - out w.r.t. q, k, v and the float tensors logit_scale, segment_bias, head_gate, out_bias, out_patch;
@@ -39,6 +40,7 @@ def setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, kpm, segments, ls, sb, gate, ob, patch, pmask, lse)
     ctx.scale = float(scale)
     ctx.num_inputs = len(inputs)
+    ctx.backend = inputs[13] if len(inputs) > 13 else "reference"
 
 
 def _live(t):
@@ -49,10 +51,30 @@ def _live(t):
 def backward(ctx, dout, *dcaps):
     q, k, v, kpm, segments, ls, sb, gate, ob, patch, pmask, saved_lse = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    caps = dict(zip(CAPTURE_NAMES, dcaps))
+    if _use_triton(ctx.backend, q, saved_lse, caps):
+        from . import autograd_triton
+
+        live = {name: t for name, t in caps.items() if _live(t)}
+        grads = autograd_triton.backward(q, k, v, kpm, ctx.scale, segments, ls, sb, gate, patch, pmask, saved_lse,
+                                         dout if _live(dout) else None, live, needs)
+        return grads + (None,) * (ctx.num_inputs - len(grads))
     grads = _probed_attention_backward(
         q, k, v, kpm, ctx.scale, segments, ls, sb, gate, patch, pmask, saved_lse,
-        dout, dict(zip(CAPTURE_NAMES, dcaps)), needs)
+        dout, caps, needs)
     return grads + (None,) * (ctx.num_inputs - len(grads))
+
+
+def _use_triton(backend: str, q, saved_lse, caps: dict) -> bool:
+    """The Triton backward serves plans whose forward ran on a GPU backend (or on "triton" under
+    TRITON_INTERPRET=1), in float32 / 16-bit, with the saved lse, and no gradient on the `max` capture."""
+    if saved_lse is None or q.dtype == torch.float64 or _live(caps.get("max")):
+        return False
+    from .backend_triton import interpreter_enabled, unavailable_reason
+
+    on_gpu = q.is_cuda and backend in ("triton", "cuda")
+    interpreted = backend == "triton" and interpreter_enabled() and not q.is_cuda
+    return (on_gpu or interpreted) and unavailable_reason() is None
 
 
 def _probed_attention_backward(q, k, v, kpm, scale, segments, ls, sb, gate, patch, pmask, saved_lse,
