@@ -266,3 +266,19 @@ def test_bwd_hooks_on_hooks_without_gradient_are_refused(gpt):
     model, x = gpt
     with pytest.raises(ValueError, match="bwd_hooks"):
         run_with_hooks(model, x, bwd_hooks=[("blocks.0.hook_pattern", lambda g, h: None)], backend="cpu")
+
+
+def test_opcheck_with_gradients():
+    """torch.library.opcheck with inputs that require grad: the autograd registration, fake tensors and
+    AOT dispatch (which runs the backward) agree with eager."""
+    from latentflow_fast.ops import CAPTURE_NAMES, build_plan
+
+    params, fixed = _inputs(torch.float32, seed=6)
+    plan = build_plan(params["q"], params["k"], params["v"], capture=("entropy", "lse"), **fixed,
+                      **{n: t for n, t in params.items() if n not in "qkv"})
+    args = (plan.q, plan.k, plan.v, plan.key_padding_mask, plan.scale, plan.segments, plan.logit_scale,
+            plan.segment_bias, plan.head_gate, plan.out_bias, plan.out_patch, plan.patch_mask,
+            [n in plan.capture for n in CAPTURE_NAMES], "cpu")
+    args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    torch.library.opcheck(torch.ops.latentflow.probed_attention.default, args)
