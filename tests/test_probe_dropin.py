@@ -237,3 +237,22 @@ def test_a_trace_that_never_ran_the_model_does_not_raise(setup):
     with trace(model, capture=("entropy",)) as tr:
         tr.ablate_heads("nonexistent", heads=0)
     assert not tr.records
+
+
+def test_a_fused_score_edit_composes_with_per_head_knockout_and_segments(setup):
+    model, x, keep = setup
+    with torch.no_grad(), trace(model, sites=SITE, capture=("segment_mass",), segments=[0, 2, N],
+                                backend="reference") as tr:
+        tr.knockout_keys(SITE, keys=[3], heads=1).add_hook(f"{SITE}.hook_attn_scores", _key_bias)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # both are fused: no eager note
+            got = model(x, keep)
+
+    def apply(s):
+        s[:, 1, :, 3] = float("-inf")
+        s[:, :, :, 2] += 1.5
+        return s
+
+    torch.testing.assert_close(got, baseline(model, x, keep, edit_scores=apply), rtol=1e-5, atol=1e-5)
+    assert tr[SITE].segment_mass.shape == (B, H, N, 2)
+    torch.testing.assert_close(tr[SITE].segment_mass.sum(-1), torch.ones(B, H, N))

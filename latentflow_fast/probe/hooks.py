@@ -628,9 +628,6 @@ class Trace:
             if key_bias is not None:
                 full = torch.zeros(B, H, k.shape[2], device=q.device)
                 full[:, heads] = key_bias
-                if "_segment_of" in args:  # fold into the user's segments again (refinement starts over)
-                    raise ValueError(f"site {site!r}: a per-key bias from a hook_attn_scores edit cannot be combined "
-                                     "with knockout_keys(heads=...) at the same site")
                 add_key_bias(args, full)
             eager |= changed & ~fitted
         pattern = _softmax_rows(new_scores)
@@ -981,9 +978,13 @@ def add_key_bias(args: dict, key_bias: Tensor) -> None:
         old = args.get("segment_bias")
         if old is not None:
             refined_bias = refined_bias + old.index_select(2, user_of)
+    groups = None if user is None else len(user) - 1
+    prior = args.get("_segment_of")
+    if prior is not None:  # `user` was already a refinement (e.g. knockout_keys(heads=) and a score edit)
+        user_of, groups = prior[0].index_select(0, user_of), prior[1]
     args["segments"] = bounds
     args["segment_bias"] = refined_bias.contiguous()
-    args["_segment_of"] = (user_of, None if user is None else len(user) - 1)
+    args["_segment_of"] = (user_of, groups)
 
 
 def _user_segments(caps: dict, args: dict) -> dict:
