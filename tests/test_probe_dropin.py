@@ -256,3 +256,10 @@ def test_a_fused_score_edit_composes_with_per_head_knockout_and_segments(setup):
     torch.testing.assert_close(got, baseline(model, x, keep, edit_scores=apply), rtol=1e-5, atol=1e-5)
     assert tr[SITE].segment_mass.shape == (B, H, N, 2)
     torch.testing.assert_close(tr[SITE].segment_mass.sum(-1), torch.ones(B, H, N))
+
+
+def test_unknown_hook_names_get_a_suggestion(setup):
+    model, x, keep = setup
+    with pytest.raises(NothingMatchedError, match=r"did you mean 'blocks.1.hook_pattern'"):
+        with torch.no_grad():
+            run_with_hooks(model, x, keep, fwd_hooks=[("blocks.1.attn.hook_pattern", lambda t, hook: None)])

@@ -50,6 +50,7 @@ through the operator (ops/autograd.py); `bwd_hooks` reach hook_q/k/v, hook_z and
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 import re
@@ -396,7 +397,8 @@ class Trace:
         names = [f"{site}.{kind}" for site in seen for kind in self._site_kinds(site)] + list(self._points)
         for spec, _ in self._hook_specs:
             if not any(_name_filter(spec)(n) for n in names):
-                problems.append(f"hook {spec!r}")
+                close = difflib.get_close_matches(spec, names, n=1, cutoff=0.6) if isinstance(spec, str) else []
+                problems.append(f"hook {spec!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if self._cache_filter is not None and not any(self._cache_filter(n) for n in names):
             problems.append("cache names_filter" + (f" {self._cache_spec!r}" if self._cache_spec is not None else ""))
         if not problems:
