@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model_fixtures import random_inputs, small_model
 
@@ -177,3 +178,66 @@ def test_hook_result_is_read_only(encoder):
     model, x = encoder
     with torch.no_grad(), pytest.raises(ValueError, match="hook_z"):
         run_with_hooks(model, x, fwd_hooks=[("layers.0.self_attn.hook_result", lambda t, hook: t * 0)])
+
+
+# ------------------------------------------------------------------------------- GPT-2 / LLaMA-style blocks
+class HFStyleAttention(nn.Module):
+    """Laid out as Hugging Face's GPT-2 attention: c_attn / c_proj, SDPA, returns (output, weights)."""
+
+    def __init__(self, d=16, h=4):
+        super().__init__()
+        self.h = h
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.c_attn(x).reshape(b, n, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=False)
+        return self.c_proj(z.transpose(1, 2).reshape(b, n, d)), None
+
+
+class HFStyleBlock(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = HFStyleAttention(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, hidden_states):
+        attn_out, _ = self.attn(self.ln_1(hidden_states))
+        hidden_states = hidden_states + attn_out
+        return (hidden_states + self.mlp(self.ln_2(hidden_states)),)
+
+
+class HFStyleModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.h = nn.ModuleList([HFStyleBlock(), HFStyleBlock()])
+
+    def forward(self, x):
+        for block in self.h:
+            x = block(hidden_states=x)[0]  # keyword call, tuple output, as Hugging Face models do
+        return x
+
+
+def test_gpt2_style_blocks_get_residual_hook_points():
+    torch.manual_seed(0)
+    model = HFStyleModel().eval()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out, cache = run_with_cache(model, x, names_filter="h.1.hook_*")
+        plain = model(x)
+    assert set(cache) == {f"h.1.hook_{k}" for k in ("resid_pre", "attn_out", "mlp_out", "resid_post")}
+    torch.testing.assert_close(out, plain)
+    torch.testing.assert_close(cache["h.1.hook_resid_post"], out)
+    torch.testing.assert_close(cache["h.1.hook_resid_post"], cache["h.1.hook_resid_pre"] + cache["h.1.hook_attn_out"]
+                               + cache["h.1.hook_mlp_out"], rtol=1e-5, atol=1e-6)
+    # editing through the keyword input and the tuple outputs
+    with torch.no_grad():
+        zeroed = run_with_hooks(model, x, fwd_hooks=[("h.1.hook_attn_out", lambda t, hook: torch.zeros_like(t)),
+                                                     ("h.0.hook_resid_pre", lambda t, hook: t * 2)])
+    block1 = model.h[1]
+    with torch.no_grad():
+        h = model.h[0](hidden_states=x * 2)[0]
+        want = h + block1.mlp(block1.ln_2(h))
+    torch.testing.assert_close(zeroed, want)

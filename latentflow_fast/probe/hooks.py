@@ -21,7 +21,7 @@ Hook names, per site (layouts as TransformerLens uses them; B batch, H heads, N 
                                                       sites whose output projection the model structure gives
                                                       (router `Attention.wo`, `MultiheadAttention.out_proj`)
 
-Residual-stream hook points [B, N, d_model] (`activation_points`): `layers.{i}.hook_resid_pre / hook_attn_out /
+Residual-stream hook points [B, N, d_model] (`activation_points`, also GPT-2 / LLaMA-style blocks): `layers.{i}.hook_resid_pre / hook_attn_out /
 hook_cross_attn_out / hook_resid_mid / hook_mlp_out / hook_resid_post` on SAM Audio's DiT (identity modules),
 `{path}.hook_resid_pre / hook_attn_out / hook_mlp_out / hook_resid_post` on nn.TransformerEncoderLayer /
 DecoderLayer (forward hooks); a hook may return a replacement. `dry_trace` lists every name without computing.
@@ -316,21 +316,27 @@ class Trace:
 
     def _install_point(self, name: str, how: str, module: nn.Module):
         """A forward (pre-)hook that hands the activation to `_on_point` and puts back its replacement."""
-        if how == "pre":  # the first positional input of `module`
-            def pre(mod, args):
-                if not args:
+        if how == "pre":  # the first input of `module`: positional, else its first tensor keyword argument
+            def pre(mod, args, kwargs):
+                if args:
+                    new = self._on_point(name, args[0])
+                    return None if new is args[0] else ((new,) + tuple(args[1:]), kwargs)
+                key = next((key for key, val in kwargs.items() if isinstance(val, Tensor)), None)
+                if key is None:
                     return None
-                new = self._on_point(name, args[0])
-                return None if new is args[0] else (new,) + tuple(args[1:])
+                new = self._on_point(name, kwargs[key])
+                return None if new is kwargs[key] else (args, {**kwargs, key: new})
 
-            return module.register_forward_pre_hook(pre)
+            return module.register_forward_pre_hook(pre, with_kwargs=True)
 
         def post(mod, args, output):
-            value = output[0] if how == "out0" else output
+            # "out0": the first element of a tuple output; "first": that, when the output is a tuple
+            first = how == "out0" or (how == "first" and isinstance(output, tuple))
+            value = output[0] if first else output
             new = self._on_point(name, value)
             if new is value:
                 return None
-            return (new,) + tuple(output[1:]) if how == "out0" else new
+            return (new,) + tuple(output[1:]) if first else new
 
         return module.register_forward_hook(post)
 
@@ -813,7 +819,11 @@ def activation_points(model: nn.Module) -> dict:
       mlp_out / resid_post), by their own names;
     - nn.TransformerEncoderLayer / nn.TransformerDecoderLayer at path P: P.hook_resid_pre (the layer input),
       P.hook_attn_out (self_attn's output, before dropout1 and, for post-norm layers, before norm1),
-      P.hook_cross_attn_out (decoder layers), P.hook_mlp_out (linear2's output), P.hook_resid_post (the output).
+      P.hook_cross_attn_out (decoder layers), P.hook_mlp_out (linear2's output), P.hook_resid_post (the output);
+    - GPT-2 / LLaMA-style blocks (a child named mlp and an attention child named attn / self_attn / attention
+      / self_attention; Hugging Face's layout): P.hook_resid_pre (the block's first input), P.hook_attn_out and
+      P.hook_mlp_out (those children's outputs, the first element when a tuple), P.hook_resid_post (the
+      block's output, likewise).
     """
     from ..models.hook_points import HookPointModule
 
@@ -829,7 +839,31 @@ def activation_points(model: nn.Module) -> dict:
                 points[f"{prefix}hook_cross_attn_out"] = ("out0", module.multihead_attn)
             points[f"{prefix}hook_mlp_out"] = ("out", module.linear2)
             points[f"{prefix}hook_resid_post"] = ("out", module)
+        elif _decoder_block_parts(module) is not None and not any(
+                isinstance(m, HookPointModule) for m in module.children()):
+            attn, mlp = _decoder_block_parts(module)
+            prefix = f"{path}." if path else ""
+            points[f"{prefix}hook_resid_pre"] = ("pre", module)
+            points[f"{prefix}hook_attn_out"] = ("first", attn)
+            points[f"{prefix}hook_mlp_out"] = ("first", mlp)
+            points[f"{prefix}hook_resid_post"] = ("first", module)
     return points
+
+
+_ATTENTION_CHILDREN = ("attn", "self_attn", "attention", "self_attention")
+
+
+def _decoder_block_parts(module: nn.Module):
+    """(attention, mlp) children of a transformer block laid out as GPT-2 / LLaMA-style models name them (an
+    attention child named attn / self_attn / attention / self_attention and a child named mlp), or None."""
+    children = dict(module.named_children())
+    mlp = children.get("mlp")
+    if mlp is None:
+        return None
+    for name in _ATTENTION_CHILDREN:
+        if name in children:
+            return children[name], mlp
+    return None
 
 
 def output_projections(model: nn.Module) -> dict:
