@@ -47,7 +47,8 @@ def _plain_activations(model, inputs, layer):
 def test_dit_hook_points_names_shapes_and_values(sam):
     model, inputs = sam
     with torch.no_grad():
-        out, cache = run_with_cache(_Adapter(model), inputs, names_filter=["layers.1.hook_*", "layers.1.self_attn.hook_result"])
+        out, cache = run_with_cache(_Adapter(model), inputs,
+                                    names_filter=["layers.1.hook_*", "layers.1.self_attn.hook_result"])
     plain_out, plain = _plain_activations(model, inputs, 1)
     torch.testing.assert_close(out, plain_out, rtol=1e-5, atol=1e-6)  # probed sites: the fused operator
     assert set(cache) == {f"layers.1.{k}" for k in HOOK_POINTS} | {"layers.1.self_attn.hook_result"}

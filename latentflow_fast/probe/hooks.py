@@ -21,10 +21,10 @@ Hook names, per site (layouts as TransformerLens uses them; B batch, H heads, N 
                                                       sites whose output projection the model structure gives
                                                       (router `Attention.wo`, `MultiheadAttention.out_proj`)
 
-Residual-stream hook points [B, N, d_model] (`activation_points`, also GPT-2 / LLaMA-style blocks): `layers.{i}.hook_resid_pre / hook_attn_out /
+Residual-stream hook points [B, N, d_model] (`activation_points`): `layers.{i}.hook_resid_pre / hook_attn_out /
 hook_cross_attn_out / hook_resid_mid / hook_mlp_out / hook_resid_post` on SAM Audio's DiT (identity modules),
 `{path}.hook_resid_pre / hook_attn_out / hook_mlp_out / hook_resid_post` on nn.TransformerEncoderLayer /
-DecoderLayer (forward hooks); a hook may return a replacement. `dry_trace` lists every name without computing.
+DecoderLayer and GPT-2 / LLaMA-style blocks (forward hooks); a hook may return a replacement. `dry_trace` lists every name without computing.
 
 `h`, `n` are the heads and queries of `pattern_slice=(heads, queries)` (default: all): scores and patterns
 are recomputed from q and k for that slice only, so the full [B, H, Nq, Nk] map exists only when asked for.
