@@ -263,3 +263,29 @@ def test_unknown_hook_names_get_a_suggestion(setup):
     with pytest.raises(NothingMatchedError, match=r"did you mean 'blocks.1.hook_pattern'"):
         with torch.no_grad():
             run_with_hooks(model, x, keep, fwd_hooks=[("blocks.1.attn.hook_pattern", lambda t, hook: None)])
+
+
+@pytest.mark.parametrize("edit", [_zero_key_no_renorm, _mask_key_head])
+def test_gradients_through_edited_patterns_match_the_eager_baseline(setup, edit):
+    """Eagerly computed (pattern) and fused (score) edits are both differentiable: input gradients match the
+    eager baseline's autograd."""
+    model, x, keep = setup
+    xr = x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kind = "hook_pattern" if edit is _zero_key_no_renorm else "hook_attn_scores"
+        out = run_with_hooks(model, xr, keep, fwd_hooks=[(f"{SITE}.{kind}", edit)], backend="cpu")
+    (got,) = torch.autograd.grad(out.square().sum(), xr)
+
+    def apply(t):
+        result = edit(t)
+        return t if result is None else result
+
+    block = model.blocks[1]
+    setattr(block, "edit_pattern" if kind == "hook_pattern" else "edit_scores", apply)
+    try:
+        xe = x.clone().requires_grad_()
+        (want,) = torch.autograd.grad(model(xe, keep).square().sum(), xe)
+    finally:
+        block.edit_scores = block.edit_pattern = None
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
