@@ -282,3 +282,28 @@ def test_opcheck_with_gradients():
     args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                  for a in args)
     torch.library.opcheck(torch.ops.latentflow.probed_attention.default, args)
+
+
+def test_an_operator_argument_the_backward_does_not_know_is_never_silently_ignored(monkeypatch):
+    """If the operator gains an argument (say a mask) the backward does not handle, an active value makes
+    backward() raise instead of returning gradients of a different function."""
+    names = op_autograd._schema_names()
+    monkeypatch.setattr(op_autograd, "_schema_names", lambda: names[:3] + ["attn_mask"] + names[3:])
+
+    class Ctx:
+        needs_input_grad = (True,) * (len(names) + 1)
+
+        def save_for_backward(self, *tensors):
+            self.saved_tensors = tensors
+
+    q = torch.randn(1, 1, 2, 4)
+    inputs = [q, q, q, torch.ones(1, 1, 2, 2, dtype=torch.bool), None, 0.5] + [None] * 7 + [[False] * 5, "cpu"]
+    outputs = (q,) + (torch.empty(0),) * 5
+    ctx = Ctx()
+    op_autograd.setup_context(ctx, inputs, outputs)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        op_autograd.backward(ctx, torch.ones_like(q), *outputs[1:])
+    inputs[3] = None  # inactive: gradients as before, None for the new argument
+    op_autograd.setup_context(ctx, inputs, outputs)
+    grads = op_autograd.backward(ctx, torch.ones_like(q), *outputs[1:])
+    assert len(grads) == len(inputs) and grads[3] is None and grads[0].shape == q.shape

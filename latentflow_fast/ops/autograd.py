@@ -30,17 +30,30 @@ from .plan import CAPTURE_NAMES
 BLOCK_ELEMENTS = 1 << 22
 
 _OUT_INDEX = {name: 1 + i for i, name in enumerate(CAPTURE_NAMES)}
-# Positions of the op's arguments (see probed_attention._probed_attention_op).
-_Q, _K, _V, _KPM, _SCALE, _SEG, _LS, _SB, _GATE, _OB, _PATCH, _PMASK, _FLAGS = range(13)
+# The op's arguments this backward understands, in the order the gradient functions use (the op's schema is
+# read by name, so arguments added to the op later cannot be misread as these).
+ARG_ORDER = ("q", "k", "v", "key_padding_mask", "scale", "segments", "logit_scale", "segment_bias", "head_gate",
+             "out_bias", "out_patch", "patch_mask")
+_Q, _K, _V, _KPM, _SCALE, _SEG, _LS, _SB, _GATE, _OB, _PATCH, _PMASK = range(12)
+_OTHER_KNOWN = ("capture_flags", "backend")
+
+
+def _schema_names() -> list:
+    return [a.name for a in torch.ops.latentflow.probed_attention.default._schema.arguments]
 
 
 def setup_context(ctx, inputs, output) -> None:
-    q, k, v, kpm, scale, segments, ls, sb, gate, ob, patch, pmask, flags = inputs[:13]
-    lse = output[_OUT_INDEX["lse"]] if flags[0] else None
-    ctx.save_for_backward(q, k, v, kpm, segments, ls, sb, gate, ob, patch, pmask, lse)
-    ctx.scale = float(scale)
-    ctx.num_inputs = len(inputs)
-    ctx.backend = inputs[13] if len(inputs) > 13 else "reference"
+    names = _schema_names()
+    args = dict(zip(names, inputs))
+    # An argument this backward does not know (e.g. a mask added to the operator later) must not be ignored
+    # silently: if it is active, backward() raises instead of returning wrong gradients.
+    ctx.unsupported = sorted(n for n, a in args.items()
+                             if n not in ARG_ORDER + _OTHER_KNOWN and a is not None and a is not False)
+    lse = output[_OUT_INDEX["lse"]] if args["capture_flags"][0] else None
+    ctx.save_for_backward(*(args[n] for n in ARG_ORDER if n != "scale"), lse)
+    ctx.scale = float(args["scale"])
+    ctx.names = names
+    ctx.backend = args.get("backend", "reference")
 
 
 def _live(t):
@@ -49,8 +62,12 @@ def _live(t):
 
 
 def backward(ctx, dout, *dcaps):
+    if ctx.unsupported:
+        raise NotImplementedError(f"gradients of probed_attention with {', '.join(ctx.unsupported)} are not "
+                                  "implemented (latentflow_fast/ops/autograd.py)")
     q, k, v, kpm, segments, ls, sb, gate, ob, patch, pmask, saved_lse = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    position = {n: i for i, n in enumerate(ctx.names)}
+    needs = tuple(ctx.needs_input_grad[position[n]] for n in ARG_ORDER)
     caps = dict(zip(CAPTURE_NAMES, dcaps))
     if _use_triton(ctx.backend, q, saved_lse, caps):
         from . import autograd_triton
@@ -58,11 +75,11 @@ def backward(ctx, dout, *dcaps):
         live = {name: t for name, t in caps.items() if _live(t)}
         grads = autograd_triton.backward(q, k, v, kpm, ctx.scale, segments, ls, sb, gate, patch, pmask, saved_lse,
                                          dout if _live(dout) else None, live, needs)
-        return grads + (None,) * (ctx.num_inputs - len(grads))
-    grads = _probed_attention_backward(
-        q, k, v, kpm, ctx.scale, segments, ls, sb, gate, patch, pmask, saved_lse,
-        dout, caps, needs)
-    return grads + (None,) * (ctx.num_inputs - len(grads))
+    else:
+        grads = _probed_attention_backward(q, k, v, kpm, ctx.scale, segments, ls, sb, gate, patch, pmask,
+                                           saved_lse, dout, caps, needs)
+    by_name = dict(zip(ARG_ORDER, grads))
+    return tuple(by_name.get(n) for n in ctx.names)
 
 
 def _use_triton(backend: str, q, saved_lse, caps: dict) -> bool:

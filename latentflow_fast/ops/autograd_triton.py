@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .autograd import _GATE, _K, _LS, _OB, _PATCH, _Q, _SB, _V
 from .backend_triton import _kernels as _forward_kernels  # noqa: F401  (applies the interpreter patch)
 from .backend_triton import _device_scope, _pow2, interpreter_enabled, triton_cdiv
 
@@ -85,7 +86,7 @@ def backward(q, k, v, kpm, scale, segments, ls, sb, gate, patch, pmask, lse, dou
     flags = dict(HAS_KM="key_mass" in dc, HAS_SM="segment_mass" in dc, HAS_ENT="entropy" in dc)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     block_m, block_n, warps = _tiles(max(d_pad, dv_pad))
-    want_o = gate is not None and needs[8] and dout is not None
+    want_o = gate is not None and needs[_GATE] and dout is not None
     delta = torch.empty(BH, Nq, **f32)
     o = torch.empty(BH, Nq, dv_pad, **f32) if want_o else dummy
     dq = torch.empty(BH, Nq, d_pad, **f32)
@@ -110,21 +111,21 @@ def backward(q, k, v, kpm, scale, segments, ls, sb, gate, patch, pmask, lse, dou
         return t if group == 1 else t.reshape(B, Hkv, group, Nk, width).sum(dim=2)
 
     grads = [None] * 12
-    grads[0] = dq[..., :D].reshape(B, H, Nq, D).to(q.dtype) if needs[0] else None
-    grads[1] = kv_heads(dk, D).to(k.dtype) if needs[1] else None
-    grads[2] = kv_heads(dv, Dv).to(v.dtype) if needs[2] else None
-    if ls is not None and needs[6]:
-        grads[6] = dls_part.sum(dim=1).reshape(B, H).to(ls.dtype)
-    if sb is not None and needs[7]:
-        grads[7] = torch.zeros_like(sb).index_add_(2, seg_of_key, dkey.reshape(B, H, Nk).to(sb.dtype))
+    grads[_Q] = dq[..., :D].reshape(B, H, Nq, D).to(q.dtype) if needs[_Q] else None
+    grads[_K] = kv_heads(dk, D).to(k.dtype) if needs[_K] else None
+    grads[_V] = kv_heads(dv, Dv).to(v.dtype) if needs[_V] else None
+    if ls is not None and needs[_LS]:
+        grads[_LS] = dls_part.sum(dim=1).reshape(B, H).to(ls.dtype)
+    if sb is not None and needs[_SB]:
+        grads[_SB] = torch.zeros_like(sb).index_add_(2, seg_of_key, dkey.reshape(B, H, Nk).to(sb.dtype))
     if want_o:
         o_p = o[..., :Dv].reshape(B, H, Nq, Dv)
         if keep is not None:
             o_p = torch.where(keep, o_p, patch.float())
-        grads[8] = (dout.float() * o_p).sum(dim=(-1, -2)).to(gate.dtype)
-    if dout is not None and needs[9]:
-        grads[9] = dout.float().sum(dim=2)
-    if patch is not None and dout is not None and needs[10]:
+        grads[_GATE] = (dout.float() * o_p).sum(dim=(-1, -2)).to(gate.dtype)
+    if dout is not None and needs[_OB]:
+        grads[_OB] = dout.float().sum(dim=2)
+    if patch is not None and dout is not None and needs[_PATCH]:
         d_patch = dout if gate_c is None else dout * gate_c.to(dout.dtype)
-        grads[10] = torch.where(pmask[:, :, None, None], d_patch, 0.0).to(patch.dtype)
+        grads[_PATCH] = torch.where(pmask[:, :, None, None], d_patch, 0.0).to(patch.dtype)
     return tuple(grads)
