@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latentflow_fast.probe import hooks as hooks_module
-from latentflow_fast.probe.hooks import HOOK_KINDS, HookPoint, run_with_cache, run_with_hooks, trace
+from latentflow_fast.probe.hooks import (HOOK_KINDS, HookPoint, NothingMatchedError, run_with_cache, run_with_hooks,
+                                         trace)
 
 B, N, D, H = 2, 6, 16, 4
 HD = D // H
@@ -155,7 +156,7 @@ def test_hook_q_edit_equals_temperature(setup):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["hook_pattern", "hook_attn_scores", "hook_entropy"])
+@pytest.mark.parametrize("kind", ["hook_lse", "hook_entropy"])
 @pytest.mark.parametrize("style", ["return", "in_place"])
 def test_editing_read_only_hooks_raises_with_alternatives(setup, kind, style):
     model, x, keep = setup
@@ -181,7 +182,7 @@ def test_read_only_hooks_that_only_read_are_fine(setup):
 
 def test_bwd_hooks_and_bad_fwd_hooks_are_refused(setup):
     model, x, keep = setup
-    with pytest.raises(ValueError, match="bwd_hooks"):
+    with pytest.raises(NothingMatchedError, match="hook 'x'"):
         run_with_hooks(model, x, keep, bwd_hooks=[("x", print)])
     with pytest.raises(TypeError, match="fwd_hooks"):
         run_with_hooks(model, x, keep, fwd_hooks=["blocks.0.hook_z"])
@@ -280,12 +281,18 @@ def test_hook_point_layer():
     assert HookPoint("root.hook_z", "root", "hook_z").layer() is None
 
 
-def test_mistyped_sites_and_hook_names_warn(setup):
+def test_mistyped_sites_and_hook_names_raise_listing_what_exists(setup):
     model, x, keep = setup
-    with pytest.warns(UserWarning, match="matched none of the sites"):
+    with pytest.raises(NothingMatchedError, match=r"ablate_heads/scale_heads on \['block.1'\].*'blocks.0', 'blocks.1'"):
         with torch.no_grad(), trace(model, backend="reference") as tr:
             tr.ablate_heads("block.1", heads=0)
             model(x, keep)
-    with pytest.warns(UserWarning, match="matched no hook name"):
+    with pytest.raises(NothingMatchedError, match="hook 'blocks.1.hook_zz'.*hook_pattern"):
         with torch.no_grad():
             run_with_hooks(model, x, keep, fwd_hooks=[("blocks.1.hook_zz", lambda t, hook: None)])
+    with pytest.raises(NothingMatchedError, match="'blocks.0.attn.hook_pattern'"):  # a TransformerLens name
+        with torch.no_grad():
+            run_with_cache(model, x, keep, names_filter="blocks.0.attn.hook_pattern")
+    with pytest.raises(NothingMatchedError, match=r"sites=\['layers.\*'\]"):
+        with torch.no_grad(), trace(model, sites="layers.*", capture=("entropy",)):
+            model(x, keep)

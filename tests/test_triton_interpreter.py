@@ -378,6 +378,58 @@ def registry_accepts_cpu_under_interpreter():
     assert "triton" in backends.available_backends("cpu")
 
 
+def _backward_case(triton_backward_expected, masked_row, gate_and_patch):
+    """Gradients of out and the captures lse / entropy / segment_mass / key_mass through the Triton forward +
+    Triton backward, against the torch backward of the float64 reference (itself gradchecked in
+    tests/test_probe_gradients.py). Several query and key blocks (interpreter tiles are 16), GQA, a padded
+    head dim (D = 12), a knocked-out segment, an all -inf row and an all-masked batch row."""
+    torch = _torch()
+    from latentflow_fast.ops import autograd as op_autograd
+    from latentflow_fast.ops import probed_attention
+
+    q, k, v, kwargs, gen = _base(seed=5, Nq=37, Nk=41, D=12, masked_row=masked_row)
+    B, H = q.shape[:2]
+    extra = _interventions(B, H, q.shape[2], v.shape[3], gen, q.dtype)
+    params = {"q": q, "k": k, "v": v, "logit_scale": extra["logit_scale"] + 0.25, "segment_bias": extra["segment_bias"]}
+    if gate_and_patch:
+        params.update(head_gate=extra["head_gate"], out_bias=extra["out_bias"], out_patch=extra["out_patch"])
+        kwargs = dict(kwargs, patch_mask=extra["patch_mask"])
+    caps = ("lse", "entropy", "segment_mass", "key_mass")
+    used = []
+    original = op_autograd._use_triton
+    op_autograd._use_triton = lambda *a: used.append(original(*a)) or used[-1]
+    try:
+        results = {}
+        for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+            leaves = {n: t.detach().to(dtype if n in ("q", "k", "v", "out_patch") else torch.float32).requires_grad_()
+                      for n, t in params.items()}
+            args = {n: t for n, t in leaves.items() if n not in ("q", "k", "v")}
+            out, got = probed_attention(leaves["q"], leaves["k"], leaves["v"], backend=backend, capture=caps,
+                                        **kwargs, **args)
+            g = torch.Generator().manual_seed(9)
+            loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64)).sum()
+                       for t in [out] + [got[n] for n in caps])
+            results[backend] = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    finally:
+        op_autograd._use_triton = original
+    assert used == [triton_backward_expected, False], used
+    for name, want in results["reference"].items():
+        have = results["triton"][name].double()
+        assert torch.isfinite(have).all(), name
+        err = ((have - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12)).item()
+        assert err < 2e-5, (name, err)
+
+
+@check
+def backward_with_captures_and_interventions():
+    _backward_case(True, masked_row=True, gate_and_patch=False)
+
+
+@check
+def backward_with_gate_bias_and_patch():
+    _backward_case(True, masked_row=False, gate_and_patch=True)
+
+
 def _worker(out_path: str) -> None:
     import torch
 

@@ -19,6 +19,11 @@ import torch.nn.functional as F
 from ..ops.profiling import nvtx_range
 from .attention import AttentionRouter, site_name
 from .config import SAMAudioConfig
+from .hook_points import HookPointModule
+
+# Residual-stream hook points of every DiT block, in forward order (all [B, T, D]).
+HOOK_POINTS = ("hook_resid_pre", "hook_attn_out", "hook_cross_attn_out", "hook_resid_mid", "hook_mlp_out",
+               "hook_resid_post")
 
 
 class RMSNorm(nn.Module):
@@ -216,16 +221,24 @@ class DiTBlock(nn.Module):
         self.attention_norm = RMSNorm(D, cfg.norm_eps)
         self.ffn_norm = RMSNorm(D, cfg.norm_eps)
         self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)
+        # TransformerLens-style hook points on the residual stream (identities; see models/hook_points.py).
+        # attn_out / mlp_out are the terms added to the residual, i.e. after the adaLN gates.
+        for kind in HOOK_POINTS:
+            setattr(self, kind, HookPointModule(f"layers.{layer}.{kind}"))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor,
                 padding_mask: Optional[torch.Tensor], memory_mask: Optional[torch.Tensor],
                 rope: RotaryEmbedding) -> torch.Tensor:
         mods = self.scale_shift_table[None] + t0.reshape(t0.shape[0], 6, -1)  # [B or 1, 6, D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
-        h = x + gate_msa * self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa),
-                                          key_padding_mask=padding_mask, rope=rope)
-        h = h + self.cross_attention(h, context=y, key_padding_mask=memory_mask)  # no norm, no gate
-        return h + gate_mlp * self.feed_forward(modulate(self.ffn_norm(h), shift_mlp, scale_mlp))
+        x = self.hook_resid_pre(x)
+        h = x + self.hook_attn_out(gate_msa * self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa),
+                                                             key_padding_mask=padding_mask, rope=rope))
+        # no norm, no gate on the cross-attention
+        h = self.hook_resid_mid(h + self.hook_cross_attn_out(self.cross_attention(h, context=y,
+                                                                                  key_padding_mask=memory_mask)))
+        return self.hook_resid_post(
+            h + self.hook_mlp_out(gate_mlp * self.feed_forward(modulate(self.ffn_norm(h), shift_mlp, scale_mlp))))
 
 
 class DiT(nn.Module):

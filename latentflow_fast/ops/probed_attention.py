@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import autograd as _autograd
 from . import backends
 from .plan import CAPTURE_NAMES, AttentionPlan, RowParam, build_plan, capture_shapes
 from .profiling import nvtx_range
@@ -65,6 +66,19 @@ def _(q, k, v, key_padding_mask, scale, segments, logit_scale, segment_bias, hea
     )
 
 
+# Gradients: a recompute-based blockwise backward (ops/autograd.py) that uses the saved lse.
+torch.library.register_autograd("latentflow::probed_attention", _autograd.backward,
+                                setup_context=_autograd.setup_context)
+
+
+def _needs_grad(plan: AttentionPlan) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad
+               for t in (plan.q, plan.k, plan.v, plan.logit_scale, plan.segment_bias, plan.head_gate,
+                         plan.out_bias, plan.out_patch))
+
+
 def _empty_result(plan: AttentionPlan) -> tuple[Tensor, dict]:
     """Results for an empty batch or zero queries, without calling a backend."""
     q = plan.q
@@ -79,12 +93,15 @@ def run_plan(plan: AttentionPlan, backend: str = "auto") -> tuple[Tensor, dict]:
     if plan.batch == 0 or plan.num_queries == 0:
         return _empty_result(plan)
     flags = [plan.wants(n) for n in CAPTURE_NAMES]
+    wanted = list(flags)
+    if _needs_grad(plan):
+        flags[0] = True  # the backward rebuilds probabilities from the forward's lse
     with nvtx_range(f"latentflow.probed_attention.{name}"):
         results = _probed_attention_op(
             plan.q, plan.k, plan.v, plan.key_padding_mask, plan.scale, plan.segments, plan.logit_scale,
             plan.segment_bias, plan.head_gate, plan.out_bias, plan.out_patch, plan.patch_mask, flags, name,
         )
-    return results[0], {n: t for n, t, on in zip(CAPTURE_NAMES, results[1:], flags) if on}
+    return results[0], {n: t for n, t, on in zip(CAPTURE_NAMES, results[1:], wanted) if on}
 
 
 def probed_attention(

@@ -273,8 +273,10 @@ def router_sites(model: nn.Module, router) -> list[str]:
 
 
 def _plain_router_attention(q, k, v, key_padding_mask):
+    """What the router runs with no handler (models.attention.sdpa), so that an unprobed site of a traced
+    model gives the untraced model's bits (strided heads are made contiguous, as the router does)."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=mask)
 
 
 def static_sites(model: nn.Module) -> list[str]:
