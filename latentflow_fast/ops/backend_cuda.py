@@ -72,6 +72,8 @@ def unsupported_reason(plan: AttentionPlan) -> Optional[str]:
         return f"q: the CUDA kernels support B, H <= {MAX_GRID_YZ}, got B={plan.batch}, H={plan.heads}"
     if plan.num_queries > _INT32_MAX or plan.num_keys > _INT32_MAX:
         return "q/k: sequence lengths must fit in int32"
+    if plan.has_query_mask:
+        return "causal / attn_mask: not implemented in the CUDA kernels yet (the Triton kernel runs them)"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return f"q: the CUDA kernels need compute capability >= 8.0 (mma.sync bf16, cp.async), device {q.device} has less"
     return None

@@ -288,6 +288,8 @@ def _log2_ceil(n: int) -> int:
 def run(plan: AttentionPlan, fwd_config: Optional[BlockConfig] = None,
         km_config: Optional[BlockConfig] = None) -> tuple[torch.Tensor, dict]:
     """Run the plan; `fwd_config`/`km_config` override the pinned block sizes (tests, tuning)."""
+    if plan.has_query_mask:
+        raise ValueError("backend 'triton': causal / attn_mask are not implemented in the Triton kernel yet")
     kernels = _kernels()
     outputs = _outputs(plan)
     with _device_scope(plan.q.device):

@@ -58,6 +58,14 @@ def reference_attention(
             s = s + key_bias
         if attn_bias is not None:
             s = s + (attn_bias if attn_bias.shape[2] == 1 else attn_bias[:, :, start : start + chunk])
+        rows = s.shape[2]
+        if plan.attn_mask is not None:  # [Bm, Hm, Nq, Nk], broadcast over batch rows / heads of size 1
+            m = plan.attn_mask[:, :, start : start + rows]
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(compute_dtype)
+        if plan.causal_offset is not None:  # key j is visible to query i iff j <= i + offset
+            i = torch.arange(start, start + rows, device=q.device)[:, None]
+            j = torch.arange(Nk, device=q.device)[None, :]
+            s = s.masked_fill(j > i + plan.causal_offset, float("-inf"))
         lse = torch.logsumexp(s, dim=-1)  # -inf for a row with every logit -inf
         alive = torch.isfinite(lse)[..., None]
         p = torch.where(alive, torch.exp(s - torch.where(alive, lse[..., None], 0)), 0)
