@@ -72,8 +72,8 @@ def unsupported_reason(plan: AttentionPlan) -> Optional[str]:
         return f"q: the CUDA kernels support B, H <= {MAX_GRID_YZ}, got B={plan.batch}, H={plan.heads}"
     if plan.num_queries > _INT32_MAX or plan.num_keys > _INT32_MAX:
         return "q/k: sequence lengths must fit in int32"
-    if plan.has_query_mask:
-        return "causal / attn_mask: not implemented in the CUDA kernels yet (the Triton kernel runs them)"
+    if plan.causal_offset is not None and abs(plan.causal_offset) > _INT32_MAX:
+        return "causal: the diagonal offset must fit in int32"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return f"q: the CUDA kernels need compute capability >= 8.0 (mma.sync bf16, cp.async), device {q.device} has less"
     return None
@@ -160,6 +160,12 @@ def launch(plan: AttentionPlan, native, stream: int, device: int, rows: Optional
     out_bias = _side(plan.out_bias, torch.float32)
     patch = plan.out_patch
     patch_mask = _side(plan.patch_mask, torch.bool) if patch is not None else None
+    # attn_mask [Bm, Hm, Nq, Nk]: a size-1 batch / head dim gets stride 0 (broadcast).
+    qmask = plan.attn_mask
+    if qmask is not None:
+        qmask = qmask.contiguous() if qmask.dtype == torch.bool else qmask.to(torch.float32).contiguous()
+    qmask_strides = ((0, 0) if qmask is None else
+                     tuple(st if n > 1 else 0 for n, st in zip(qmask.shape[:2], qmask.stride()[:2])))
     args = {
         "dtype": SUPPORTED_DTYPES[q.dtype],
         "device": device,
@@ -189,6 +195,12 @@ def launch(plan: AttentionPlan, native, stream: int, device: int, rows: Optional
         "out_patch": _ptr(patch),
         "out_patch_stride": tuple(patch.stride()) if patch is not None else (0, 0, 0, 0),
         "patch_mask": _ptr(patch_mask),
+        "causal": plan.causal_offset is not None,
+        "causal_offset": plan.causal_offset or 0,
+        "attn_mask_bool": _ptr(qmask) if qmask is not None and qmask.dtype == torch.bool else 0,
+        "attn_mask_float": _ptr(qmask) if qmask is not None and qmask.dtype != torch.bool else 0,
+        "attn_mask_stride_b": qmask_strides[0],
+        "attn_mask_stride_h": qmask_strides[1],
         "lse": _ptr(lse),
         "max": _ptr(captures.get("max")),
         "entropy": _ptr(captures.get("entropy")),
