@@ -218,3 +218,72 @@ def test_minus_inf_only_float_mask_equals_bool_mask():
     a = lf.probed_attention(q, k, v, attn_mask=keep, capture=ALL[:3], backend="reference")
     b = lf.probed_attention(q, k, v, attn_mask=additive, capture=ALL[:3], backend="reference")
     assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][n], b[1][n]) for n in ALL[:3])
+
+
+# ------------------------------------------------------------------------------- intercepted models
+class _SdpaBlock(torch.nn.Module):
+    """A model core that calls SDPA with the masks decoder LMs and padded HF batches pass."""
+
+    def __init__(self, **sdpa_kwargs):
+        super().__init__()
+        self.kw = sdpa_kwargs
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, **self.kw)
+
+
+def _hf_masks(B=2, N=70):
+    """GPT-2 style (causal & right padding) and BERT style (padding only) additive masks holding
+    torch.finfo(float32).min, as transformers builds them for SDPA, plus a bool causal & padding mask."""
+    lengths = torch.tensor([N, N - 23])
+    pad = torch.arange(N)[None, :] < lengths[:, None]  # [B, Nk] True = real token
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    keep = causal[None, None] & pad[:, None, None, :]
+    low = torch.finfo(torch.float32).min
+    return {
+        "is_causal": dict(is_causal=True),
+        "gpt2_padded": dict(attn_mask=torch.zeros(B, 1, N, N).masked_fill(~keep, low)),
+        "bert_padded": dict(attn_mask=torch.zeros(B, 1, 1, N).masked_fill(~pad[:, None, None, :], low)),
+        "bool_causal_padded": dict(attn_mask=keep),
+    }
+
+
+@needs_cpu
+@pytest.mark.parametrize("name", ["is_causal", "gpt2_padded", "bert_padded", "bool_causal_padded"])
+def test_intercepted_causal_and_padded_sdpa_runs_fused(name, monkeypatch):
+    """SDPA calls with is_causal or a causal / padding attn_mask are probed by the fused CPU kernel (the float64
+    reference is never called) and match plain SDPA; the entropy capture matches the float64 reference."""
+    from latentflow_fast.ops import backend_reference
+    from latentflow_fast.probe.hooks import trace
+
+    kwargs = _hf_masks()[name]
+    net = _SdpaBlock(**kwargs)
+    q, k, v = _qkv(B=2, H=4, Hkv=4, Nq=70, Nk=70, D=16, Dv=16, dtype=torch.float32)
+    plain = net(q, k, v)
+
+    def refuse(plan):
+        raise AssertionError("the float64 reference ran: the call was not fused")
+
+    monkeypatch.setattr(backend_reference, "run", refuse)
+    with torch.no_grad(), trace(net, capture=("entropy",), backend="auto") as tr:
+        out = net(q, k, v)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    mask = kwargs.get("attn_mask")
+    _, ref = lf.probed_attention(q.double(), k.double(), v.double(), backend="reference", capture=("entropy",),
+                                 causal=kwargs.get("is_causal", False),
+                                 attn_mask=mask.double() if mask is not None and mask.is_floating_point() else mask)
+    torch.testing.assert_close(tr["root"].entropy, ref["entropy"].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_finfo_min_counts_as_masked():
+    """Additive values at or below -1e30 (torch.finfo(dtype).min, as HF uses) are masking: a row made only of
+    them attends to nothing, like a row of -inf."""
+    q, k, v = _qkv(Nq=3, Nk=4)
+    mask = torch.zeros(3, 4, dtype=torch.float64)
+    mask[1] = torch.finfo(torch.float32).min
+    mask[2, :2] = -1e31
+    out, cap = lf.probed_attention(q, k, v, attn_mask=mask, capture=("lse",), backend="reference")
+    keep = torch.tensor([[True] * 4, [False] * 4, [False, False, True, True]])
+    out2, cap2 = lf.probed_attention(q, k, v, attn_mask=keep, capture=("lse",), backend="reference")
+    assert torch.equal(out, out2) and torch.equal(cap["lse"], cap2["lse"]) and torch.isneginf(cap["lse"][:, :, 1]).all()

@@ -19,6 +19,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 RowParam = Union[None, float, int, torch.Tensor]
+# Additive attn_mask values at or below this count as -inf (masked); see _attn_mask.
+MASK_FLOOR = -1e30
 
 
 @dataclass
@@ -226,6 +228,9 @@ def _attn_mask(value, B: int, H: int, Nq: int, Nk: int, device: torch.device,
         raise ValueError(f"attn_mask of shape {tuple(value.shape)} is not broadcastable to {(B, H, Nq, Nk)}") from None
     if m.is_floating_point():
         m = m.to(float_dtype)  # float32 for the kernels; float64 kept for float64 inputs (the reference)
+        # Models mask with torch.finfo(dtype).min rather than -inf (HF); such values would overflow the
+        # kernels' base-2 logits. Everything at or below MASK_FLOOR is masking: it becomes -inf.
+        m = m.masked_fill(m <= MASK_FLOOR, float("-inf"))
     return m.contiguous()
 
 

@@ -3,9 +3,8 @@
 
 Sites are named by `intercept.Interceptor` ("layers.3.self_attn" on SAM Audio, module paths elsewhere).
 Every probed call runs the fused `probed_attention` operator once, with the interventions set on the trace
-as per-(row, head) operator arguments (calls with causal / per-query / additive masks run the exact float64
-eager path of `masked.py` instead); sites with nothing to capture, intervene on or hook run the model's own
-attention untouched. Traces nest: the innermost trace that wants a site handles it.
+as per-(row, head) operator arguments (causal, per-query and additive masks included: the operator's `causal`
+and `attn_mask`); sites with nothing to capture, intervene on or hook run the model's own attention untouched. Traces nest: the innermost trace that wants a site handles it.
 
 Hook names, per site (layouts as TransformerLens uses them; B batch, H heads, N positions):
 
@@ -43,8 +42,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..ops import CAPTURE_NAMES, build_plan, probed_attention
-from .masked import biased_attention
+from ..ops import CAPTURE_NAMES, probed_attention
 from .intercept import AttentionCall, Interceptor, UnsupportedAttentionError, intercept, static_sites
 
 __all__ = [
@@ -411,13 +409,9 @@ class Trace:
         capture |= {kind[len("hook_"):] for kind in kinds if kind in STAT_HOOKS}
         if kinds & set(MAP_HOOKS) or call.need_weights:
             capture.add("lse")  # patterns are exp(score - final lse)
-        if call.attn_bias is None:
-            out, caps = probed_attention(q, k, v, scale=call.scale, capture=tuple(capture), backend=self.backend,
-                                         **args)
-        else:  # causal / per-query / additive masks: the exact eager path (see masked.py)
-            out, caps = biased_attention(build_plan(q, k, v, scale=call.scale, capture=tuple(capture), **args),
-                                         call.attn_bias)
-            args["attn_bias"] = call.attn_bias
+        out, caps = probed_attention(q, k, v, scale=call.scale, capture=tuple(capture), backend=self.backend,
+                                     causal=call.causal, attn_mask=call.attn_bias, **args)
+        args["attn_bias"], args["causal"] = call.attn_bias, call.causal  # for the score / pattern slices
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
         for kind in STAT_HOOKS:
@@ -599,6 +593,8 @@ def attention_scores(q: Tensor, k: Tensor, scale: float, args: dict, heads: Tens
     kpm = args.get("key_padding_mask")
     if kpm is not None:
         s = s.masked_fill(~kpm[:, None, None, :], float("-inf"))
+    if args.get("causal"):  # top-left aligned, as SDPA's is_causal: query i sees keys j <= i
+        s = s.masked_fill(torch.arange(k.shape[2], device=q.device) > queries[:, None], float("-inf"))
     return s
 
 
