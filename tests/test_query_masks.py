@@ -287,3 +287,35 @@ def test_finfo_min_counts_as_masked():
     keep = torch.tensor([[True] * 4, [False] * 4, [False, False, True, True]])
     out2, cap2 = lf.probed_attention(q, k, v, attn_mask=keep, capture=("lse",), backend="reference")
     assert torch.equal(out, out2) and torch.equal(cap["lse"], cap2["lse"]) and torch.isneginf(cap["lse"][:, :, 1]).all()
+
+
+# ------------------------------------------------------------------------------- the custom op
+@needs_cpu
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_opcheck_with_masks(backend):
+    """The custom op with its causal_offset / attn_mask arguments passes torch.library.opcheck (schema,
+    fake implementation, autograd registration)."""
+    from latentflow_fast.ops import CAPTURE_NAMES
+
+    q, k, v = _qkv(B=2, H=4, Hkv=2, Nq=9, Nk=13, D=8, Dv=8, dtype=torch.float32)
+    keep = torch.rand(2, 1, 9, 13, generator=torch.Generator().manual_seed(6)) < 0.7
+    plan = build_plan(q, k, v, causal="bottom_right", attn_mask=keep, segments=[0, 5, 13], capture=ALL)
+    args = (plan.q, plan.k, plan.v, plan.key_padding_mask, plan.scale, plan.segments, plan.logit_scale,
+            plan.segment_bias, plan.head_gate, plan.out_bias, plan.out_patch, plan.patch_mask,
+            [n in plan.capture for n in CAPTURE_NAMES], backend, plan.causal_offset, plan.attn_mask)
+    torch.library.opcheck(torch.ops.latentflow.probed_attention.default, args)
+
+
+@needs_cpu
+def test_torch_compile_with_masks():
+    q, k, v = _qkv(B=2, H=4, Hkv=2, Nq=9, Nk=13, D=8, Dv=8, dtype=torch.float32)
+    mask = torch.randn(1, 4, 9, 13, generator=torch.Generator().manual_seed(7))
+
+    def probe(q, k, v):
+        out, caps = lf.probed_attention(q, k, v, backend="cpu", causal=True, attn_mask=mask, capture=("entropy",))
+        return out * 2, caps["entropy"] + 1
+
+    compiled = torch.compile(probe, backend="aot_eager")
+    eager = probe(q, k, v)
+    got = compiled(q, k, v)
+    assert torch.equal(eager[0], got[0]) and torch.equal(eager[1], got[1])

@@ -137,8 +137,8 @@ def probed_attention(
         (out [B, H, Nq, Dv] in q's dtype, {capture name: float32 tensor}).
     """
     plan = build_plan(
-        q, k, v, key_padding_mask=key_padding_mask, causal=causal, attn_mask=attn_mask, scale=scale, segments=segments, logit_scale=logit_scale,
-        segment_bias=segment_bias, head_gate=head_gate, out_bias=out_bias, out_patch=out_patch,
+        q, k, v, key_padding_mask=key_padding_mask, causal=causal, attn_mask=attn_mask, scale=scale,
+        segments=segments, logit_scale=logit_scale, segment_bias=segment_bias, head_gate=head_gate, out_bias=out_bias, out_patch=out_patch,
         patch_mask=patch_mask, capture=capture,
     )
     if plan.q.dtype == torch.float64 and backend not in ("auto", "reference"):
