@@ -46,7 +46,8 @@ class AttentionPlan:
     capture: tuple                            # subset of CAPTURE_NAMES, in canonical order
     # Query-dependent masks (defaults keep older constructors valid):
     causal_offset: Optional[int] = None       # None = not causal; else query i sees keys j <= i + offset
-    attn_mask: Optional[torch.Tensor] = None  # bool (True = attend) or f32 additive, [Bm, Hm, Nq, Nk],
+    attn_mask: Optional[torch.Tensor] = None  # bool (True = attend) or additive f32 (f64 for f64 q; values
+                                              # <= MASK_FLOOR already -inf), [Bm, Hm, Nq, Nk],
                                               # Bm in {1, B}, Hm in {1, H}, contiguous
 
     @property
@@ -83,11 +84,6 @@ class AttentionPlan:
 
     def wants(self, name: str) -> bool:
         return name in self.capture
-
-    @property
-    def has_query_mask(self) -> bool:
-        """True when some key is masked per query (causal or attn_mask), not only per (row, key)."""
-        return self.causal_offset is not None or self.attn_mask is not None
 
 
 def _is_tracing() -> bool:
