@@ -34,7 +34,9 @@ constexpr int forward_smem_bytes() {
   return (16 * kWarps * kM + 4 * kKeys) * (D + kPad) * 2 + kKeys * (4 + 4);
 }
 
-template <typename T, int D, int kM, int kKeys>
+// kMasks: the instance that handles causal / attn_mask (a separate instance, so that the common unmasked
+// call keeps the register allocation and loop of the kernel without them).
+template <typename T, int D, int kM, int kKeys, bool kMasks>
 __global__ void __launch_bounds__(kThreads)
     latentflow_probed_attn_fwd_cuda(const ProbedAttentionArgs args) {
   constexpr int kRows = 16 * kWarps * kM;  // query rows per CTA
@@ -72,9 +74,8 @@ __global__ void __launch_bounds__(kThreads)
   const bool want_entropy = args.entropy != nullptr;
   const bool want_segments = args.segment_mass != nullptr;
   // Causal: keys past the diagonal of the CTA's last row are never loaded.
-  const int key_end = args.causal ? max(0, min(Nk, min(q0 + kRows, Nq) - 1 + args.causal_offset + 1)) : Nk;
+  const int key_end = kMasks && args.causal ? max(0, min(Nk, min(q0 + kRows, Nq) - 1 + args.causal_offset + 1)) : Nk;
   const int num_tiles = (key_end + kKeys - 1) / kKeys;
-  const bool query_masks = args.causal || args.attn_mask_bool != nullptr || args.attn_mask_float != nullptr;
   const int64_t mask_offset = b * args.attn_mask_stride_b + h * args.attn_mask_stride_h;
 
   // Prologue: Q and the first K/V tile in one copy group.
@@ -172,7 +173,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           s[i][n][e] = s[i][n][e] * logit_mult + smem_load(&bias_s[n * 8 + 2 * t4 + (e & 1)]);
-          if (query_masks) {
+          if constexpr (kMasks) {
             s[i][n][e] = apply_query_masks(args, mask_offset, q0 + warp_row0 + 16 * i + g + 8 * (e >> 1),
                                            k0 + n * 8 + 2 * t4 + (e & 1), s[i][n][e]);
           }
@@ -277,7 +278,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // all warps are done with this buffer and bias_s before they are overwritten
   }
-  if (num_tiles == 0) cp_async_wait<0>();  // causal with no visible key: drain the prologue's copies
+  if (kMasks && num_tiles == 0) cp_async_wait<0>();  // causal with no visible key: drain the prologue's copies
   // Segments with an end past the last visited tile were never written (only a causal loop stops early).
   const int64_t visited_end = static_cast<int64_t>(num_tiles) * kKeys;
 
@@ -294,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
       const int row = q0 + warp_row0 + 16 * i + g + 8 * r;
       const float l_row = quad_sum(l[i][r]);
       const float u_row = quad_sum(u[i][r]);
-      const float open_total = want_segments ? quad_sum(seg_open[i][r]) : 0.0f;
+      const float open_total = kMasks && want_segments ? quad_sum(seg_open[i][r]) : 0.0f;
       if (row >= Nq) continue;
       const float lse = l_row > 0.0f ? m[i][r] + __logf(l_row) : neg_inf();
       const int64_t row_index = bh * Nq + row;
@@ -308,7 +309,7 @@ __global__ void __launch_bounds__(kThreads)
         const float m_ref = m[i][r] == neg_inf() ? 0.0f : m[i][r];  // the open segment's reference
         for (int segment = t4; segment < G; segment += 4) {
           float log_mass = seg_row[segment];
-          if (args.segments[segment + 1] > visited_end) {  // not closed: open (partial mass) or never reached
+          if (kMasks && args.segments[segment + 1] > visited_end) {  // not closed: open (partial mass) or never reached
             log_mass = args.segments[segment] < visited_end && open_total > 0.0f ? __logf(open_total) + m_ref
                                                                                   : neg_inf();
           }
@@ -359,11 +360,11 @@ void require(bool ok, const std::string& message) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-template <typename T, int D, int kM>
+template <typename T, int D, int kM, bool kMasks>
 void launch_forward_typed(const ProbedAttentionArgs& args, cudaStream_t stream) {
   // 32 rows per warp at D = 128 keeps the accumulators in registers only with 32-key tiles.
   constexpr int kKeys = (kM == 2 && D == 128) ? 32 : 64;
-  auto kernel = device::latentflow_probed_attn_fwd_cuda<T, D, kM, kKeys>;
+  auto kernel = device::latentflow_probed_attn_fwd_cuda<T, D, kM, kKeys, kMasks>;
   constexpr int smem = device::forward_smem_bytes<D, kM, kKeys>();
   constexpr int rows = 16 * device::kWarps * kM;
   // Not a stream operation: legal while a CUDA graph is being captured.
@@ -378,12 +379,21 @@ void launch_forward_typed(const ProbedAttentionArgs& args, cudaStream_t stream) 
   check_cuda(cudaGetLastError(), "launch of latentflow_probed_attn_fwd_cuda");
 }
 
+template <typename T, int D, bool kMasks>
+void launch_forward_masks(const ProbedAttentionArgs& args, cudaStream_t stream) {
+  if (args.rows_per_warp == 16) {
+    launch_forward_typed<T, D, 1, kMasks>(args, stream);
+  } else {
+    launch_forward_typed<T, D, 2, kMasks>(args, stream);
+  }
+}
+
 template <typename T, int D>
 void launch_forward_rows(const ProbedAttentionArgs& args, cudaStream_t stream) {
-  if (args.rows_per_warp == 16) {
-    launch_forward_typed<T, D, 1>(args, stream);
+  if (device::has_query_masks(args)) {
+    launch_forward_masks<T, D, true>(args, stream);
   } else {
-    launch_forward_typed<T, D, 2>(args, stream);
+    launch_forward_masks<T, D, false>(args, stream);
   }
 }
 

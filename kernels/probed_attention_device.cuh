@@ -235,6 +235,11 @@ __device__ __forceinline__ float key_bias(const ProbedAttentionArgs& args, int64
   return 0.0f;
 }
 
+// True when a call needs the kernels' causal / attn_mask instance.
+inline bool has_query_masks(const ProbedAttentionArgs& args) {
+  return args.causal || args.attn_mask_bool != nullptr || args.attn_mask_float != nullptr;
+}
+
 // Query-dependent masks of logit s for (query row, key col) of row (b, h): -inf where causal or a bool
 // attn_mask blocks the pair, + the float attn_mask otherwise. `mask_offset` is the element offset of attn_mask[b, h, 0, 0]; rows >= Nq and keys >= Nk read nothing.
 __device__ __forceinline__ float apply_query_masks(const ProbedAttentionArgs& args, int64_t mask_offset, int row,

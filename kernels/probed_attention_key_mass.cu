@@ -23,7 +23,7 @@ constexpr int key_mass_smem_bytes() {
   return (16 * kWarps * kM + 2 * kQueryTile) * (D + kPad) * 2 + 2 * kQueryTile * 4 + 16 * kWarps * kM * 4;
 }
 
-template <typename T, int D, int kM>
+template <typename T, int D, int kM, bool kMasks>  // kMasks: the causal / attn_mask instance
 __global__ void __launch_bounds__(kThreads)
     latentflow_probed_attn_key_mass_cuda(const ProbedAttentionArgs args) {
   constexpr int kKeys = 16 * kWarps * kM;  // keys per CTA: kM sub-tiles of 16 per warp
@@ -55,8 +55,7 @@ __global__ void __launch_bounds__(kThreads)
   const int num_tiles = (Nq + kQueryTile - 1) / kQueryTile;
   // Causal: query tiles before the first query that sees key k0 contribute nothing; start after them
   // (the remaining tiles are summed in the same order).
-  const int first_tile = args.causal ? min(num_tiles, max(0, k0 - args.causal_offset) / kQueryTile) : 0;
-  const bool query_masks = args.causal || args.attn_mask_bool != nullptr || args.attn_mask_float != nullptr;
+  const int first_tile = kMasks && args.causal ? min(num_tiles, max(0, k0 - args.causal_offset) / kQueryTile) : 0;
   const int64_t mask_offset = b * args.attn_mask_stride_b + h * args.attn_mask_stride_h;
 
   // Prologue: the K tile and the first Q tile in one copy group; lse and key bias by plain stores.
@@ -126,7 +125,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < 4; ++e) {
           const float lse = (e & 1) ? lse1 : lse0;
           float s = st[i][e] * logit_mult + bias[i][e >> 1];
-          if (query_masks) {
+          if constexpr (kMasks) {
             s = apply_query_masks(args, mask_offset, tile * kQueryTile + n * 8 + 2 * t4 + (e & 1),
                                   k0 + warp_key0 + 16 * i + g + 8 * (e >> 1), s);
           }
@@ -138,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // all warps are done with this buffer before it is overwritten
   }
 
-  if (first_tile >= num_tiles) cp_async_wait<0>();  // no query sees these keys: drain the prologue's copies
+  if (kMasks && first_tile >= num_tiles) cp_async_wait<0>();  // no query sees these keys: drain the prologue's copies
 #pragma unroll
   for (int i = 0; i < kM; ++i) {
 #pragma unroll
@@ -161,10 +160,10 @@ void check_cuda(cudaError_t status, const char* what) {
   }
 }
 
-template <typename T, int D>
-void launch_key_mass_typed(const ProbedAttentionArgs& args, cudaStream_t stream) {
+template <typename T, int D, bool kMasks>
+void launch_key_mass_masks(const ProbedAttentionArgs& args, cudaStream_t stream) {
   constexpr int kM = 2;  // 32 keys per warp: each Q fragment read from shared memory feeds two MMAs
-  auto kernel = device::latentflow_probed_attn_key_mass_cuda<T, D, kM>;
+  auto kernel = device::latentflow_probed_attn_key_mass_cuda<T, D, kM, kMasks>;
   constexpr int smem = device::key_mass_smem_bytes<D, kM>();
   constexpr int keys = 16 * device::kWarps * kM;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
@@ -176,6 +175,15 @@ void launch_key_mass_typed(const ProbedAttentionArgs& args, cudaStream_t stream)
   kernel<<<grid, device::kThreads, smem, stream>>>(args);
 #endif
   check_cuda(cudaGetLastError(), "launch of latentflow_probed_attn_key_mass_cuda");
+}
+
+template <typename T, int D>
+void launch_key_mass_typed(const ProbedAttentionArgs& args, cudaStream_t stream) {
+  if (device::has_query_masks(args)) {
+    launch_key_mass_masks<T, D, true>(args, stream);
+  } else {
+    launch_key_mass_masks<T, D, false>(args, stream);
+  }
 }
 
 }  // namespace

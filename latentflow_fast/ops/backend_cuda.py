@@ -91,11 +91,15 @@ def prefer(plan: AttentionPlan) -> str:
     return preferred_gpu_backend(capability, plan.q.dtype, plan.head_dim, supports(plan))
 
 
-def rows_per_warp(device: Optional[torch.device] = None) -> int:
+def rows_per_warp(device: Optional[torch.device] = None, query_masks: bool = False) -> int:
     """The forward's query rows per warp: LATENTFLOW_CUDA_ROWS_PER_WARP (16 or 32) if set, else 32 on
-    compute capability >= 9.0 (and for non-CUDA devices, i.e. the emulator) and 16 below."""
+    compute capability >= 9.0 (and for non-CUDA devices, i.e. the emulator) and 16 below. Calls with
+    causal / attn_mask (`query_masks`) take 16 everywhere: their kernel instance spills registers at 32
+    (ptxas, benchmarks/cuda_kernel_resources.py) and compiles spill-free at 16."""
     value = os.environ.get(ROWS_PER_WARP_ENV, "").strip()
     if not value:
+        if query_masks:
+            return 16
         if device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
             return 16
         return 32
@@ -139,7 +143,7 @@ def run(plan: AttentionPlan):
 def launch(plan: AttentionPlan, native, stream: int, device: int, rows: Optional[int] = None):
     """Allocate the outputs and launch the kernels through `native` (latentflow_fast._C, or the host
     emulation of tests/cuda_emulator, which runs this same path on CPU tensors). `rows`: query rows per
-    warp of the forward (default: `rows_per_warp(device)`)."""
+    warp of the forward (default: `rows_per_warp(device, query_masks)`)."""
     q, k, v = (_kernel_layout(t) for t in (plan.q, plan.k, plan.v))
     B, H, Nq, Dv = plan.batch, plan.heads, plan.num_queries, plan.value_dim
     out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=q.device)
@@ -166,6 +170,7 @@ def launch(plan: AttentionPlan, native, stream: int, device: int, rows: Optional
         qmask = qmask.contiguous() if qmask.dtype == torch.bool else qmask.to(torch.float32).contiguous()
     qmask_strides = ((0, 0) if qmask is None else
                      tuple(st if n > 1 else 0 for n, st in zip(qmask.shape[:2], qmask.stride()[:2])))
+    query_masks = qmask is not None or plan.causal_offset is not None
     args = {
         "dtype": SUPPORTED_DTYPES[q.dtype],
         "device": device,
@@ -178,7 +183,7 @@ def launch(plan: AttentionPlan, native, stream: int, device: int, rows: Optional
         "value_dim": Dv,
         "num_segments": plan.num_segments,
         "scale": plan.scale,
-        "rows_per_warp": rows if rows is not None else rows_per_warp(q.device),
+        "rows_per_warp": rows if rows is not None else rows_per_warp(q.device, query_masks),
         "q": q.data_ptr(),
         "q_stride": _strides3(q),
         "k": k.data_ptr(),
