@@ -14,7 +14,9 @@ Tiling: the forward gives each warp 32 query rows (rows_per_warp=32: every K/V f
 memory feeds two MMAs; 128-row CTAs, 64-key tiles at D=64 and 32-key tiles at D=128) or 16 rows
 (rows_per_warp=16: 64-row CTAs, 64-key tiles). Default: 32 on compute capability >= 9.0 and 16 on 8.x
 (the choices that compile without register spills there, per ptxas); the environment variable
-LATENTFLOW_CUDA_ROWS_PER_WARP=16|32 overrides (for benchmarking; results agree within rounding).
+LATENTFLOW_CUDA_ROWS_PER_WARP=16|32 overrides (for benchmarking; results agree within rounding). Calls
+with causal / attn_mask run a separate instance of each kernel (template flag kMasks: the unmasked one
+keeps its registers) and default to 16 rows per warp, where that instance compiles spill-free.
 
 Launch: two kernels on torch's current stream (latentflow_probed_attn_fwd_cuda, then
 latentflow_probed_attn_key_mass_cuda when key_mass is captured); every output is allocated here before

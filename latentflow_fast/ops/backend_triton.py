@@ -69,7 +69,8 @@ def _pow2(n: int, floor: int = 16) -> int:
 # compiles without register spills within the family's shared memory WITH EVERY FEATURE ON. The feature
 # set deliberately does not select the tile: asking for a capture must not change the output's bits
 # (same tiles, same reduction order), and the in-loop interventions (mask, segment bias) cost fewer
-# registers than the captures. (A plain call could take larger tiles: sm_80 D=128 compiles spill-free
+# registers than the captures; causal adds no spill either, while a float or bool attn_mask on top of
+# every other feature spills 12-60 bytes, tests/test_triton_codegen.py bounds it). (A plain call could take larger tiles: sm_80 D=128 compiles spill-free
 # at 128x64 without captures, sm_90 D=256 at 128x64.) Static evidence only: speed is NOT measured on a
 # GPU yet, and a measurement run may change any row. 16-bit operands use tensor cores; float32 operands
 # use exact "ieee" products (CUDA-core FMA), hence the small tiles.
