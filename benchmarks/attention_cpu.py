@@ -61,6 +61,10 @@ def sdpa(x):
     return F.scaled_dot_product_attention(x["q"], x["k"], x["v"])
 
 
+def sdpa_causal(x):
+    return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
+
+
 def cpu_plain(x):
     return probed_attention(x["q"], x["k"], x["v"], backend="cpu")
 
@@ -76,6 +80,11 @@ def cpu_probe(x):
 
 def cpu_key_mass(x):
     return probed_attention(x["q"], x["k"], x["v"], backend="cpu", capture=("key_mass",))
+
+
+def cpu_causal(x):
+    """causal=True: key tiles past each query tile's diagonal are skipped (about half of the dense work)."""
+    return probed_attention(x["q"], x["k"], x["v"], backend="cpu", causal=True)
 
 
 def eager_probe(x):
@@ -99,8 +108,10 @@ KERNEL_VARIANTS = {
     "cpu, no capture": cpu_plain,
     "cpu, lse+entropy+seg_mass, all interventions": cpu_probe,
     "cpu, key_mass": cpu_key_mass,
+    "cpu, causal, no capture": cpu_causal,
 }
 SDPA = "torch SDPA (no capture)"
+SDPA_CAUSAL = "torch SDPA is_causal (no capture)"
 EAGER = "eager capture (materialised map)"
 TORCH_AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
@@ -199,7 +210,7 @@ def main() -> None:
               f"{'CPU s':>7} | {'CPU x SDPA':>10} | {'peak extra MB':>13}")
     for n in args.sizes:
         x = make_inputs(n)
-        variants = {("torch", SDPA): sdpa}
+        variants = {("torch", SDPA): sdpa, ("torch", SDPA_CAUSAL): sdpa_causal}
         for isa in isas:
             for name, fn in KERNEL_VARIANTS.items():
                 variants[(isa, name)] = on_isa(fn, isa)
@@ -229,6 +240,7 @@ def main() -> None:
         print(header)
         print("-" * len(header))
         print(row(("torch", SDPA)))
+        print(row(("torch", SDPA_CAUSAL)))
         if ("torch", EAGER) in variants:
             print(row(("torch", EAGER)))
         else:
@@ -237,7 +249,7 @@ def main() -> None:
             for name in KERNEL_VARIANTS:
                 print(row((isa, name)))
         for isa in isas:
-            plain, probe, km = (med[(isa, name)] for name in KERNEL_VARIANTS)
+            plain, probe, km, causal = (med[(isa, name)] for name in KERNEL_VARIANTS)
             cpu_plain_s, cpu_km_s = cpu_med[(isa, "cpu, no capture")], cpu_med[(isa, "cpu, key_mass")]
             line = (f"# N={n} {isa}: no capture {plain / base:.2f}x SDPA, probe {probe / base:.2f}x SDPA; "
                     f"key_mass pass adds {(km - plain) / plain:.2f}x of the forward "
@@ -245,6 +257,11 @@ def main() -> None:
             if ("torch", EAGER) in med:
                 line += f"; probe is {med[('torch', EAGER)] / probe:.1f}x faster than eager"
             print(line)
+            cpu_causal_s = cpu_med[(isa, "cpu, causal, no capture")]
+            print(f"# N={n} {isa}: causal / dense = {causal / plain:.2f} in wall time, "
+                  f"{cpu_causal_s / cpu_plain_s:.2f} in CPU time (torch SDPA is_causal / dense: "
+                  f"{med[('torch', SDPA_CAUSAL)] / base:.2f} wall, "
+                  f"{cpu_med[('torch', SDPA_CAUSAL)] / cpu_base:.2f} CPU)")
     print(f"# load average at end: {load_average()}")
 
 

@@ -6,7 +6,8 @@ and the hot loop's SASS per template instance and target, from `nvcc --resource-
 Shared memory is dynamic (the launcher's forward_smem_bytes / key_mass_smem_bytes), so ptxas reports
 none; the table gives the launch's value computed from the same formula. "loop instr" counts the SASS
 instructions of the first backward-branch loop that issues tensor-core MMAs (a static count: branches
-for rare paths, such as tiles where a segment ends, are included).
+for rare paths, such as tiles where a segment ends, are included). "masks" = the instance for causal /
+attn_mask calls (the unmasked instance is the one every other call runs).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def main() -> int:
     from latentflow_fast.kernels.triton_codegen import loop_stats_from_sass
 
     cuobjdump = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
-    print("| target | kernel | dtype | D | rows/warp | key tile | regs | spill B | smem KiB | loop instr | loop MMAs |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| target | kernel | dtype | D | rows/warp | key tile | masks | regs | spill B | smem KiB | loop instr | loop MMAs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in (90, 80):
             for source in ("probed_attention.cu", "probed_attention_key_mass.cu"):
@@ -54,12 +55,13 @@ def main() -> int:
                     dtype = "fp16" if targs.group(1) == "6__half" else "bf16"
                     D, kM = int(targs.group(2)), int(targs.group(3))
                     kernel = "fwd" if "fwd" in name else "key_mass"
+                    masks = "yes" if "Lb1E" in name else "no"  # the kMasks template argument
                     keys = int(targs.group(4)) if targs.group(4) else 16 * WARPS * kM
                     sass = subprocess.run([str(cuobjdump), "--dump-sass", "--function", name, str(cubin)],
                                           capture_output=True, text=True, check=True).stdout
                     loop, mmas, _ = loop_stats_from_sass(sass)
                     print(f"| sm_{arch} | {kernel} | {dtype} | {D} | {16 * kM if kernel == 'fwd' else '-'} | "
-                          f"{keys if kernel == 'fwd' else QUERY_TILE} | {regs} | {spill} | "
+                          f"{keys if kernel == 'fwd' else QUERY_TILE} | {masks} | {regs} | {spill} | "
                           f"{smem_bytes(kernel, D, kM, keys) / 1024:.1f} | {loop} | {mmas} |", flush=True)
     return 0
 

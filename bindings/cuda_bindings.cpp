@@ -75,6 +75,14 @@ latentflow::ProbedAttentionArgs parse_args(const py::dict& d) {
   a.out_patch = get_ptr<const void*>(d, "out_patch");
   get_strides(d, "out_patch_stride", a.out_patch_stride);
   a.patch_mask = get_ptr<const uint8_t*>(d, "patch_mask");
+  if (d.contains("causal")) {  // query-dependent masks (optional keys: older callers omit them)
+    a.causal = item(d, "causal").cast<bool>();
+    a.causal_offset = get_int32(d, "causal_offset");
+    a.attn_mask_bool = get_ptr<const uint8_t*>(d, "attn_mask_bool");
+    a.attn_mask_float = get_ptr<const float*>(d, "attn_mask_float");
+    a.attn_mask_stride_b = get_int(d, "attn_mask_stride_b");
+    a.attn_mask_stride_h = get_int(d, "attn_mask_stride_h");
+  }
   a.lse = get_ptr<float*>(d, "lse");
   a.row_max = get_ptr<float*>(d, "max");
   a.entropy = get_ptr<float*>(d, "entropy");

@@ -5,7 +5,9 @@
 // parallel_for over fixed-size tiles, so results never depend on the batch, the chunking or the threads:
 //   1. pack K (transposed, [D][64] per key tile) and V ([64][Dv padded to 16]) as float32;
 //   2. forward: per (b, h, 64-query tile) an online softmax over 64-key tiles, with every capture and
-//      intervention applied inside the tile loop (no Nq x Nk map);
+//      intervention applied inside the tile loop (no Nq x Nk map). Query-dependent masks (causal,
+//      attn_mask) are applied to the logit tile before the softmax; key tiles that they mask entirely
+//      are skipped (causal: the loop stops at the diagonal, so causal attention costs about half);
 //   3. key_mass (only when asked): per (b, h, 64-key tile) recompute q.k with the final lse and sum p over
 //      the query tiles in order (a split-then-fixed-order reduction: no atomics).
 #include "probed_attention_cpu.h"
@@ -106,6 +108,7 @@ class Runner {
     L_.kt_tile_floats = L_.D * kKeyTile;
     L_.v_tile_floats = kKeyTile * L_.dv_padded;
     want_stats_ = a.lse || a.max || a.entropy || a.segment_mass || a.key_mass;
+    query_masks_ = a.causal || a.attn_mask_bool || a.attn_mask_float;
   }
 
   void run() {
@@ -144,6 +147,7 @@ class Runner {
   const MicroKernels& mk_;
   Layout L_{};
   bool want_stats_ = false;
+  bool query_masks_ = false;  // causal or attn_mask
   int64_t chunk_ = 1;  // kv heads per chunk
   // Indexed by the kv head's slot in the chunk (bk - first) and, for queries, the head within its group.
   FloatBuffer k_packed_, v_packed_, q_packed_, lse2_;
@@ -221,6 +225,81 @@ class Runner {
     return false;
   }
 
+  // How the query-dependent masks (causal, attn_mask) touch the tile (query rows [q0, q0 + rows), key
+  // tile kt) of row (b, h): kEmpty = every pair masked (the tile is skipped), kPartial = some pairs
+  // masked or biased (apply_query_mask must run), kNone = nothing to do.
+  enum TileMask { kNone, kPartial, kEmpty };
+
+  const bool* mask_bool(int64_t b, int64_t h) const {
+    return a_.attn_mask_bool + b * a_.attn_mask_batch_stride + h * a_.attn_mask_head_stride;
+  }
+  const float* mask_float(int64_t b, int64_t h) const {
+    return a_.attn_mask_float + b * a_.attn_mask_batch_stride + h * a_.attn_mask_head_stride;
+  }
+
+  TileMask query_mask_kind(int64_t b, int64_t h, int64_t q0, int64_t rows, int64_t kt) const {
+    const int64_t k0 = kt * kKeyTile;
+    const int64_t keys = std::min<int64_t>(kKeyTile, L_.Nk - k0);
+    TileMask kind = kNone;
+    if (a_.causal) {
+      if (k0 > q0 + rows - 1 + a_.causal_offset) return kEmpty;            // above the last row's diagonal
+      if (k0 + keys - 1 > q0 + a_.causal_offset) kind = kPartial;          // crosses the first row's diagonal
+    }
+    if (a_.attn_mask_bool) {
+      const bool* m = mask_bool(b, h);
+      bool any = false, all = true;
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool* row = m + (q0 + r) * L_.Nk + k0;
+        for (int64_t j = 0; j < keys; ++j) {
+          any |= row[j];
+          all &= row[j];
+        }
+      }
+      if (!any) return kEmpty;
+      if (!all) kind = kPartial;
+    } else if (a_.attn_mask_float) {
+      const float* m = mask_float(b, h);
+      bool any = false;
+      for (int64_t r = 0; r < rows && !any; ++r) {
+        const float* row = m + (q0 + r) * L_.Nk + k0;
+        for (int64_t j = 0; j < keys; ++j) any |= row[j] != kNegInf;
+      }
+      if (!any) return kEmpty;
+      kind = kPartial;
+    }
+    return kind;
+  }
+
+  // Masks the base-2 logit tile s [rows4][kKeyTile] in place: -inf for pairs the causal or bool mask
+  // blocks, + attn_mask * log2(e) for a float mask. Rows past `rows` are padding and left alone.
+  void apply_query_mask(int64_t b, int64_t h, int64_t q0, int64_t rows, int64_t kt, float* s) const {
+    const int64_t k0 = kt * kKeyTile;
+    const int64_t keys = std::min<int64_t>(kKeyTile, L_.Nk - k0);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = s + r * kKeyTile;
+      if (a_.attn_mask_bool) {
+        const bool* row = mask_bool(b, h) + (q0 + r) * L_.Nk + k0;
+        for (int64_t j = 0; j < keys; ++j)
+          if (!row[j]) sr[j] = kNegInf;
+      } else if (a_.attn_mask_float) {
+        const float* row = mask_float(b, h) + (q0 + r) * L_.Nk + k0;
+        for (int64_t j = 0; j < keys; ++j) sr[j] += row[j] * kLog2e;
+      }
+      if (a_.causal) {  // keys j > i + offset, i.e. local index > q0 + r + offset - k0
+        const int64_t first_blocked = std::max<int64_t>(0, q0 + r + a_.causal_offset - k0 + 1);
+        for (int64_t j = first_blocked; j < keys; ++j) sr[j] = kNegInf;
+      }
+    }
+  }
+
+  // Key tiles [0, end) can hold a key some row of the query tile sees under the causal mask.
+  int64_t causal_tile_end(int64_t q0, int64_t rows) const {
+    if (!a_.causal) return L_.k_tiles;
+    const int64_t last_visible = q0 + rows - 1 + a_.causal_offset;  // of the tile's last row
+    if (last_visible < 0) return 0;
+    return std::min<int64_t>(L_.k_tiles, last_visible / kKeyTile + 1);
+  }
+
   // Scaled base-2 query rows of one tile; rows past Nq (up to a multiple of kRowBlock) are zero.
   void pack_queries(int64_t b, int64_t h, int64_t q0, int64_t rows, int64_t rows4, float qscale, float* dst) const {
     const auto& qs = a_.q_strides;
@@ -259,9 +338,13 @@ class Runner {
       pack_queries(b, h, q0, rows, rows4, qscale, qtile);
       std::fill(o, o + rows4 * L_.dv_padded, 0.0f);
       TileOptions opt{a_.entropy != nullptr, a_.segment_mass != nullptr, sc.pieces.get(), 0};
-      for (int64_t kt = 0; kt < L_.k_tiles; ++kt) {
+      const int64_t kt_end = causal_tile_end(q0, rows);  // causal: tiles past the diagonal are never read
+      for (int64_t kt = 0; kt < kt_end; ++kt) {
+        const TileMask qmask = query_masks_ ? query_mask_kind(b, h, q0, rows, kt) : kNone;
+        if (qmask == kEmpty) continue;
         if (!key_tile_bias(b, bh, kt, sc.key_bias.get(), sc.pieces.get(), &opt.num_pieces)) continue;
         mk_.qk_tile(qtile, kt_tile(slot, kt), static_cast<int>(L_.D), rows4, sc.s.get());
+        if (qmask == kPartial) apply_query_mask(b, h, q0, rows, kt, sc.s.get());
         mk_.softmax_tile(sc.s.get(), rows4, sc.key_bias.get(), st, opt);
         mk_.pv_tile(sc.s.get(), v_tile(slot, kt), st.alpha, rows4, static_cast<int>(L_.dv_padded), o);
       }
@@ -320,7 +403,10 @@ class Runner {
         const int rows4 = static_cast<int>(ceil_div(rows, kRowBlock) * kRowBlock);
         const float* lse2 = lse2_.get() + qs * L_.Nq + q0;
         const float* qtile = q_packed_.get() + (qs * L_.q_tiles + qt) * kQueryTile * L_.D;
+        const TileMask qmask = query_masks_ ? query_mask_kind(b, h, q0, rows, kt) : kNone;
+        if (qmask == kEmpty) continue;  // fixed order kept: skipping adds nothing
         mk_.qk_tile(qtile, kt_tile(slot, kt), static_cast<int>(L_.D), rows4, sc.s.get());
+        if (qmask == kPartial) apply_query_mask(b, h, q0, rows, kt, sc.s.get());
         for (int64_t r = 0; r < rows; ++r)
           if (lse2[r] != kNegInf) mk_.key_mass_row(sc.s.get() + r * kKeyTile, sc.key_bias.get(), lse2[r], acc);
       }
@@ -402,6 +488,8 @@ void check_args(const ProbedAttentionCpuArgs& a) {
   require(!a.segment_mass || a.segments, "segment_mass needs segments");
   require(!a.out_patch || a.patch_mask, "out_patch needs patch_mask");
   require(!a.patch_mask || a.out_patch, "patch_mask needs out_patch");
+  require(!(a.attn_mask_bool && a.attn_mask_float), "attn_mask: pass a bool or a float mask, not both");
+  require(a.attn_mask_batch_stride >= 0 && a.attn_mask_head_stride >= 0, "attn_mask strides must be >= 0");
   resolve_isa(a.isa);
 }
 

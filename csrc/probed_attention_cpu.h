@@ -39,6 +39,15 @@ struct ProbedAttentionCpuArgs {
   std::array<int64_t, 4> out_patch_strides{};
   const bool* patch_mask = nullptr;        // [B, H]
 
+  // Query-dependent masks. causal: query i sees keys j <= i + causal_offset. attn_mask (at most one of
+  // the two pointers): [Bm, Hm, Nq, Nk] contiguous per (b, h), bool (true = attend) or float additive
+  // (finite or -inf); attn_mask_batch_stride / attn_mask_head_stride are 0 for a broadcast dim.
+  bool causal = false;
+  int64_t causal_offset = 0;
+  const bool* attn_mask_bool = nullptr;
+  const float* attn_mask_float = nullptr;
+  int64_t attn_mask_batch_stride = 0, attn_mask_head_stride = 0;
+
   // Outputs: out is contiguous [B, H, Nq, Dv] in dtype; captures contiguous float32, null = not wanted.
   void* out = nullptr;
   float* lse = nullptr;           // [B, H, Nq]

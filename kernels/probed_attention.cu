@@ -10,6 +10,9 @@
 //                   into exp(logmass - lse) (each entry is written and rewritten by the same thread).
 // Interventions: logit_scale folds into the per-row logit multiplier, segment_bias and the padding mask
 // into a per-key bias, and patch / gate / out_bias are applied in the epilogue.
+// Query-dependent masks: causal cuts the key loop at the CTA's diagonal (tiles past the last row's
+// diagonal are never loaded) and masks per element; attn_mask is read per element from global memory.
+// Segments the cut loop never closes get their log-mass in the epilogue (the open one its partial mass).
 // No atomics; every reduction has a fixed order, and a CTA reads only its own (b, h) row, so results are
 // deterministic and batch invariant.
 #ifndef LATENTFLOW_EMULATE
@@ -31,7 +34,9 @@ constexpr int forward_smem_bytes() {
   return (16 * kWarps * kM + 4 * kKeys) * (D + kPad) * 2 + kKeys * (4 + 4);
 }
 
-template <typename T, int D, int kM, int kKeys>
+// kMasks: the instance that handles causal / attn_mask (a separate instance, so that the common unmasked
+// call keeps the register allocation and loop of the kernel without them).
+template <typename T, int D, int kM, int kKeys, bool kMasks>
 __global__ void __launch_bounds__(kThreads)
     latentflow_probed_attn_fwd_cuda(const ProbedAttentionArgs args) {
   constexpr int kRows = 16 * kWarps * kM;  // query rows per CTA
@@ -68,7 +73,10 @@ __global__ void __launch_bounds__(kThreads)
   const float logit_mult = args.scale * (args.logit_scale != nullptr ? args.logit_scale[bh] : 1.0f);
   const bool want_entropy = args.entropy != nullptr;
   const bool want_segments = args.segment_mass != nullptr;
-  const int num_tiles = (Nk + kKeys - 1) / kKeys;
+  // Causal: keys past the diagonal of the CTA's last row are never loaded.
+  const int key_end = kMasks && args.causal ? max(0, min(Nk, min(q0 + kRows, Nq) - 1 + args.causal_offset + 1)) : Nk;
+  const int num_tiles = (key_end + kKeys - 1) / kKeys;
+  const int64_t mask_offset = b * args.attn_mask_stride_b + h * args.attn_mask_stride_h;
 
   // Prologue: Q and the first K/V tile in one copy group.
   load_tile_async<kRows, D>(q_s, q_g, args.q_stride[2], min(kRows, Nq - q0), tid);
@@ -165,6 +173,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           s[i][n][e] = s[i][n][e] * logit_mult + smem_load(&bias_s[n * 8 + 2 * t4 + (e & 1)]);
+          if constexpr (kMasks) {
+            s[i][n][e] = apply_query_masks(args, mask_offset, q0 + warp_row0 + 16 * i + g + 8 * (e >> 1),
+                                           k0 + n * 8 + 2 * t4 + (e & 1), s[i][n][e]);
+          }
           tile_max[i][e >> 1] = fmaxf(tile_max[i][e >> 1], s[i][n][e]);
         }
       }
@@ -266,6 +278,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // all warps are done with this buffer and bias_s before they are overwritten
   }
+  if (kMasks && num_tiles == 0) cp_async_wait<0>();  // causal with no visible key: drain the prologue's copies
+  // Segments with an end past the last visited tile were never written (only a causal loop stops early).
+  const int64_t visited_end = static_cast<int64_t>(num_tiles) * kKeys;
 
   // Epilogue: captures, then out = gate * (patch or O / l) + out_bias.
   const bool patched = args.patch_mask != nullptr && args.patch_mask[bh] != 0;
@@ -280,6 +295,7 @@ __global__ void __launch_bounds__(kThreads)
       const int row = q0 + warp_row0 + 16 * i + g + 8 * r;
       const float l_row = quad_sum(l[i][r]);
       const float u_row = quad_sum(u[i][r]);
+      const float open_total = kMasks && want_segments ? quad_sum(seg_open[i][r]) : 0.0f;
       if (row >= Nq) continue;
       const float lse = l_row > 0.0f ? m[i][r] + __logf(l_row) : neg_inf();
       const int64_t row_index = bh * Nq + row;
@@ -290,8 +306,14 @@ __global__ void __launch_bounds__(kThreads)
       }
       if (want_segments) {  // lane t4 converts the log-masses it stored itself (segments with g % 4 == t4)
         float* seg_row = args.segment_mass + row_index * G;
+        const float m_ref = m[i][r] == neg_inf() ? 0.0f : m[i][r];  // the open segment's reference
         for (int segment = t4; segment < G; segment += 4) {
-          seg_row[segment] = lse == neg_inf() ? 0.0f : __expf(seg_row[segment] - lse);
+          float log_mass = seg_row[segment];
+          if (kMasks && args.segments[segment + 1] > visited_end) {  // not closed: open (partial mass) or never reached
+            log_mass = args.segments[segment] < visited_end && open_total > 0.0f ? __logf(open_total) + m_ref
+                                                                                  : neg_inf();
+          }
+          seg_row[segment] = lse == neg_inf() ? 0.0f : __expf(log_mass - lse);
         }
       }
       const float inv_l = l_row > 0.0f ? 1.0f / l_row : 0.0f;
@@ -338,11 +360,11 @@ void require(bool ok, const std::string& message) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-template <typename T, int D, int kM>
+template <typename T, int D, int kM, bool kMasks>
 void launch_forward_typed(const ProbedAttentionArgs& args, cudaStream_t stream) {
   // 32 rows per warp at D = 128 keeps the accumulators in registers only with 32-key tiles.
   constexpr int kKeys = (kM == 2 && D == 128) ? 32 : 64;
-  auto kernel = device::latentflow_probed_attn_fwd_cuda<T, D, kM, kKeys>;
+  auto kernel = device::latentflow_probed_attn_fwd_cuda<T, D, kM, kKeys, kMasks>;
   constexpr int smem = device::forward_smem_bytes<D, kM, kKeys>();
   constexpr int rows = 16 * device::kWarps * kM;
   // Not a stream operation: legal while a CUDA graph is being captured.
@@ -357,12 +379,21 @@ void launch_forward_typed(const ProbedAttentionArgs& args, cudaStream_t stream) 
   check_cuda(cudaGetLastError(), "launch of latentflow_probed_attn_fwd_cuda");
 }
 
+template <typename T, int D, bool kMasks>
+void launch_forward_masks(const ProbedAttentionArgs& args, cudaStream_t stream) {
+  if (args.rows_per_warp == 16) {
+    launch_forward_typed<T, D, 1, kMasks>(args, stream);
+  } else {
+    launch_forward_typed<T, D, 2, kMasks>(args, stream);
+  }
+}
+
 template <typename T, int D>
 void launch_forward_rows(const ProbedAttentionArgs& args, cudaStream_t stream) {
-  if (args.rows_per_warp == 16) {
-    launch_forward_typed<T, D, 1>(args, stream);
+  if (device::has_query_masks(args)) {
+    launch_forward_masks<T, D, true>(args, stream);
   } else {
-    launch_forward_typed<T, D, 2>(args, stream);
+    launch_forward_masks<T, D, false>(args, stream);
   }
 }
 
@@ -389,6 +420,9 @@ void validate_probed_attention_args(const ProbedAttentionArgs& args, bool for_ke
   require((args.segments != nullptr) == (args.num_segments > 0), "segments: pointer and num_segments disagree");
   require(args.segment_bias == nullptr || args.segments != nullptr, "segment_bias: needs segments");
   require(args.segment_mass == nullptr || args.segments != nullptr, "segment_mass: needs segments");
+  require(args.attn_mask_bool == nullptr || args.attn_mask_float == nullptr,
+          "attn_mask: pass a bool or a float mask, not both");
+  require(args.attn_mask_stride_b >= 0 && args.attn_mask_stride_h >= 0, "attn_mask: strides must be >= 0");
   if (for_key_mass) {
     require(args.lse != nullptr, "lse: the key_mass pass needs the forward's lse");
     require(args.key_mass != nullptr, "key_mass: null output pointer");

@@ -45,6 +45,15 @@ struct ProbedAttentionArgs {
   int64_t out_patch_stride[4] = {0, 0, 0, 0};
   const uint8_t* patch_mask = nullptr;  // bool [B,H]
 
+  // Query-dependent masks. causal: query i sees keys j <= i + causal_offset. attn_mask (at most one of
+  // the two pointers): [Bm, Hm, Nq, Nk], contiguous per (b, h), bool (nonzero = attend) or float32
+  // additive (finite or -inf); attn_mask_stride_b / _h are 0 for a broadcast batch / head dim.
+  bool causal = false;
+  int causal_offset = 0;
+  const uint8_t* attn_mask_bool = nullptr;
+  const float* attn_mask_float = nullptr;
+  int64_t attn_mask_stride_b = 0, attn_mask_stride_h = 0;
+
   // Optional float32 outputs (nullptr = not captured); all contiguous.
   float* lse = nullptr;           // [B,H,Nq]; required by the key_mass pass
   float* row_max = nullptr;       // [B,H,Nq]

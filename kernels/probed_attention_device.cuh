@@ -235,6 +235,23 @@ __device__ __forceinline__ float key_bias(const ProbedAttentionArgs& args, int64
   return 0.0f;
 }
 
+// True when a call needs the kernels' causal / attn_mask instance.
+inline bool has_query_masks(const ProbedAttentionArgs& args) {
+  return args.causal || args.attn_mask_bool != nullptr || args.attn_mask_float != nullptr;
+}
+
+// Query-dependent masks of logit s for (query row, key col) of row (b, h): -inf where causal or a bool
+// attn_mask blocks the pair, + the float attn_mask otherwise. `mask_offset` is the element offset of attn_mask[b, h, 0, 0]; rows >= Nq and keys >= Nk read nothing.
+__device__ __forceinline__ float apply_query_masks(const ProbedAttentionArgs& args, int64_t mask_offset, int row,
+                                                   int col, float s) {
+  if (args.causal && col > row + args.causal_offset) return neg_inf();
+  if (col >= args.num_keys || row >= args.num_queries) return s;  // padding: -inf already via the key bias
+  const int64_t at = mask_offset + static_cast<int64_t>(row) * args.num_keys + col;
+  if (args.attn_mask_bool != nullptr && args.attn_mask_bool[at] == 0) return neg_inf();
+  if (args.attn_mask_float != nullptr) return s + args.attn_mask_float[at];
+  return s;
+}
+
 // Sum over the 4 lanes of a quad (the lanes sharing one MMA row); the same bits in all four lanes.
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);

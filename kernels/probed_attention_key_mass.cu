@@ -23,7 +23,7 @@ constexpr int key_mass_smem_bytes() {
   return (16 * kWarps * kM + 2 * kQueryTile) * (D + kPad) * 2 + 2 * kQueryTile * 4 + 16 * kWarps * kM * 4;
 }
 
-template <typename T, int D, int kM>
+template <typename T, int D, int kM, bool kMasks>  // kMasks: the causal / attn_mask instance
 __global__ void __launch_bounds__(kThreads)
     latentflow_probed_attn_key_mass_cuda(const ProbedAttentionArgs args) {
   constexpr int kKeys = 16 * kWarps * kM;  // keys per CTA: kM sub-tiles of 16 per warp
@@ -53,12 +53,19 @@ __global__ void __launch_bounds__(kThreads)
   const float* lse_g = args.lse + bh * Nq;
   const float logit_mult = args.scale * (args.logit_scale != nullptr ? args.logit_scale[bh] : 1.0f);
   const int num_tiles = (Nq + kQueryTile - 1) / kQueryTile;
+  // Causal: query tiles before the first query that sees key k0 contribute nothing; start after them
+  // (the remaining tiles are summed in the same order).
+  const int first_tile = kMasks && args.causal ? min(num_tiles, max(0, k0 - args.causal_offset) / kQueryTile) : 0;
+  const int64_t mask_offset = b * args.attn_mask_stride_b + h * args.attn_mask_stride_h;
 
   // Prologue: the K tile and the first Q tile in one copy group; lse and key bias by plain stores.
+  const int qf = first_tile * kQueryTile;
+  const int q_load = first_tile < num_tiles ? qf : 0;  // row q_load must exist; with no tile to visit, any does
   load_tile_async<kKeys, D>(k_s, k_g, args.k_stride[2], min(kKeys, Nk - k0), tid);
-  load_tile_async<kQueryTile, D>(q_s, q_g, args.q_stride[2], min(kQueryTile, Nq), tid);
+  load_tile_async<kQueryTile, D>(q_s, q_g + q_load * args.q_stride[2], args.q_stride[2],
+                                 min(kQueryTile, Nq - q_load), tid);
   cp_async_commit();
-  if (tid < kQueryTile) smem_store(&lse_s[tid], tid < Nq ? lse_g[tid] : neg_inf());
+  if (tid < kQueryTile) smem_store(&lse_s[tid], qf + tid < Nq ? lse_g[qf + tid] : neg_inf());
   for (int key = tid; key < kKeys; key += kThreads) {
     int segment;
     smem_store(&bias_s[key], key_bias(args, bh, b, k0 + key, &segment));
@@ -70,8 +77,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < kM; ++i) mass[i][0] = mass[i][1] = 0.0f;
 
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    const int buf = tile & 1;
+  for (int tile = first_tile; tile < num_tiles; ++tile) {
+    const int buf = (tile - first_tile) & 1;
     const bool prefetch = tile + 1 < num_tiles;
     if (prefetch) {  // into the other buffers, whose readers finished before the previous trailing barrier
       const int q1 = (tile + 1) * kQueryTile;
@@ -87,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // this tile's Q (and K) copies, lse_s and bias_s are visible to all warps
 
-    if (tile == 0) {
+    if (tile == first_tile) {
 #pragma unroll
       for (int i = 0; i < kM; ++i) {
 #pragma unroll
@@ -117,7 +124,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float lse = (e & 1) ? lse1 : lse0;
-          const float s = st[i][e] * logit_mult + bias[i][e >> 1];
+          float s = st[i][e] * logit_mult + bias[i][e >> 1];
+          if constexpr (kMasks) {
+            s = apply_query_masks(args, mask_offset, tile * kQueryTile + n * 8 + 2 * t4 + (e & 1),
+                                  k0 + warp_key0 + 16 * i + g + 8 * (e >> 1), s);
+          }
           // A query row with lse = -inf (fully masked, or past Nq) has p = 0; s = -inf gives exp(-inf) = 0.
           mass[i][e >> 1] += lse == neg_inf() ? 0.0f : __expf(s - lse);
         }
@@ -126,6 +137,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // all warps are done with this buffer before it is overwritten
   }
 
+  if (kMasks && first_tile >= num_tiles) cp_async_wait<0>();  // no query sees these keys: drain the prologue's copies
 #pragma unroll
   for (int i = 0; i < kM; ++i) {
 #pragma unroll
@@ -148,10 +160,10 @@ void check_cuda(cudaError_t status, const char* what) {
   }
 }
 
-template <typename T, int D>
-void launch_key_mass_typed(const ProbedAttentionArgs& args, cudaStream_t stream) {
+template <typename T, int D, bool kMasks>
+void launch_key_mass_masks(const ProbedAttentionArgs& args, cudaStream_t stream) {
   constexpr int kM = 2;  // 32 keys per warp: each Q fragment read from shared memory feeds two MMAs
-  auto kernel = device::latentflow_probed_attn_key_mass_cuda<T, D, kM>;
+  auto kernel = device::latentflow_probed_attn_key_mass_cuda<T, D, kM, kMasks>;
   constexpr int smem = device::key_mass_smem_bytes<D, kM>();
   constexpr int keys = 16 * device::kWarps * kM;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
@@ -163,6 +175,15 @@ void launch_key_mass_typed(const ProbedAttentionArgs& args, cudaStream_t stream)
   kernel<<<grid, device::kThreads, smem, stream>>>(args);
 #endif
   check_cuda(cudaGetLastError(), "launch of latentflow_probed_attn_key_mass_cuda");
+}
+
+template <typename T, int D>
+void launch_key_mass_typed(const ProbedAttentionArgs& args, cudaStream_t stream) {
+  if (device::has_query_masks(args)) {
+    launch_key_mass_masks<T, D, true>(args, stream);
+  } else {
+    launch_key_mass_masks<T, D, false>(args, stream);
+  }
 }
 
 }  // namespace

@@ -54,8 +54,9 @@ class KernelReport:
 
 
 def meta_plan(B=1, H=4, Hkv=4, Nq=4096, Nk=4096, D=128, Dv=None, dtype=torch.bfloat16, G=3,
-              interventions=True, capture=("lse", "entropy", "segment_mass")) -> AttentionPlan:
-    """A plan of meta tensors (no data), contiguous like a typical call."""
+              interventions=True, capture=("lse", "entropy", "segment_mass"), query_masks=()) -> AttentionPlan:
+    """A plan of meta tensors (no data), contiguous like a typical call. query_masks: any of "causal",
+    "bool", "float" (an attn_mask [B, H, Nq, Nk] of that kind)."""
     meta = dict(device="meta")
     Dv = Dv or D
     row = lambda *shape: torch.empty(*shape, dtype=torch.float32, **meta) if interventions else None
@@ -69,6 +70,9 @@ def meta_plan(B=1, H=4, Hkv=4, Nq=4096, Nk=4096, D=128, Dv=None, dtype=torch.bfl
         out_patch=torch.empty(B, H, Nq, Dv, dtype=dtype, **meta) if interventions else None,
         patch_mask=torch.empty(B, H, dtype=torch.bool, **meta) if interventions else None,
         capture=tuple(capture),
+        causal_offset=0 if "causal" in query_masks else None,
+        attn_mask=(torch.empty(B, H, Nq, Nk, dtype=torch.float32 if "float" in query_masks else torch.bool, **meta)
+                   if {"bool", "float"} & set(query_masks) else None),
     )
 
 

@@ -43,6 +43,13 @@ not fit).
 
 A patched head (out_patch + patch_mask) whose statistics nobody asked for skips its key loop entirely.
 
+Query-dependent masks: IS_CAUSAL (query i sees keys j <= i + causal_offset) cuts the key loop at the
+query block's diagonal -- blocks past it are never loaded -- and masks the diagonal block per element;
+HAS_QMASK loads the [BLOCK_M, BLOCK_N] tile of attn_mask ([Bm, Hm, Nq, Nk], batch / head strides 0 when
+broadcast) with every key block: bool (uint8) masks set MASKED, float masks (QMASK_FLOAT) add
+mask * log2(e), clamped at MASKED so that -inf stays finite. Because the causal cut can leave segments
+unvisited, their log-masses are written as -inf after the loop (the open one gets its partial mass).
+
 USE_TMA (sm_90+, chosen by the launcher's tile table when the layout meets TMA's rules) loads the K and V
 tiles through tensor descriptors (TMA) instead of pointer tiles; everything else is the same kernel.
 
@@ -104,11 +111,13 @@ def _fwd_key_block(
     q, k_head, v_head, desc_k, desc_v, mask_row, seg_bias_row, Segments, SegMass, row_index, rows_ok,
     start_n, Nk, D, DV, G, qk_scale,
     stride_kn, stride_kd, stride_vn, stride_vd,
+    qmask_head, offs_m, causal_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG_BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SEG_BIAS: tl.constexpr, STORE_ENT: tl.constexpr, STORE_SEG: tl.constexpr,
     MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WIDE: tl.constexpr, USE_TMA: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_QMASK: tl.constexpr, QMASK_FLOAT: tl.constexpr,
 ):
     """Fold keys [start_n, start_n + BLOCK_N) into the running softmax state of a query block.
 
@@ -157,6 +166,15 @@ def _fwd_key_block(
         s = qk * qk_scale + key_bias[None, :]
     else:
         s = qk * qk_scale
+    if HAS_QMASK:  # the attn_mask tile of these queries and keys (64-bit offsets: Nq * Nk may pass 2^31)
+        qm_ptrs = qmask_head + offs_m.to(tl.int64)[:, None] * Nk + offs_n[None, :]
+        qm = tl.load(qm_ptrs, mask=rows_ok[:, None] & keys_ok[None, :], other=0)
+        if QMASK_FLOAT:
+            s = tl.maximum(s + qm * LOG2E, MASKED)
+        else:
+            s = tl.where(qm != 0, s, MASKED)
+    if IS_CAUSAL:
+        s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, s, MASKED)
 
     # Online softmax; every exponent is finite (MASKED is a finite number).
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -226,12 +244,14 @@ def latentflow_probed_attn_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb, stride_ph, stride_pm, stride_pd,
     H, GROUP, Nq, Nk, D, DV, G, num_m_blocks, qk_scale2,
+    QMask, stride_qmask_b, stride_qmask_h, causal_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG_BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr, HAS_SEG_BIAS: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_OUT_BIAS: tl.constexpr, HAS_PATCH: tl.constexpr,
     STORE_LSE: tl.constexpr, STORE_MAX: tl.constexpr, STORE_ENT: tl.constexpr, STORE_SEG: tl.constexpr,
     SKIP_PATCHED: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, USE_TMA: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_QMASK: tl.constexpr, QMASK_FLOAT: tl.constexpr,
 ):
     # 1-D grid, query blocks of one head adjacent (K/V reuse in L2; no 65535 limit on B*H).
     pid = tl.program_id(0)
@@ -278,8 +298,13 @@ def latentflow_probed_attn_fwd(
     if HAS_SEG_BIAS or STORE_SEG:
         seg_end = tl.load(Segments + 1).to(tl.int32)
 
-    n_full = (Nk // BLOCK_N) * BLOCK_N
+    qmask_head = QMask + b * stride_qmask_b + h * stride_qmask_h
     n_end = Nk
+    if IS_CAUSAL:
+        # Keys past the diagonal of the block's last query are never loaded (causal costs about half).
+        last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, Nq - 1)
+        n_end = tl.maximum(tl.minimum(last_row + causal_offset + 1, Nk), 0)
+    n_full = (n_end // BLOCK_N) * BLOCK_N
     if SKIP_PATCHED:
         # A patched head whose statistics nobody asked for needs no attention at all (cached heads).
         patched = tl.load(PatchMask + bh) != 0
@@ -291,17 +316,28 @@ def latentflow_probed_attn_fwd(
             acc, l_i, m_i, t_i, l_seg, seg_cur, seg_end,
             q, k_head, v_head, desc_k, desc_v, mask_row, seg_bias_row, Segments, SegMass, row_index, rows_ok,
             start_n, Nk, D, DV, G, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+            qmask_head, offs_m, causal_offset,
             BLOCK_M, BLOCK_N, LOG_BLOCK_N, D_PAD, DV_PAD, HAS_MASK, HAS_SEG_BIAS, STORE_ENT, STORE_SEG,
-            False, EVEN_D, EVEN_DV, DOT_PRECISION, WIDE, USE_TMA,
+            False, EVEN_D, EVEN_DV, DOT_PRECISION, WIDE, USE_TMA, IS_CAUSAL, HAS_QMASK, QMASK_FLOAT,
         )
     for start_n in range(n_full, n_end, BLOCK_N):  # the ragged last block, if any
         acc, l_i, m_i, t_i, l_seg, seg_cur, seg_end = _fwd_key_block(
             acc, l_i, m_i, t_i, l_seg, seg_cur, seg_end,
             q, k_head, v_head, desc_k, desc_v, mask_row, seg_bias_row, Segments, SegMass, row_index, rows_ok,
             start_n, Nk, D, DV, G, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+            qmask_head, offs_m, causal_offset,
             BLOCK_M, BLOCK_N, LOG_BLOCK_N, D_PAD, DV_PAD, HAS_MASK, HAS_SEG_BIAS, STORE_ENT, STORE_SEG,
-            True, EVEN_D, EVEN_DV, DOT_PRECISION, WIDE, USE_TMA,
+            True, EVEN_D, EVEN_DV, DOT_PRECISION, WIDE, USE_TMA, IS_CAUSAL, HAS_QMASK, QMASK_FLOAT,
         )
+    if IS_CAUSAL and STORE_SEG:
+        # The loop may stop before the last segment ends: the open segment gets its mass so far, the
+        # segments never reached get -inf (mass 0). A loop that reached Nk closed every segment (seg_cur = G).
+        for g0 in range(seg_cur, G, BLOCK_N):
+            cols = g0 + tl.arange(0, BLOCK_N)
+            open_mass = tl.where(l_seg > 0.0, tl.log2(tl.where(l_seg > 0.0, l_seg, 1.0)) + m_i, float("-inf"))
+            log_mass = tl.where(cols[None, :] == seg_cur, open_mass[:, None], float("-inf"))
+            tl.store(SegMass + row_index[:, None] * G + cols[None, :], log_mass,
+                     mask=rows_ok[:, None] & (cols[None, :] < G))
 
     alive = m_i > MASKED * 0.5  # some key of the row was live
     l_safe = tl.where(alive, l_i, 1.0)
@@ -347,9 +383,11 @@ def latentflow_probed_attn_key_mass(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     H, GROUP, Nq, Nk, D, G, seg_steps, num_n_blocks, qk_scale2,
+    QMask, stride_qmask_b, stride_qmask_h, causal_offset,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
     EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr, HAS_SEG_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_QMASK: tl.constexpr, QMASK_FLOAT: tl.constexpr,
 ):
     """key_mass[b, h, j] = sum_i 2^(s_ij - lse2_i): keys on the rows of the tile, queries in a fixed order."""
     pid = tl.program_id(0)
@@ -385,13 +423,30 @@ def latentflow_probed_attn_key_mass(
     # Keys that are all masked or knocked out (padding) receive no mass: skip their query loop.
     q_end = tl.where(tl.max(key_terms) > float("-inf"), Nq, 0)
 
+    q_start = 0
+    if IS_CAUSAL:
+        # Queries i < k0 - causal_offset see no key of this block: start at the block holding the first
+        # query that does (a multiple of BLOCK_M, so the summation order of the rest is unchanged).
+        q_start = tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+    qmask_head = QMask + b * stride_qmask_b + h * stride_qmask_h
+
     q_head = Q + b * stride_qb + h * stride_qh
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start_m in range(0, q_end, BLOCK_M):
+    for start_m in range(q_start, q_end, BLOCK_M):
         rows_ok = start_m + offs_mb < Nq
         qt_ptrs = q_head + _row_offset(start_m, stride_qm, WIDE) + offs_d[:, None] * stride_qd + offs_mb[None, :] * stride_qm
         qt = _load_tile(qt_ptrs, offs_d < D, rows_ok, not EVEN_D, True)
         s = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale + key_terms[:, None]  # [BLOCK_N, BLOCK_M]
+        offs_m = start_m + offs_mb
+        if HAS_QMASK:  # the attn_mask tile, transposed: keys on the rows
+            qm_ptrs = qmask_head + offs_m.to(tl.int64)[None, :] * Nk + offs_n[:, None]
+            qm = tl.load(qm_ptrs, mask=keys_ok[:, None] & rows_ok[None, :], other=0)
+            if QMASK_FLOAT:
+                s = s + qm * LOG2E
+            else:
+                s = tl.where(qm != 0, s, float("-inf"))
+        if IS_CAUSAL:
+            s = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, s, float("-inf"))
         lse = tl.load(Lse + bh * Nq + start_m + offs_mb, mask=rows_ok, other=float("-inf"))
         lse2 = tl.where(lse > float("-inf"), lse * LOG2E, float("inf"))  # dead or padded rows: p = 0
         mass += tl.sum(tl.math.exp2(s - lse2[None, :]), axis=1)

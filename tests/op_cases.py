@@ -58,8 +58,10 @@ def make_case(
     head_dims: tuple = (1, 3, 8, 16, 33, 64),
     interventions: tuple | None = None,
     captures: tuple | None = None,
+    query_masks: bool = False,
 ) -> Case:
-    """A seeded random case. `interventions`/`captures` None = a random subset of each."""
+    """A seeded random case. `interventions`/`captures` None = a random subset of each. `query_masks`: also
+    draw causal and/or an attn_mask (drawn last, so the other draws of a seed do not change)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     B = rng.choice([1, 2, 3])
@@ -118,7 +120,39 @@ def make_case(
         wanted = tuple(c for c in wanted if c != "segment_mass")
     kwargs["capture"] = wanted
     desc.append("capture=" + ",".join(wanted))
+    if query_masks:
+        desc.append(_draw_query_masks(rng, gen, kwargs, B, H, Nq, Nk, device))
     return Case(q, k, v, kwargs, " ".join(desc))
+
+
+def _draw_query_masks(rng: random.Random, gen: torch.Generator, kwargs: dict, B: int, H: int, Nq: int, Nk: int,
+                      device: str) -> str:
+    """Add causal and/or attn_mask to kwargs: at least one of them, every broadcast shape, bool or additive
+    float masks with -inf entries, and sometimes fully masked query rows or key tiles."""
+    kind = rng.choice(["causal", "bottom_right", "bool", "float", "causal+bool", "causal+float"])
+    desc = [kind]
+    if kind.startswith("causal"):
+        kwargs["causal"] = True
+    elif kind == "bottom_right":
+        kwargs["causal"] = "bottom_right"
+    if "bool" in kind or "float" in kind:
+        bm = B if rng.random() < 0.6 else 1
+        hm = H if rng.random() < 0.5 else 1
+        shape = [bm, hm, Nq, Nk]
+        if rng.random() < 0.25:  # a [B, 1, 1, Nk] padding-style mask (query dim broadcast)
+            shape[2] = 1
+        if "bool" in kind:
+            mask = torch.rand(*shape, generator=gen) < rng.choice([0.3, 0.7, 0.95])
+        else:
+            mask = torch.randn(*shape, generator=gen) * 2.0
+            mask[torch.rand(*shape, generator=gen) < rng.choice([0.0, 0.3])] = -math.inf
+        if shape[2] > 1 and rng.random() < 0.4:  # a query row that sees no key
+            mask[..., rng.randrange(shape[2]), :] = False if mask.dtype == torch.bool else -math.inf
+        if rng.random() < 0.3 and shape[0] == 1 and shape[1] == 1 and shape[2] == Nq:
+            mask = mask[0, 0]  # 2-D [Nq, Nk], broadcast like torch SDPA
+        kwargs["attn_mask"] = mask.to(device)
+        desc.append(f"attn_mask{tuple(mask.shape)}")
+    return " ".join(desc)
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -114,6 +114,9 @@ def test_import_without_gpu_is_clean():
 def test_rows_per_warp_setting(monkeypatch):
     monkeypatch.delenv(backend_cuda.ROWS_PER_WARP_ENV, raising=False)
     assert backend_cuda.rows_per_warp(torch.device("cpu")) == 32
+    assert backend_cuda.rows_per_warp(torch.device("cpu"), query_masks=True) == 16  # the spill-free choice
+    monkeypatch.setenv(backend_cuda.ROWS_PER_WARP_ENV, "32")
+    assert backend_cuda.rows_per_warp(torch.device("cpu"), query_masks=True) == 32  # the variable wins
     monkeypatch.setenv(backend_cuda.ROWS_PER_WARP_ENV, "16")
     assert backend_cuda.rows_per_warp() == 16
     monkeypatch.setenv(backend_cuda.ROWS_PER_WARP_ENV, "48")

@@ -174,3 +174,53 @@ def test_one_segment_per_key(emu, rows):
     bias[0, 0, ::3] = -math.inf
     plan = build_plan(q, k, v, segments=list(range(71)), segment_bias=bias, capture=CAPTURE_NAMES)
     _run_and_check(emu, plan, rows)
+
+
+# ---- query-dependent masks: causal (loop cut at the diagonal, key_mass starting at the first query
+# tile that sees the keys), bool and additive attn_mask in every broadcast shape, with key padding,
+# segments the cut loop never reaches, interventions and every capture.
+@pytest.mark.parametrize("seed", range(2))
+def test_query_mask_random_cases_match_reference(emu, seed, rows):
+    dtype = (torch.bfloat16, torch.float16)[seed % 2]
+    case = make_case(4000 + seed, dtype, max_n=150, head_dims=(64,), query_masks=True,
+                     interventions=INTERVENTIONS if seed == 0 else None, captures=CAPTURE_NAMES)
+    _run_and_check(emu, build_plan(case.q, case.k, case.v, **case.kwargs), rows)
+
+
+@pytest.mark.parametrize("masks", ["causal", "bottom_right", "bool", "float"])
+def test_query_masks_tiles_segments_and_dead_rows(emu, rows, masks):
+    # Nq = 200 spans several CTAs, Nk = 150 three key tiles; segments end before, on and after the tiles
+    # the causal loop visits; bottom-right with Nq > Nk leaves the first 50 queries without a key.
+    q, k, v, gen = _inputs(2, 2, 1, 200, 150, 64, torch.bfloat16, seed=11)
+    kwargs = {"causal": True} if masks == "causal" else {"causal": "bottom_right"} if masks == "bottom_right" else {}
+    if masks == "bool":
+        kwargs["attn_mask"] = torch.rand(2, 1, 200, 150, generator=gen) < 0.6
+        kwargs["attn_mask"][1, 0, 17] = False
+    elif masks == "float":
+        m = torch.randn(1, 2, 200, 150, generator=gen)
+        m[0, 1, 5] = -math.inf
+        m[torch.rand(m.shape, generator=gen) < 0.2] = -math.inf
+        kwargs["attn_mask"] = m
+    mask = torch.rand(2, 150, generator=gen) < 0.9
+    plan = build_plan(q, k, v, key_padding_mask=mask, segments=[0, 10, 63, 64, 100, 140, 150], capture=CAPTURE_NAMES,
+                      segment_bias=torch.randn(2, 2, 6, generator=gen), **kwargs)
+    out, caps = _run_and_check(emu, plan, rows)
+    if masks == "bottom_right":
+        assert torch.isneginf(caps["lse"][:, :, :50]).all() and (out[:, :, :50] == 0).all()
+
+
+def test_query_masks_batch_invariance_bitwise(emu, rows):
+    B = 3
+    q, k, v, gen = _inputs(B, 1, 1, 90, 100, 64, torch.float16, seed=12)
+    boolm = torch.rand(B, 1, 90, 100, generator=gen) < 0.7
+    for kwargs in ({"causal": True}, {"attn_mask": boolm}):
+        plan = build_plan(q, k, v, segments=[0, 50, 100], capture=CAPTURE_NAMES, **kwargs)
+        out, caps = backend_cuda.launch(plan, emu, stream=0, device=0, rows=rows)
+        for b in range(B):
+            row = slice(b, b + 1)
+            single = build_plan(q[row], k[row], v[row], segments=[0, 50, 100], capture=CAPTURE_NAMES,
+                                **{n: (t[row] if torch.is_tensor(t) else t) for n, t in kwargs.items()})
+            out_b, caps_b = backend_cuda.launch(single, emu, stream=0, device=0, rows=rows)
+            assert torch.equal(out[row].view(torch.int16), out_b.view(torch.int16)), kwargs
+            for name in caps:
+                assert torch.equal(caps[name][row].view(torch.int32), caps_b[name].view(torch.int32)), (name, kwargs)

@@ -167,7 +167,7 @@ class HandWritten(Case):
 
 
 class CausalHandWritten(HandWritten):
-    """GPT-style is_causal=True: probed through the exact eager path for general masks."""
+    """GPT-style is_causal=True: probed through the fused operator's causal mask."""
 
     causal = True
 
@@ -355,8 +355,8 @@ def test_activation_patching(case):
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="the C++ CPU backend is not built")
 def test_fused_cpu_backend_matches_hooks(case):
-    """Ablation + temperature + token knockout at once, on the fused C++ kernel (the causal case runs the
-    exact eager path for its masks whatever the backend)."""
+    """Ablation + temperature + token knockout at once, on the fused C++ kernel (the causal case through the
+    kernel's causal mask)."""
 
     def configure(tr):
         tr.ablate_heads(case.site, heads=1).set_temperature(case.site, 2.0, heads=0)

@@ -8,8 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latentflow_fast import probed_attention
-from latentflow_fast.ops import build_plan
-from latentflow_fast.probe.masked import biased_attention
 from latentflow_fast.probe.hooks import trace
 from latentflow_fast.probe.intercept import Interceptor, UnsupportedAttentionError, static_sites
 
@@ -26,11 +24,8 @@ class Recorder:
 
     def attend(self, call):
         self.calls.append(call)
-        if call.attn_bias is not None:
-            plan = build_plan(call.q, call.k, call.v, key_padding_mask=call.key_padding_mask, scale=call.scale)
-            return biased_attention(plan, call.attn_bias)[0], None
         out, _ = probed_attention(call.q, call.k, call.v, key_padding_mask=call.key_padding_mask,
-                                  scale=call.scale, backend="reference")
+                                  scale=call.scale, causal=call.causal, attn_mask=call.attn_bias, backend="reference")
         return out, None
 
 
@@ -152,7 +147,7 @@ def test_general_masks_are_probed_exactly(kwargs):
     rec = Recorder()
     with Interceptor(net, rec):
         out = net(q, k, v)
-    assert rec.calls[0].attn_bias is not None and rec.calls[0].key_padding_mask is None
+    assert (rec.calls[0].attn_bias is not None or rec.calls[0].causal) and rec.calls[0].key_padding_mask is None
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
 
 
@@ -339,21 +334,3 @@ def test_interceptor_argument_checks():
         Interceptor(object(), Recorder())
 
 
-def test_biased_attention_agrees_with_the_reference_operator():
-    """With a zero bias the general-mask path is the operator; with a key-only -inf bias it is key padding."""
-    q, k, v = qkv(H=4, Hkv=2, Nk=6)
-    keep = torch.ones(2, 6, dtype=torch.bool)
-    keep[0, 3:] = False
-    kw = dict(scale=0.4, segments=[0, 2, 6], logit_scale=torch.rand(2, 4) + 0.5,
-              segment_bias=torch.randn(2, 4, 2), head_gate=torch.rand(2, 4), out_bias=torch.randn(2, 4, 8),
-              capture=("lse", "max", "entropy", "segment_mass", "key_mass"))
-    expected, exp_caps = probed_attention(q, k, v, key_padding_mask=keep, backend="reference", **kw)
-    bias = torch.zeros(2, 1, 1, 6).masked_fill(~keep[:, None, None, :], float("-inf"))
-    for plan in (build_plan(q, k, v, key_padding_mask=keep, **kw), build_plan(q, k, v, **kw)):
-        extra = torch.zeros(1, 1, 1, 1) if plan.key_padding_mask is not None else bias
-        out, caps = biased_attention(plan, extra, query_chunk=2)
-        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
-        for name, t in exp_caps.items():
-            torch.testing.assert_close(caps[name], t, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="attn_bias"):
-        biased_attention(build_plan(q, k, v), torch.zeros(3, 1, 1, 6))

@@ -67,6 +67,19 @@ def test_tile_table_rows_do_not_spill(capability, D, dtype):
         assert r.shared_bytes <= (101376 if capability < 90 else SHARED_LIMIT[90]), r
 
 
+# Query masks on top of every other feature, on the pinned tiles: causal compiles without spills; an
+# attn_mask tile per key block (with every capture and intervention also on) spilled 12-60 bytes when
+# added (ptxas, Triton 3.6): bounded here so that it cannot grow unnoticed. Not timed on a GPU.
+@pytest.mark.parametrize("capability,D,dtype", [(90, 128, torch.bfloat16), (80, 256, torch.bfloat16),
+                                                (90, 128, torch.float32)])
+@pytest.mark.parametrize("masks, max_spill", [(("causal",), 0), (("float",), 64)])
+def test_query_mask_variants_spill_little(capability, D, dtype, masks, max_spill):
+    plan = meta_plan(D=D, dtype=dtype, G=77, interventions=True, query_masks=masks,
+                     capture=("lse", "max", "entropy", "segment_mass", "key_mass"))
+    for r in compile_plan(plan, capability):
+        assert r.spill_bytes <= max_spill, r
+
+
 def test_wide_offsets_variant_compiles():
     # Inputs with element offsets past 2^31 take the 64-bit offset arithmetic (WIDE) and still compile.
     from latentflow_fast.ops import backend_triton

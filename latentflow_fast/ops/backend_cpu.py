@@ -140,6 +140,11 @@ def run(plan: AttentionPlan):
     logit_scale, segment_bias = _dense(plan.logit_scale, torch.float32), _dense(plan.segment_bias, torch.float32)
     head_gate, out_bias = _dense(plan.head_gate, torch.float32), _dense(plan.out_bias, torch.float32)
     patch_mask = _dense(plan.patch_mask, torch.bool) if patch is not None else None
+    # attn_mask [Bm, Hm, Nq, Nk] (Bm, Hm in {1, B / H}): a size-1 batch or head dim gets stride 0.
+    am = plan.attn_mask
+    if am is not None:
+        am = am.contiguous() if am.dtype == torch.bool else am.to(torch.float32).contiguous()
+    am_strides = (0, 0) if am is None else tuple(st if n > 1 else 0 for n, st in zip(am.shape[:2], am.stride()[:2]))
     _native().probed_attention_cpu(
         dtype=_DTYPE_CODES[q.dtype],
         batch=B, heads=H, kv_heads=plan.kv_heads, num_queries=Nq, num_keys=plan.num_keys,
@@ -157,6 +162,12 @@ def run(plan: AttentionPlan):
         out_patch=_ptr(patch),
         out_patch_strides=list(patch.stride()) if patch is not None else [0, 0, 0, 0],
         patch_mask=_ptr(patch_mask),
+        causal=plan.causal_offset is not None,
+        causal_offset=plan.causal_offset or 0,
+        attn_mask_bool=_ptr(am) if am is not None and am.dtype == torch.bool else 0,
+        attn_mask_float=_ptr(am) if am is not None and am.dtype != torch.bool else 0,
+        attn_mask_batch_stride=am_strides[0],
+        attn_mask_head_stride=am_strides[1],
         out=out.data_ptr(),
         **{name: t.data_ptr() for name, t in captures.items()},
         num_threads=torch.get_num_threads(),

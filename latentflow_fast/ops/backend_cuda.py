@@ -14,7 +14,9 @@ Tiling: the forward gives each warp 32 query rows (rows_per_warp=32: every K/V f
 memory feeds two MMAs; 128-row CTAs, 64-key tiles at D=64 and 32-key tiles at D=128) or 16 rows
 (rows_per_warp=16: 64-row CTAs, 64-key tiles). Default: 32 on compute capability >= 9.0 and 16 on 8.x
 (the choices that compile without register spills there, per ptxas); the environment variable
-LATENTFLOW_CUDA_ROWS_PER_WARP=16|32 overrides (for benchmarking; results agree within rounding).
+LATENTFLOW_CUDA_ROWS_PER_WARP=16|32 overrides (for benchmarking; results agree within rounding). Calls
+with causal / attn_mask run a separate instance of each kernel (template flag kMasks: the unmasked one
+keeps its registers) and default to 16 rows per warp, where that instance compiles spill-free.
 
 Launch: two kernels on torch's current stream (latentflow_probed_attn_fwd_cuda, then
 latentflow_probed_attn_key_mass_cuda when key_mass is captured); every output is allocated here before
@@ -72,6 +74,8 @@ def unsupported_reason(plan: AttentionPlan) -> Optional[str]:
         return f"q: the CUDA kernels support B, H <= {MAX_GRID_YZ}, got B={plan.batch}, H={plan.heads}"
     if plan.num_queries > _INT32_MAX or plan.num_keys > _INT32_MAX:
         return "q/k: sequence lengths must fit in int32"
+    if plan.causal_offset is not None and abs(plan.causal_offset) > _INT32_MAX:
+        return "causal: the diagonal offset must fit in int32"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return f"q: the CUDA kernels need compute capability >= 8.0 (mma.sync bf16, cp.async), device {q.device} has less"
     return None
@@ -89,11 +93,15 @@ def prefer(plan: AttentionPlan) -> str:
     return preferred_gpu_backend(capability, plan.q.dtype, plan.head_dim, supports(plan))
 
 
-def rows_per_warp(device: Optional[torch.device] = None) -> int:
+def rows_per_warp(device: Optional[torch.device] = None, query_masks: bool = False) -> int:
     """The forward's query rows per warp: LATENTFLOW_CUDA_ROWS_PER_WARP (16 or 32) if set, else 32 on
-    compute capability >= 9.0 (and for non-CUDA devices, i.e. the emulator) and 16 below."""
+    compute capability >= 9.0 (and for non-CUDA devices, i.e. the emulator) and 16 below. Calls with
+    causal / attn_mask (`query_masks`) take 16 everywhere: their kernel instance spills registers at 32
+    (ptxas, benchmarks/cuda_kernel_resources.py) and compiles spill-free at 16."""
     value = os.environ.get(ROWS_PER_WARP_ENV, "").strip()
     if not value:
+        if query_masks:
+            return 16
         if device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
             return 16
         return 32
@@ -137,7 +145,7 @@ def run(plan: AttentionPlan):
 def launch(plan: AttentionPlan, native, stream: int, device: int, rows: Optional[int] = None):
     """Allocate the outputs and launch the kernels through `native` (latentflow_fast._C, or the host
     emulation of tests/cuda_emulator, which runs this same path on CPU tensors). `rows`: query rows per
-    warp of the forward (default: `rows_per_warp(device)`)."""
+    warp of the forward (default: `rows_per_warp(device, query_masks)`)."""
     q, k, v = (_kernel_layout(t) for t in (plan.q, plan.k, plan.v))
     B, H, Nq, Dv = plan.batch, plan.heads, plan.num_queries, plan.value_dim
     out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=q.device)
@@ -158,6 +166,13 @@ def launch(plan: AttentionPlan, native, stream: int, device: int, rows: Optional
     out_bias = _side(plan.out_bias, torch.float32)
     patch = plan.out_patch
     patch_mask = _side(plan.patch_mask, torch.bool) if patch is not None else None
+    # attn_mask [Bm, Hm, Nq, Nk]: a size-1 batch / head dim gets stride 0 (broadcast).
+    qmask = plan.attn_mask
+    if qmask is not None:
+        qmask = qmask.contiguous() if qmask.dtype == torch.bool else qmask.to(torch.float32).contiguous()
+    qmask_strides = ((0, 0) if qmask is None else
+                     tuple(st if n > 1 else 0 for n, st in zip(qmask.shape[:2], qmask.stride()[:2])))
+    query_masks = qmask is not None or plan.causal_offset is not None
     args = {
         "dtype": SUPPORTED_DTYPES[q.dtype],
         "device": device,
@@ -170,7 +185,7 @@ def launch(plan: AttentionPlan, native, stream: int, device: int, rows: Optional
         "value_dim": Dv,
         "num_segments": plan.num_segments,
         "scale": plan.scale,
-        "rows_per_warp": rows if rows is not None else rows_per_warp(q.device),
+        "rows_per_warp": rows if rows is not None else rows_per_warp(q.device, query_masks),
         "q": q.data_ptr(),
         "q_stride": _strides3(q),
         "k": k.data_ptr(),
@@ -187,6 +202,12 @@ def launch(plan: AttentionPlan, native, stream: int, device: int, rows: Optional
         "out_patch": _ptr(patch),
         "out_patch_stride": tuple(patch.stride()) if patch is not None else (0, 0, 0, 0),
         "patch_mask": _ptr(patch_mask),
+        "causal": plan.causal_offset is not None,
+        "causal_offset": plan.causal_offset or 0,
+        "attn_mask_bool": _ptr(qmask) if qmask is not None and qmask.dtype == torch.bool else 0,
+        "attn_mask_float": _ptr(qmask) if qmask is not None and qmask.dtype != torch.bool else 0,
+        "attn_mask_stride_b": qmask_strides[0],
+        "attn_mask_stride_h": qmask_strides[1],
         "lse": _ptr(lse),
         "max": _ptr(captures.get("max")),
         "entropy": _ptr(captures.get("entropy")),

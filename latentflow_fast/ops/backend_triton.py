@@ -69,7 +69,8 @@ def _pow2(n: int, floor: int = 16) -> int:
 # compiles without register spills within the family's shared memory WITH EVERY FEATURE ON. The feature
 # set deliberately does not select the tile: asking for a capture must not change the output's bits
 # (same tiles, same reduction order), and the in-loop interventions (mask, segment bias) cost fewer
-# registers than the captures. (A plain call could take larger tiles: sm_80 D=128 compiles spill-free
+# registers than the captures; causal adds no spill either, while a float or bool attn_mask on top of
+# every other feature spills 12-60 bytes, tests/test_triton_codegen.py bounds it). (A plain call could take larger tiles: sm_80 D=128 compiles spill-free
 # at 128x64 without captures, sm_90 D=256 at 128x64.) Static evidence only: speed is NOT measured on a
 # GPU yet, and a measurement run may change any row. 16-bit operands use tensor cores; float32 operands
 # use exact "ieee" products (CUDA-core FMA), hence the small tiles.
@@ -242,6 +243,16 @@ def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[Bloc
     patch_strides = patch.stride() if patch is not None else (0, 0, 0, 0)
     qk_scale2 = plan.scale * LOG2E
     group = H // Hkv
+    # attn_mask [Bm, Hm, Nq, Nk]: bool as a uint8 view, float32 as is; a size-1 batch / head dim gets
+    # stride 0 (broadcast). causal_offset: query i sees keys j <= i + offset.
+    qmask = plan.attn_mask
+    if qmask is not None:
+        qmask = qmask.contiguous().view(torch.uint8) if qmask.dtype == torch.bool else qmask.to(torch.float32).contiguous()
+    qmask_strides = ((0, 0) if qmask is None else
+                     tuple(st if n > 1 else 0 for n, st in zip(qmask.shape[:2], qmask.stride()[:2])))
+    query_masks = [ptr(qmask), *qmask_strides, plan.causal_offset or 0]
+    query_mask_flags = dict(IS_CAUSAL=plan.causal_offset is not None, HAS_QMASK=qmask is not None,
+                            QMASK_FLOAT=qmask is not None and qmask.dtype == torch.float32)
     common = dict(HAS_MASK=mask is not None, HAS_LOGIT_SCALE=plan.logit_scale is not None,
                   HAS_SEG_BIAS=plan.segment_bias is not None, DOT_PRECISION=precision,
                   WIDE=any(_max_offset(t) >= 2**31 for t in (q, k, v, patch)))
@@ -257,13 +268,13 @@ def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[Bloc
          ptr(plan.out_bias), ptr(patch), ptr(patch_mask),
          ptr(lse), ptr(outputs["max"]), ptr(outputs["entropy"]), ptr(outputs["segment_mass"]),
          *q.stride(), *k.stride(), *v.stride(), *patch_strides,
-         H, group, Nq, Nk, D, Dv, max(G, 1), num_m_blocks, qk_scale2],
+         H, group, Nq, Nk, D, Dv, max(G, 1), num_m_blocks, qk_scale2, *query_masks],
         dict(BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, LOG_BLOCK_N=_log2_ceil(fwd.block_n),
              D_PAD=d_pad, DV_PAD=dv_pad, EVEN_D=D == d_pad, EVEN_DV=Dv == dv_pad,
              HAS_GATE=plan.head_gate is not None, HAS_OUT_BIAS=plan.out_bias is not None,
              HAS_PATCH=patch is not None, STORE_LSE=lse is not None, STORE_MAX=outputs["max"] is not None,
              STORE_ENT=outputs["entropy"] is not None, STORE_SEG=outputs["segment_mass"] is not None,
-             SKIP_PATCHED=patch is not None and not plan.capture, USE_TMA=use_tma, **common,
+             SKIP_PATCHED=patch is not None and not plan.capture, USE_TMA=use_tma, **common, **query_mask_flags,
              num_warps=fwd.num_warps, num_stages=fwd.num_stages),
     )]
     if key_mass is not None:
@@ -273,8 +284,8 @@ def build_launches(plan: AttentionPlan, outputs: dict, fwd_config: Optional[Bloc
             (B * H * num_n_blocks,),
             [q, k, lse, key_mass, ptr(mask), segments, ptr(plan.logit_scale), ptr(plan.segment_bias),
              *q.stride(), *k.stride(), H, group, Nq, Nk, D, max(G, 1), _log2_ceil(max(G, 1)), num_n_blocks,
-             qk_scale2],
-            dict(BLOCK_N=km.block_n, BLOCK_M=km.block_m, D_PAD=d_pad, EVEN_D=D == d_pad, **common,
+             qk_scale2, *query_masks],
+            dict(BLOCK_N=km.block_n, BLOCK_M=km.block_m, D_PAD=d_pad, EVEN_D=D == d_pad, **common, **query_mask_flags,
                  num_warps=km.num_warps, num_stages=km.num_stages),
         ))
     return launches

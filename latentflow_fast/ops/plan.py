@@ -19,6 +19,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 RowParam = Union[None, float, int, torch.Tensor]
+# Additive attn_mask values at or below this count as -inf (masked); see _attn_mask.
+MASK_FLOOR = -1e30
 
 
 @dataclass
@@ -42,6 +44,11 @@ class AttentionPlan:
     out_patch: Optional[torch.Tensor]         # q.dtype [B, H, Nq, Dv] (any strides)
     patch_mask: Optional[torch.Tensor]        # bool [B, H]
     capture: tuple                            # subset of CAPTURE_NAMES, in canonical order
+    # Query-dependent masks (defaults keep older constructors valid):
+    causal_offset: Optional[int] = None       # None = not causal; else query i sees keys j <= i + offset
+    attn_mask: Optional[torch.Tensor] = None  # bool (True = attend) or additive f32 (f64 for f64 q; values
+                                              # <= MASK_FLOOR already -inf), [Bm, Hm, Nq, Nk],
+                                              # Bm in {1, B}, Hm in {1, H}, contiguous
 
     @property
     def batch(self) -> int:
@@ -124,7 +131,7 @@ def _row_param(name: str, value: RowParam, shape: tuple, device: torch.device) -
 
 # -inf is meaningful only as a segment bias (knock the segment out); +inf would make every other key's
 # weight 0/0, and a non-finite scale, gate or bias makes the output NaN or silently zero.
-_ALLOWED_INF = {"segment_bias": " or -inf"}
+_ALLOWED_INF = {"segment_bias": " or -inf", "attn_mask": " or -inf"}
 
 
 def _check_values(plan: "AttentionPlan") -> None:
@@ -141,6 +148,9 @@ def _check_values(plan: "AttentionPlan") -> None:
     if plan.segment_bias is not None:
         sb = plan.segment_bias
         checks.append(("segment_bias", ~(torch.isnan(sb) | (sb == float("inf"))).any()))
+    if plan.attn_mask is not None and plan.attn_mask.is_floating_point():
+        am = plan.attn_mask
+        checks.append(("attn_mask", ~(torch.isnan(am) | (am == float("inf"))).any()))
     ok = torch.stack([c for _, c in checks]).cpu().tolist()
     for (name, _), good in zip(checks, ok):
         if good:
@@ -154,7 +164,7 @@ def _check_values(plan: "AttentionPlan") -> None:
         t = getattr(plan, name)
         nan = int(torch.isnan(t).sum())
         raise ValueError(f"{name} must be finite{_ALLOWED_INF.get(name, '')}; it holds "
-                         + (f"{nan} NaN value(s)" if nan else "+inf" if name == "segment_bias" else "inf"))
+                         + (f"{nan} NaN value(s)" if nan else "+inf" if name in _ALLOWED_INF else "inf"))
 
 
 def _bool_param(name: str, value, shape: tuple, device: torch.device) -> Optional[torch.Tensor]:
@@ -172,6 +182,52 @@ def _bool_param(name: str, value, shape: tuple, device: torch.device) -> Optiona
         return torch.broadcast_to(value, shape).contiguous()
     except RuntimeError:
         raise ValueError(f"{name} of shape {tuple(value.shape)} is not broadcastable to {shape}") from None
+
+
+def _causal_offset(value, num_queries: int, num_keys: int) -> Optional[int]:
+    """causal -> the diagonal offset: query i sees keys j <= i + offset (None = not causal).
+
+    True / "top_left" is torch SDPA's `is_causal` (offset 0: the mask is aligned at the top-left corner,
+    also when Nq != Nk); "bottom_right" aligns the last query with the last key (offset Nk - Nq, the
+    convention of FlashAttention and of decoding with a KV cache)."""
+    if value is None or value is False:
+        return None
+    if value is True or (isinstance(value, str) and value == "top_left"):
+        return 0
+    if isinstance(value, str) and value == "bottom_right":
+        return num_keys - num_queries
+    raise TypeError(f"causal must be a bool, 'top_left' or 'bottom_right', got {value!r}")
+
+
+def _attn_mask(value, B: int, H: int, Nq: int, Nk: int, device: torch.device,
+               float_dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+    """attn_mask -> bool or float32 [Bm, Hm, Nq, Nk] (Bm in {1, B}, Hm in {1, H}), contiguous.
+
+    Broadcasting follows torch SDPA: 2 or 3 dims are padded on the left; size-1 batch and head dims stay
+    size 1 (the kernels index them with stride 0), size-1 query or key dims are expanded."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"attn_mask must be a bool or floating-point tensor, got {type(value).__name__}")
+    if value.dtype != torch.bool and not value.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True = attend) or floating point (additive), got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"attn_mask is on {value.device} but q is on {device}")
+    if not 2 <= value.dim() <= 4:  # as torch SDPA: at least [Nq, Nk]
+        raise ValueError(f"attn_mask must have 2 to 4 dims broadcastable to [B, H, Nq, Nk], got shape "
+                         f"{tuple(value.shape)}")
+    m = value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))
+    shape = (B if m.shape[0] != 1 else 1, H if m.shape[1] != 1 else 1, Nq, Nk)
+    try:
+        m = torch.broadcast_to(m, shape)
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {tuple(value.shape)} is not broadcastable to {(B, H, Nq, Nk)}") from None
+    if m.is_floating_point():
+        m = m.to(float_dtype)  # float32 for the kernels; float64 kept for float64 inputs (the reference)
+        # Models mask with torch.finfo(dtype).min rather than -inf (HF); such values would overflow the
+        # kernels' base-2 logits. Everything at or below MASK_FLOOR is masking: it becomes -inf.
+        m = m.masked_fill(m <= MASK_FLOOR, float("-inf"))
+    return m.contiguous()
 
 
 def _segments(value, num_keys: int, device: torch.device) -> Optional[torch.Tensor]:
@@ -225,6 +281,8 @@ def build_plan(
     v,
     *,
     key_padding_mask=None,
+    causal=False,
+    attn_mask=None,
     scale: Optional[float] = None,
     segments=None,
     logit_scale: RowParam = None,
@@ -316,6 +374,9 @@ def build_plan(
         out_patch=out_patch,
         patch_mask=_bool_param("patch_mask", patch_mask, (B, H), device),
         capture=names,
+        causal_offset=_causal_offset(causal, Nq, Nk),
+        attn_mask=_attn_mask(attn_mask, B, H, Nq, Nk, device,
+                             torch.float64 if q.dtype == torch.float64 else torch.float32),
     )
     _check_values(plan)
     return plan

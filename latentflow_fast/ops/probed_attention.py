@@ -21,12 +21,13 @@ _EMPTY = (0,)
 
 
 def _plan_from_op_args(q, k, v, key_padding_mask, scale, segments, logit_scale, segment_bias, head_gate,
-                       out_bias, out_patch, patch_mask, flags) -> AttentionPlan:
+                       out_bias, out_patch, patch_mask, flags, causal_offset=None, attn_mask=None) -> AttentionPlan:
     return AttentionPlan(
         q=q, k=k, v=v, scale=scale, key_padding_mask=key_padding_mask, segments=segments,
         logit_scale=logit_scale, segment_bias=segment_bias, head_gate=head_gate, out_bias=out_bias,
         out_patch=out_patch, patch_mask=patch_mask,
         capture=tuple(name for name, on in zip(CAPTURE_NAMES, flags) if on),
+        causal_offset=causal_offset, attn_mask=attn_mask,
     )
 
 
@@ -46,9 +47,11 @@ def _probed_attention_op(
     patch_mask: Optional[Tensor],
     capture_flags: Sequence[bool],
     backend: str,
+    causal_offset: Optional[int] = None,
+    attn_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     plan = _plan_from_op_args(q, k, v, key_padding_mask, scale, segments, logit_scale, segment_bias,
-                              head_gate, out_bias, out_patch, patch_mask, capture_flags)
+                              head_gate, out_bias, out_patch, patch_mask, capture_flags, causal_offset, attn_mask)
     out, captures = backends.runner(backend)(plan)
     empty = q.new_empty(_EMPTY, dtype=torch.float32)
     return (out,) + tuple(captures[name] if name in captures else empty.clone() for name in CAPTURE_NAMES)
@@ -56,9 +59,9 @@ def _probed_attention_op(
 
 @_probed_attention_op.register_fake
 def _(q, k, v, key_padding_mask, scale, segments, logit_scale, segment_bias, head_gate, out_bias,
-      out_patch, patch_mask, capture_flags, backend):
+      out_patch, patch_mask, capture_flags, backend, causal_offset=None, attn_mask=None):
     plan = _plan_from_op_args(q, k, v, key_padding_mask, scale, segments, logit_scale, segment_bias,
-                              head_gate, out_bias, out_patch, patch_mask, capture_flags)
+                              head_gate, out_bias, out_patch, patch_mask, capture_flags, causal_offset, attn_mask)
     shapes = capture_shapes(plan)
     out = q.new_empty((plan.batch, plan.heads, plan.num_queries, plan.value_dim))
     return (out,) + tuple(
@@ -100,6 +103,7 @@ def run_plan(plan: AttentionPlan, backend: str = "auto") -> tuple[Tensor, dict]:
         results = _probed_attention_op(
             plan.q, plan.k, plan.v, plan.key_padding_mask, plan.scale, plan.segments, plan.logit_scale,
             plan.segment_bias, plan.head_gate, plan.out_bias, plan.out_patch, plan.patch_mask, flags, name,
+            plan.causal_offset, plan.attn_mask,
         )
     return results[0], {n: t for n, t, on in zip(CAPTURE_NAMES, results[1:], wanted) if on}
 
@@ -110,6 +114,8 @@ def probed_attention(
     v: Tensor,
     *,
     key_padding_mask: Optional[Tensor] = None,
+    causal=False,
+    attn_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     segments=None,
     logit_scale: RowParam = None,
@@ -127,6 +133,11 @@ def probed_attention(
         q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv] with H % Hkv == 0 (head h reads kv head
             h // (H // Hkv)). float32, bfloat16 or float16 (float64 on the reference backend).
         key_padding_mask: bool [B, Nk], True = attend.
+        causal: True (or "top_left") masks keys j > i for query i, as torch SDPA's is_causal (top-left
+            aligned also when Nq != Nk); "bottom_right" masks keys j > i + Nk - Nq (FlashAttention's
+            alignment, decoding with a KV cache).
+        attn_mask: bool (True = attend) or additive float mask (-inf allowed, NaN / +inf refused),
+            broadcastable to [B, H, Nq, Nk] as in torch SDPA; combines with every other mask.
         scale: logit scale, default 1/sqrt(D).
         segments: int [G+1] boundaries 0 = s_0 < ... < s_G = Nk of contiguous key segments.
         logit_scale: per-(row, head) temperature, broadcastable to [B, H] (1 = none, 0 = uniform).
@@ -143,8 +154,8 @@ def probed_attention(
         (out [B, H, Nq, Dv] in q's dtype, {capture name: float32 tensor}).
     """
     plan = build_plan(
-        q, k, v, key_padding_mask=key_padding_mask, scale=scale, segments=segments, logit_scale=logit_scale,
-        segment_bias=segment_bias, head_gate=head_gate, out_bias=out_bias, out_patch=out_patch,
+        q, k, v, key_padding_mask=key_padding_mask, causal=causal, attn_mask=attn_mask, scale=scale,
+        segments=segments, logit_scale=logit_scale, segment_bias=segment_bias, head_gate=head_gate, out_bias=out_bias, out_patch=out_patch,
         patch_mask=patch_mask, capture=capture,
     )
     if plan.q.dtype == torch.float64 and backend not in ("auto", "reference"):

@@ -23,13 +23,8 @@ def reference_attention(
     plan: AttentionPlan,
     compute_dtype: torch.dtype = torch.float64,
     query_chunk: Optional[int] = None,
-    attn_bias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Return (out, captures) computed in `compute_dtype` (out and captures stay in that dtype).
-
-    attn_bias: an extra additive logit term broadcastable to [B, H, Nq, Nk] (-inf blocks a key), for the
-    general masks of intercepted models (causal, per-query, float biases); not part of the operator.
-    """
+    """Return (out, captures) computed in `compute_dtype` (out and captures stay in that dtype)."""
     B, H, Nq, Nk = plan.batch, plan.heads, plan.num_queries, plan.num_keys
     group = H // plan.kv_heads
     q = plan.q.to(compute_dtype)
@@ -44,8 +39,6 @@ def reference_attention(
         masked = masked.masked_fill(~plan.key_padding_mask[:, None, None, :], float("-inf"))
         key_bias = masked if key_bias is None else key_bias + masked
     logit_scale = None if plan.logit_scale is None else plan.logit_scale.to(compute_dtype)[:, :, None, None]
-    if attn_bias is not None:
-        attn_bias = attn_bias.to(compute_dtype)
 
     outs, lses, maxes, entropies, seg_masses = [], [], [], [], []
     key_mass = torch.zeros(B, H, Nk, dtype=compute_dtype, device=q.device) if plan.wants("key_mass") else None
@@ -56,8 +49,14 @@ def reference_attention(
             s = s * logit_scale
         if key_bias is not None:
             s = s + key_bias
-        if attn_bias is not None:
-            s = s + (attn_bias if attn_bias.shape[2] == 1 else attn_bias[:, :, start : start + chunk])
+        rows = s.shape[2]
+        if plan.attn_mask is not None:  # [Bm, Hm, Nq, Nk], broadcast over batch rows / heads of size 1
+            m = plan.attn_mask[:, :, start : start + rows]
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(compute_dtype)
+        if plan.causal_offset is not None:  # key j is visible to query i iff j <= i + offset
+            i = torch.arange(start, start + rows, device=q.device)[:, None]
+            j = torch.arange(Nk, device=q.device)[None, :]
+            s = s.masked_fill(j > i + plan.causal_offset, float("-inf"))
         lse = torch.logsumexp(s, dim=-1)  # -inf for a row with every logit -inf
         alive = torch.isfinite(lse)[..., None]
         p = torch.where(alive, torch.exp(s - torch.where(alive, lse[..., None], 0)), 0)

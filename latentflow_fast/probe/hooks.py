@@ -3,9 +3,8 @@
 
 Sites are named by `intercept.Interceptor` ("layers.3.self_attn" on SAM Audio, module paths elsewhere).
 Every probed call runs the fused `probed_attention` operator once, with the interventions set on the trace
-as per-(row, head) operator arguments (calls with causal / per-query / additive masks run the exact float64
-eager path of `masked.py` instead); sites with nothing to capture, intervene on or hook run the model's own
-attention untouched. Traces nest: the innermost trace that wants a site handles it.
+as per-(row, head) operator arguments (causal, per-query and additive masks included: the operator's `causal`
+and `attn_mask`); sites with nothing to capture, intervene on or hook run the model's own attention untouched. Traces nest: the innermost trace that wants a site handles it.
 
 Hook names, per site (layouts as TransformerLens uses them; B batch, H heads, N positions):
 
@@ -62,8 +61,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..ops import CAPTURE_NAMES, build_plan, probed_attention
-from .masked import biased_attention
+from ..ops import CAPTURE_NAMES, probed_attention
 from .intercept import AttentionCall, Interceptor, UnsupportedAttentionError, intercept, static_sites
 
 __all__ = [
@@ -554,7 +552,9 @@ class Trace:
         B, H, Nq, _ = q.shape
         args = self._operator_args(plan, site, call.key_padding_mask, B, H, Nq, k.shape[2], v.shape[3], q)
         if call.attn_bias is not None:
-            args["attn_bias"] = call.attn_bias
+            args["attn_bias"] = call.attn_bias  # for the score / pattern slices (attention_scores)
+        if call.causal:
+            args["causal"] = True
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         kinds = set(plan.hooks) | set(plan.cache)
         segment_of = args.get("_segment_of")
@@ -574,13 +574,9 @@ class Trace:
         post_maps = bool(kinds & set(MAP_HOOKS)) and edited is None
         if post_maps or call.need_weights:
             capture.add("lse")  # patterns are exp(score - final lse)
-        op_args = {n: t for n, t in args.items() if not n.startswith("_") and n != "attn_bias"}
-        if call.attn_bias is None:
-            out, caps = probed_attention(q, k, v, scale=call.scale, capture=tuple(capture), backend=self.backend,
-                                         **op_args)
-        else:  # causal / per-query / additive masks: the exact eager path (see masked.py)
-            out, caps = biased_attention(build_plan(q, k, v, scale=call.scale, capture=tuple(capture), **op_args),
-                                         call.attn_bias)
+        op_args = {n: t for n, t in args.items() if not n.startswith("_") and n not in ("attn_bias", "causal")}
+        out, caps = probed_attention(q, k, v, scale=call.scale, capture=tuple(capture), backend=self.backend,
+                                     causal=call.causal, attn_mask=call.attn_bias, **op_args)
         caps = _user_segments(caps, args)
         if edited is not None and edited[0].any():
             out = _write_eager_slice(out, edited, v, args, heads, rows)
@@ -1059,6 +1055,8 @@ def attention_scores(q: Tensor, k: Tensor, scale: float, args: dict, heads: Tens
     kpm = args.get("key_padding_mask")
     if kpm is not None:
         s = s.masked_fill(~kpm[:, None, None, :], float("-inf"))
+    if args.get("causal"):  # top-left aligned, as SDPA's is_causal: query i sees keys j <= i
+        s = s.masked_fill(torch.arange(k.shape[2], device=q.device) > queries[:, None], float("-inf"))
     return s
 
 

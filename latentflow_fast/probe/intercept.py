@@ -20,11 +20,12 @@ While active on a model with MultiheadAttention modules, `torch.backends.mha` fa
 
 Argument conversion (SDPA -> operator): q/k/v [*batch, H, N, D] (leading dims flattened into B); a bool
 `attn_mask`, or a float one holding only 0 / -inf, that is constant over heads and queries becomes the
-operator's `key_padding_mask` [B, Nk] (the fused path); `scale` and `enable_gqa` are honoured. Any other
-mask (`is_causal=True`, masks that vary over queries or heads, additive float biases; MultiheadAttention's
-`attn_mask`) is carried as `AttentionCall.attn_bias` and computed exactly by the float64 eager path
-(`masked.biased_attention`), which materializes [B, H, chunk, Nk]. `dropout_p > 0` and q/k/v of rank 3 at
-a *probed* site raise `UnsupportedAttentionError`; at unprobed sites everything runs unchanged.
+operator's `key_padding_mask` [B, Nk]; `scale` and `enable_gqa` are honoured. `is_causal=True` becomes
+`AttentionCall.causal` (the operator's `causal`, top-left aligned like SDPA). Any other mask (masks that vary
+over queries or heads, additive float biases; MultiheadAttention's `attn_mask`) is carried as
+`AttentionCall.attn_bias`, which the operator takes as its `attn_mask`: every case runs fused.
+`dropout_p > 0` and q/k/v of rank 3 at a *probed* site raise `UnsupportedAttentionError`; at unprobed
+sites everything runs unchanged.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class AttentionCall:
     key_padding_mask bool [B, Nk], True = attend; scale None = 1/sqrt(D). `need_weights`: the caller (an
     `nn.MultiheadAttention` asked for `need_weights=True`) also needs the probabilities [B, H, Nq, Nk].
     attn_bias: any other mask, as a float additive bias (-inf = blocked) of 4 dims broadcastable to
-    [B, H, Nq, Nk] (causal masks, per-query masks, additive position biases); None for the common case.
+    [B, H, Nq, Nk] (per-query masks, additive position biases); None for the common case.
+    causal: SDPA's is_causal (query i sees keys j <= i), on top of the masks above.
     """
 
     site: str
@@ -68,6 +70,7 @@ class AttentionCall:
     scale: Optional[float] = None
     need_weights: bool = False
     attn_bias: Optional[Tensor] = None
+    causal: bool = False
 
 
 class SiteHandler(Protocol):
@@ -87,12 +90,6 @@ def _bias_from_mask(mask: Tensor, blocked_is_true: bool) -> Tensor:
     if not mask.is_floating_point():
         raise TypeError(f"attention masks must be bool or float, got {mask.dtype}")
     return mask
-
-
-def causal_bias(nq: int, nk: int, device) -> Tensor:
-    """[1, 1, Nq, Nk] -inf above the diagonal (top-left aligned, as SDPA's is_causal)."""
-    keep = torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
-    return _bias_from_mask(~keep, True)[None, None]
 
 
 def _sdpa_mask(site: str, mask: Tensor, batch_shape: tuple, nk: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -141,9 +138,7 @@ def sdpa_to_call(site: str, query: Tensor, key: Tensor, value: Tensor, attn_mask
     kpm = bias = None
     if attn_mask is not None:
         kpm, bias = _sdpa_mask(site, attn_mask, batch_shape, Nk)
-    elif is_causal:
-        bias = causal_bias(Nq, Nk, query.device)
-    return AttentionCall(site, q, k, v, kpm, scale, attn_bias=bias), batch_shape
+    return AttentionCall(site, q, k, v, kpm, scale, attn_bias=bias, causal=bool(is_causal)), batch_shape
 
 
 # ---------------------------------------------------------------------------------- module path stack

@@ -46,7 +46,14 @@ def _run_cases() -> None:
             patch_mask=torch.rand(B, H, generator=g) < 0.5, capture=CAPTURE_NAMES,
         )
         backend_cuda.launch(plan, emu, stream=0, device=0)
-        print(f"clean: B={B} H={H} Hkv={Hkv} Nq={Nq} Nk={Nk} D={D} {dtype}", flush=True)
+        # Query-dependent masks: the causal loop bounds (both alignments) and per-element attn_mask reads
+        # (bool [B, 1, Nq, Nk] and float [1, H, Nq, Nk], exact-size blocks: broadcast dims use stride 0).
+        bool_mask = torch.rand(B, 1, Nq, Nk, generator=g) < 0.7
+        float_mask = torch.randn(1, H, Nq, Nk, generator=g)
+        for masks in ({"causal": True, "attn_mask": bool_mask}, {"causal": "bottom_right", "attn_mask": float_mask}):
+            plan = build_plan(q, k, v, segments=segments, capture=CAPTURE_NAMES, **masks)
+            backend_cuda.launch(plan, emu, stream=0, device=0)
+        print(f"clean: B={B} H={H} Hkv={Hkv} Nq={Nq} Nk={Nk} D={D} {dtype} (with causal / attn_mask)", flush=True)
     print("ASAN OK")
 
 

@@ -293,3 +293,27 @@ def test_both_forward_tilings(monkeypatch, rows, N, D, dtype):
     out, caps = _check(q, k, v, capture=ALL, **kwargs, **extra)
     again = _flat(*probed_attention(q, k, v, backend=BACKEND, capture=ALL, **kwargs, **extra))
     _assert_bitwise(_flat(out, caps), again)
+
+
+# ---- query-dependent masks (causal, bottom-right causal, bool / additive attn_mask in every broadcast
+# shape) with the other masks, interventions and captures; realistic sizes where the causal loop bound
+# and the per-tile masks span many tiles.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_query_mask_random_cases(dtype):
+    for seed in range(15):
+        case = make_case(5000 + seed, dtype=dtype, device=DEVICE, max_n=300, head_dims=(64, 128), query_masks=True)
+        check_against_reference(case, BACKEND)
+
+
+@pytest.mark.parametrize("masks", ["causal", "bottom_right", "bool", "float"])
+def test_query_masks_realistic_sizes(masks):
+    q, k, v, kwargs, gen = _inputs(2, 4, 2, 3001, 4096, 128, torch.bfloat16)
+    extra = _interventions(q, v, kwargs, gen)
+    if masks in ("causal", "bottom_right"):
+        extra["causal"] = True if masks == "causal" else "bottom_right"
+    elif masks == "bool":
+        extra["attn_mask"] = torch.rand(2, 1, 3001, 4096, generator=gen, device=DEVICE) < 0.5
+    else:
+        m = torch.randn(1, 4, 3001, 4096, generator=gen, device=DEVICE)
+        extra["attn_mask"] = m.masked_fill(m < -1.5, float("-inf"))
+    _check(q, k, v, capture=ALL, **kwargs, **extra)
