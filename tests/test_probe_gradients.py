@@ -285,10 +285,10 @@ def test_opcheck_with_gradients():
 
 
 def test_an_operator_argument_the_backward_does_not_know_is_never_silently_ignored(monkeypatch):
-    """If the operator gains an argument (say a mask) the backward does not handle, an active value makes
+    """If the operator gains an argument (say a new mask) the backward does not handle, an active value makes
     backward() raise instead of returning gradients of a different function."""
-    names = op_autograd._schema_names()
-    monkeypatch.setattr(op_autograd, "_schema_names", lambda: names[:3] + ["attn_mask"] + names[3:])
+    names = [n for n in op_autograd._schema_names() if n not in op_autograd.MASK_ARGS]
+    monkeypatch.setattr(op_autograd, "_schema_names", lambda: names[:3] + ["future_mask"] + names[3:])
 
     class Ctx:
         needs_input_grad = (True,) * (len(names) + 1)
@@ -301,9 +301,67 @@ def test_an_operator_argument_the_backward_does_not_know_is_never_silently_ignor
     outputs = (q,) + (torch.empty(0),) * 5
     ctx = Ctx()
     op_autograd.setup_context(ctx, inputs, outputs)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
+    with pytest.raises(NotImplementedError, match="future_mask"):
         op_autograd.backward(ctx, torch.ones_like(q), *outputs[1:])
     inputs[3] = None  # inactive: gradients as before, None for the new argument
     op_autograd.setup_context(ctx, inputs, outputs)
     grads = op_autograd.backward(ctx, torch.ones_like(q), *outputs[1:])
     assert len(grads) == len(inputs) and grads[3] is None and grads[0].shape == q.shape
+
+
+def _masked_inputs(mask_kind, dtype=torch.float64, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    B, H, Nq, Nk, D = 2, 2, 5, 7, 4
+    q, k, v = (torch.randn(B, H, n, D, dtype=dtype, generator=g).requires_grad_() for n in (Nq, Nk, Nk))
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(B, 1, Nq, Nk, generator=g) > 0.3
+        mask[0, 0, 1] = False  # a query that sees nothing: p = 0, no gradient
+    elif mask_kind == "float":
+        mask = torch.randn(B, 1, Nq, Nk, dtype=dtype, generator=g).requires_grad_()
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("causal", [False, True, "bottom_right"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_gradients_with_causal_and_attention_masks_pass_gradcheck(causal, mask_kind):
+    """Masks enter the recompute as in the forward: gradcheck in float64 of out w.r.t. q, k, v and an
+    additive mask (broadcast over heads), with a fully masked query row in the bool case."""
+    if not causal and mask_kind is None:
+        pytest.skip("no mask: covered by the unmasked tests")
+    q, k, v, mask = _masked_inputs(mask_kind)
+
+    def f(q, k, v, *mask_arg):
+        return probed_attention(q, k, v, causal=causal, attn_mask=mask_arg[0] if mask_arg else mask,
+                                backend="reference")[0]
+
+    inputs = (q, k, v) + ((mask,) if mask_kind == "float" else ())
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_masked_gradients_of_out_lse_and_entropy_match_a_float64_oracle(mask_kind):
+    """cpu backend, float32, causal + mask: gradients through out, lse and entropy against eager float64
+    autograd of the definition (docs/design.md, The operator contract)."""
+    q, k, v, mask = _masked_inputs(mask_kind, dtype=torch.float32, seed=11)
+    out, caps = probed_attention(q, k, v, causal=True, attn_mask=mask, capture=("lse", "entropy"), backend="cpu")
+    g = torch.Generator().manual_seed(3)
+    w = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (out, caps["lse"], caps["entropy"])]
+    loss = sum((t.double() * wi).sum() for t, wi in zip((out, caps["lse"], caps["entropy"]), w))
+    leaves = [q, k, v] + ([mask] if mask_kind == "float" else [])
+    grads = torch.autograd.grad(loss, leaves)
+
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    md = mask.detach().double().requires_grad_() if mask_kind == "float" else mask
+    s = qd @ kd.transpose(-1, -2) / 2.0
+    s = s.masked_fill(~md, float("-inf")) if mask_kind == "bool" else s + md
+    s = s.masked_fill(torch.ones(5, 7, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    alive = torch.isfinite(lse)[..., None]
+    p = torch.where(alive, torch.exp(s - torch.where(alive, lse[..., None], 0.0)), 0.0)
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+    lse_w = torch.where(torch.isfinite(lse), lse, 0.0)
+    loss_d = (p @ vd * w[0]).sum() + (lse_w * w[1]).sum() + (entropy * w[2]).sum()
+    expected = torch.autograd.grad(loss_d, [qd, kd, vd] + ([md] if mask_kind == "float" else []))
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got.double(), want, atol=2e-5, rtol=1e-4), (got - want).abs().max()

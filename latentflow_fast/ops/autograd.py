@@ -36,6 +36,7 @@ ARG_ORDER = ("q", "k", "v", "key_padding_mask", "scale", "segments", "logit_scal
              "out_bias", "out_patch", "patch_mask")
 _Q, _K, _V, _KPM, _SCALE, _SEG, _LS, _SB, _GATE, _OB, _PATCH, _PMASK = range(12)
 _OTHER_KNOWN = ("capture_flags", "backend")
+MASK_ARGS = ("causal_offset", "attn_mask")  # handled by the torch backward (the Triton backward has no masks)
 
 
 def _schema_names() -> list:
@@ -48,9 +49,10 @@ def setup_context(ctx, inputs, output) -> None:
     # An argument this backward does not know (e.g. a mask added to the operator later) must not be ignored
     # silently: if it is active, backward() raises instead of returning wrong gradients.
     ctx.unsupported = sorted(n for n, a in args.items()
-                             if n not in ARG_ORDER + _OTHER_KNOWN and a is not None and a is not False)
+                             if n not in ARG_ORDER + _OTHER_KNOWN + MASK_ARGS and a is not None and a is not False)
     lse = output[_OUT_INDEX["lse"]] if args["capture_flags"][0] else None
-    ctx.save_for_backward(*(args[n] for n in ARG_ORDER if n != "scale"), lse)
+    ctx.save_for_backward(*(args[n] for n in ARG_ORDER if n != "scale"), lse, args.get("attn_mask"))
+    ctx.causal_offset = args.get("causal_offset")
     ctx.scale = float(args["scale"])
     ctx.names = names
     ctx.backend = args.get("backend", "reference")
@@ -65,11 +67,14 @@ def backward(ctx, dout, *dcaps):
     if ctx.unsupported:
         raise NotImplementedError(f"gradients of probed_attention with {', '.join(ctx.unsupported)} are not "
                                   "implemented (latentflow_fast/ops/autograd.py)")
-    q, k, v, kpm, segments, ls, sb, gate, ob, patch, pmask, saved_lse = ctx.saved_tensors
+    q, k, v, kpm, segments, ls, sb, gate, ob, patch, pmask, saved_lse, attn_mask = ctx.saved_tensors
     position = {n: i for i, n in enumerate(ctx.names)}
     needs = tuple(ctx.needs_input_grad[position[n]] for n in ARG_ORDER)
     caps = dict(zip(CAPTURE_NAMES, dcaps))
-    if _use_triton(ctx.backend, q, saved_lse, caps):
+    masks = {"causal_offset": ctx.causal_offset, "attn_mask": attn_mask,
+             "mask_grad": attn_mask is not None and "attn_mask" in position
+             and ctx.needs_input_grad[position["attn_mask"]]}
+    if ctx.causal_offset is None and attn_mask is None and _use_triton(ctx.backend, q, saved_lse, caps):
         from . import autograd_triton
 
         live = {name: t for name, t in caps.items() if _live(t)}
@@ -77,8 +82,10 @@ def backward(ctx, dout, *dcaps):
                                          dout if _live(dout) else None, live, needs)
     else:
         grads = _probed_attention_backward(q, k, v, kpm, ctx.scale, segments, ls, sb, gate, patch, pmask,
-                                           saved_lse, dout, caps, needs)
+                                           saved_lse, dout, caps, needs, masks)
     by_name = dict(zip(ARG_ORDER, grads))
+    if len(grads) > len(ARG_ORDER):
+        by_name["attn_mask"] = grads[len(ARG_ORDER)]
     return tuple(by_name.get(n) for n in ctx.names)
 
 
@@ -95,7 +102,7 @@ def _use_triton(backend: str, q, saved_lse, caps: dict) -> bool:
 
 
 def _probed_attention_backward(q, k, v, kpm, scale, segments, ls, sb, gate, patch, pmask, saved_lse,
-                               dout, dcaps, needs):
+                               dout, dcaps, needs, masks=None):
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
@@ -133,6 +140,11 @@ def _probed_attention_backward(q, k, v, kpm, scale, segments, ls, sb, gate, patc
     dkey = torch.zeros(B, H, Nk, dtype=cd, device=dev) if sb is not None else None  # sum_i dS_ij
     dgate = torch.zeros(B, H, dtype=cd, device=dev) if gate is not None and needs[_GATE] else None
     attn_needed = dO is not None or dc
+    masks = masks or {}
+    attn_mask, causal_offset = masks.get("attn_mask"), masks.get("causal_offset")
+    dmask = None  # gradient of an additive float mask: dS, summed over the dims it broadcasts over
+    if attn_mask is not None and attn_mask.is_floating_point() and masks.get("mask_grad"):
+        dmask = torch.zeros(attn_mask.shape, dtype=cd, device=dev)
     block = max(1, min(Nq, BLOCK_ELEMENTS // max(1, B * H * Nk)))
     for i0 in range(0, Nq, block):
         i1 = min(Nq, i0 + block)
@@ -141,6 +153,12 @@ def _probed_attention_backward(q, k, v, kpm, scale, segments, ls, sb, gate, patc
         s = raw if lsf is None else raw * lsf
         if key_bias is not None:
             s = s + key_bias
+        if attn_mask is not None:  # [Bm, Hm, Nq, Nk], as the forward's plan holds it
+            m = attn_mask[:, :, i0:i1]
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(cd)
+        if causal_offset is not None:  # key j is visible to query i iff j <= i + offset
+            rows_i = torch.arange(i0, i1, device=dev)[:, None]
+            s = s.masked_fill(torch.arange(Nk, device=dev)[None, :] > rows_i + causal_offset, float("-inf"))
         if use_saved_lse:
             lse = saved_lse[:, :, i0:i1].to(cd)
         else:
@@ -177,6 +195,9 @@ def _probed_attention_backward(q, k, v, kpm, scale, segments, ls, sb, gate, patc
             dls += (dS * raw).sum(dim=(-1, -2))
         if dkey is not None:
             dkey += dS.sum(dim=2)
+        if dmask is not None:
+            reduce_dims = tuple(d for d in (0, 1) if attn_mask.shape[d] == 1 and dS.shape[d] != 1)
+            dmask[:, :, i0:i1] = dS.sum(dim=reduce_dims, keepdim=True) if reduce_dims else dS
         dS_qk = dS if lsf is None else dS * lsf  # gradient w.r.t. scale * q.k
         dq[:, :, i0:i1] = torch.matmul(dS_qk, kk) * scale
         dk += torch.matmul(dS_qk.transpose(-1, -2), qb) * scale
@@ -202,4 +223,6 @@ def _probed_attention_backward(q, k, v, kpm, scale, segments, ls, sb, gate, patc
     grads[_GATE] = dgate.to(gate.dtype) if dgate is not None else None
     grads[_OB] = d_out_bias
     grads[_PATCH] = d_patch
+    if dmask is not None:
+        grads.append(dmask.to(attn_mask.dtype))
     return tuple(grads)
