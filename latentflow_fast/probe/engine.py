@@ -78,7 +78,8 @@ class Trajectory:
     head_outputs: dict  # site -> [E, H, Nq, hd] (model dtype, model device)
     maps: dict  # (site, evaluation) -> [h, q, Nk] exact attention probabilities
     segments: dict  # site -> list of key-segment boundaries used for captures and segment probes
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # the whole call: preparing the inputs, sampling, decoding
+    sampling_seconds: float = 0.0  # the sampler loop only
     # evaluation -> [layer input of every layer, each [1, T, D]] (prefix reuse; absent beyond the budget)
     layer_inputs: dict = field(default_factory=dict)
     # sites computed by the probed kernel in this run (those with captures); the others ran torch SDPA
@@ -463,6 +464,7 @@ class ProbeEngine:
             return v
 
         x = sample_ode(evaluate, inputs.noise, steps=steps, method=method).final
+        sampling_seconds = time.perf_counter() - started
         per_step = METHODS[method]
         step_starts = [states[k * per_step] for k in range(steps)] + [x.clone()]
         target, residual = model.decode(x, inputs)
@@ -476,6 +478,7 @@ class ProbeEngine:
             segments={s: self._segments(s, inputs.text.shape[1] if s.endswith("cross_attn") else x.shape[1])
                       for s in self.sites},
             wall_seconds=time.perf_counter() - started,
+            sampling_seconds=sampling_seconds,
             layer_inputs=layer_cache,
             kernel_sites=frozenset(capture_at),
         )
@@ -567,8 +570,11 @@ class ProbeEngine:
 
     @torch.no_grad()
     def run_batch(self, traj: Trajectory, evaluation: int, probes: Sequence[Probe],
-                  end_effect: bool = False, end_metrics: Optional[Callable] = None) -> list[dict]:
-        """Run probes branching at `evaluation` as the rows of one batch; one result dict per probe."""
+                  end_effect: bool = False, end_metrics: Optional[Callable] = None,
+                  timing: bool = False) -> list[dict]:
+        """Run probes branching at `evaluation` as the rows of one batch; one result dict per probe.
+        With `timing` (and end_effect) each row gets `batch_sampling_seconds`: the batch's sampling time
+        from the branch to t=1, decoding excluded (a measurement: it makes rows differ between runs)."""
         R = len(probes)
         inputs = traj.inputs  # batch 1: shared by every row
         state = traj.states[evaluation].expand(R, *traj.states[evaluation].shape[1:]).contiguous()
@@ -580,6 +586,7 @@ class ProbeEngine:
             start = self.first_layer(probes)
             if start > 0:
                 hidden = cached[start].expand(R, *cached[start].shape[1:]).contiguous()
+        started = time.perf_counter()
         with nvtx_range(f"latentflow.probe_batch.e{evaluation}.l{start}.r{R}"):
             v = self._forward(ctx, inputs, state, evaluation, t, start_layer=start, hidden=hidden)
         if not bool(torch.isfinite(v).all()):
@@ -603,8 +610,11 @@ class ProbeEngine:
             rows.append(row)
         if end_effect:
             final = self._continue(traj, evaluation, probes, v, ctx)
+            seconds = time.perf_counter() - started  # the batch's sampling, from the branch to t=1 (no decoding)
             for row in rows:  # calls (site, evaluation) of this batch whose attention was skipped entirely
                 row["batch_attention_calls_skipped"] = ctx.reused_calls
+                if timing:
+                    row["batch_sampling_seconds"] = seconds
             rows = self._end_metrics(traj, final, expand_inputs(traj.inputs, R), rows, end_metrics)
         return rows
 
@@ -651,7 +661,8 @@ class ProbeEngine:
     def sweep(self, traj: Trajectory, probes: Sequence[Probe], *, end_effect: bool = False,
               store: Optional[ResultStore] = None, batch_size: Optional[int] = None,
               memory_budget: Optional[int] = None, progress: bool = True,
-              end_metrics: Optional[Callable] = None, shard: Optional[tuple] = None) -> pd.DataFrame:
+              end_metrics: Optional[Callable] = None, shard: Optional[tuple] = None,
+              timing: bool = False) -> pd.DataFrame:
         """Run `probes` against the clean trajectory `traj`.
 
         Results go to `store` (Parquet shards, resumable) if given, one batch at a time; already stored
@@ -659,6 +670,8 @@ class ProbeEngine:
         (a deterministic function of clip and probe ids); under an initialised torch.distributed process
         group it defaults to the group's rank and size, the ranks check that they run the same
         configuration, and every rank returns the merged table (read from the shared store).
+        `probes` may mix `Probe` and `Reuse` rows (Reuse needs end_effect=True). `timing=True` adds the
+        measured `batch_sampling_seconds` of each batch to its rows.
         Returns the results of this call's probes.
         """
         from tqdm.auto import tqdm
@@ -696,7 +709,7 @@ class ProbeEngine:
                     size = sizer.size()
                     batch = pending[:size]
                     try:
-                        rows = self.run_batch(traj, evaluation[0], batch, end_effect, end_metrics)
+                        rows = self.run_batch(traj, evaluation[0], batch, end_effect, end_metrics, timing)
                     except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
                         if not is_out_of_memory(exc) or size == 1:
                             raise

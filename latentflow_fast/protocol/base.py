@@ -33,8 +33,15 @@ class ProtocolConfig:
     time_bins: int = 16  # self-attention key segments for pooled maps (P3/P5)
     tau: float = 0.95  # convergence threshold (P3)
     window: int = 4  # evaluations per window of the layer x evaluation grid (P2)
-    freeze_starts: tuple = (4, 8, 16, 24)  # k0 values of causal freezing (P4)
-    lsac_refresh: tuple = (2, 4, 8)  # LSAC refresh intervals N (P6)
+    # P4 / P6 grids (docs/design.md, section 6): sized for the budget of the default run on `small`;
+    # each summary lists what the full grid would hold and what was dropped (`grid`).
+    freeze_starts: tuple = (8, 24)  # k0 values of causal freezing (P4); full grid 4, 8, 16, 24
+    freeze_single_layers: bool = False  # P4: also freeze every layer alone (L x kinds x k0 more runs)
+    lsac_refresh: tuple = (2, 4)  # LSAC refresh intervals N (P6); full grid 2, 3, 4, 8
+    lsac_starts: tuple = ("warmup",)  # P6 cache starts: "warmup" (each layer's k*) and/or ints; full: warmup, 0
+    reuse_kinds: tuple = ("output", "map")  # P4 / P6: reuse attention outputs and/or maps
+    naive_midpoint_steps: tuple = (8, 12)  # P6 naive step reduction, midpoint (2 evaluations per step)
+    naive_euler_steps: tuple = (16, 24)  # P6 naive step reduction, Euler (1 evaluation per step)
     bootstrap: int = 2000
     backend: str = "auto"
     experiments: tuple = ("p0", "p1", "p2", "p3", "p4", "p5", "p6")
@@ -70,10 +77,27 @@ class ProtocolContext:
     out_dir: Path
     progress: bool = True
     _trajectories: dict = field(default_factory=dict)
+    summaries: dict = field(default_factory=dict)  # name -> summary of the experiments run so far (P3 -> P4..P6)
+    clean_runs: dict = field(default_factory=dict)  # clip_id -> the clean trajectory P4, P5 and P6 share
 
     def store(self, experiment: str) -> ResultStore:
         """The resumable result store of one experiment (refuses a folder made with another config)."""
         return ResultStore(self.out_dir / "results" / experiment, fingerprint=self.config.fingerprint())
+
+    def clean_trajectory(self, pclip: ProtocolClip) -> Trajectory:
+        """The one clean trajectory of a clip that P4, P5 and P6 share: P5's per-evaluation map reductions
+        (p5_scaffold.scaffold_reductions), the layer inputs for prefix reuse, no cached head outputs."""
+        clip_id = pclip.clip.clip_id
+        if clip_id not in self.clean_runs:
+            from .p5_scaffold import scaffold_reductions
+
+            cfg = self.config
+            for run in self.clean_runs.values():  # layer inputs (~60 MB a clip on `small`) only for the latest
+                run.layer_inputs = {}
+            self.clean_runs[clip_id] = self.engine.trajectory(
+                pclip.clip, steps=cfg.steps, method=cfg.method, seed=cfg.noise_seed, cache_heads=(),
+                reductions=scaffold_reductions(pclip))
+        return self.clean_runs[clip_id]
 
     def trajectory(self, pclip: ProtocolClip, prompt: Optional[str] = None, **kwargs) -> Trajectory:
         """Clean trajectory of a clip (optionally with another prompt), computed once and cached.

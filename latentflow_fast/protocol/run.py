@@ -183,7 +183,6 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
         _check_folder(out_dir, manifest)
     engine = ProbeEngine(model, backend=config.backend, time_bins=config.time_bins)
     ctx = ProtocolContext(config=config, model=model, engine=engine, clips=clips, out_dir=out_dir, progress=progress)
-    ctx.summaries = {}  # earlier experiments' summaries (P4/P6 read P3's stable/fast split here)
     figure_dir = out_dir / "figures"
     figure_dir.mkdir(exist_ok=True)
     figures, timings = [], {}

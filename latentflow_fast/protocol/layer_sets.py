@@ -1,0 +1,92 @@
+"""P3's layer split as P4, P5 and P6 read it, and the layer sets they intervene on.
+
+P3's summary (protocol v2) holds ``criteria: {name: {"kstar": {layer: k}, "stable_layers": [...],
+"fast_layers": [...]}}`` and ``split: {"stable_layers", "fast_layers", "no_split": bool}`` (the split the
+criteria agree on, or "no split" where they disagree). A P3 summary of the earlier format (top-level
+``stable_layers`` / ``fast_layers`` and ``kstar_median_by_layer``) is read as one criterion,
+"pooled_map". Without P3 in the run there is no split (``no_split`` True, ``split_source`` says why), and
+the experiments keep only the layer sets that need none ("all", single layers).
+"""
+
+from __future__ import annotations
+
+from .base import ProtocolContext
+
+
+def _ints(values) -> list:
+    return sorted(int(v) for v in values or ())
+
+
+def p3_split(ctx: ProtocolContext) -> dict:
+    """{"criteria": {name: {"kstar", "stable_layers", "fast_layers"}}, "stable_layers", "fast_layers",
+    "no_split", "split_source"} from P3's summary in this run (module docstring)."""
+    p3 = ctx.summaries.get("p3") or {}
+    criteria = {}
+    if isinstance(p3.get("criteria"), dict):
+        for name, c in p3["criteria"].items():
+            criteria[str(name)] = {"kstar": {int(l): int(round(float(k))) for l, k in (c.get("kstar") or {}).items()},
+                                   "stable_layers": _ints(c.get("stable_layers")),
+                                   "fast_layers": _ints(c.get("fast_layers"))}
+        split = p3.get("split") or {}
+        return {"criteria": criteria, "stable_layers": _ints(split.get("stable_layers")),
+                "fast_layers": _ints(split.get("fast_layers")), "no_split": bool(split.get("no_split", False)),
+                "split_source": "p3 criteria"}
+    if "stable_layers" in p3 and "fast_layers" in p3:
+        kstar = {int(l): int(round(float(k))) for l, k in (p3.get("kstar_median_by_layer") or {}).items()}
+        criteria["pooled_map"] = {"kstar": kstar, "stable_layers": _ints(p3["stable_layers"]),
+                                  "fast_layers": _ints(p3["fast_layers"])}
+        stable, fast = _ints(p3["stable_layers"]), _ints(p3["fast_layers"])
+        return {"criteria": criteria, "stable_layers": stable, "fast_layers": fast,
+                "no_split": not (stable and fast), "split_source": "p3 (single criterion)"}
+    return {"criteria": {}, "stable_layers": [], "fast_layers": [], "no_split": True,
+            "split_source": "none: P3 was not part of this run"}
+
+
+def group_sets(ctx: ProtocolContext, split: dict, single_layers: bool = False) -> dict:
+    """name -> layers: "stable" / "fast" of the agreed split (absent under "no split"), each criterion's
+    stable and fast sets where they differ from a set already listed ("<criterion>:stable"), "all", and
+    with `single_layers` every layer alone ("L3")."""
+    L = ctx.model.config.n_layers
+    sets: dict = {}
+    seen = set()
+
+    def add(name, layers):
+        layers = tuple(sorted(int(l) for l in layers))
+        if layers and layers not in seen:
+            sets[name] = layers
+            seen.add(layers)
+
+    if not split["no_split"]:
+        add("stable", split["stable_layers"])
+        add("fast", split["fast_layers"])
+    for name, c in sorted(split["criteria"].items()):
+        add(f"{name}:stable", c["stable_layers"])
+        add(f"{name}:fast", c["fast_layers"])
+    add("all", range(L))
+    if single_layers:
+        for l in range(L):
+            add(f"L{l}", (l,))
+    return sets
+
+
+def self_sites(layers) -> tuple:
+    return tuple(f"layers.{int(l)}.self_attn" for l in layers)
+
+
+def warmup_starts(split: dict, layers, criterion: str | None, num_evaluations: int) -> tuple:
+    """Cache start of each layer at its convergence point k*_l: under `criterion`, or (None) the latest
+    k*_l over all criteria, i.e. the point where the layer has converged by every criterion (0 = unknown)."""
+    names = [criterion] if criterion else sorted(split["criteria"])
+    starts = []
+    for l in layers:
+        ks = [split["criteria"][n]["kstar"].get(int(l)) for n in names if n in split["criteria"]]
+        ks = [k for k in ks if k is not None]
+        starts.append(min(max(0, max(ks, default=0)), num_evaluations))
+    return tuple(starts)
+
+
+def claim(claim_id: str, text: str, values, direction: str = "positive", **extra) -> dict:
+    """One scorecard claim: per-clip effects with the sign convention positive = the paper's direction.
+    The report turns it into a verdict (protocol.stats: exact Wilcoxon, BCa interval, Holm across claims);
+    `not_testable` (a reason) marks a claim this run cannot test."""
+    return {"id": claim_id, "claim": text, "values": [float(v) for v in values], "direction": direction, **extra}
