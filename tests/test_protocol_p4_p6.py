@@ -20,7 +20,8 @@ from latentflow_fast.protocol.layer_sets import group_sets, p3_split, warmup_sta
 
 STEPS = 3  # 6 evaluations
 CONFIG = ProtocolConfig(num_clips=1, steps=STEPS, freeze_starts=(1, 4, 99), lsac_refresh=(2, 4),
-                        lsac_starts=("warmup", 0), naive_midpoint_steps=(1, 2), naive_euler_steps=(3,),
+                        lsac_starts=("warmup", 0), lsac_sets=("split",), naive_midpoint_steps=(1, 2),
+                        naive_euler_steps=(3,),
                         bootstrap=50, experiments=("p4", "p6"))
 P3 = {"criteria": {"map": {"kstar": {0: 1, 1: 2, 2: 4}, "stable_layers": [0, 1], "fast_layers": [2]},
                    "output": {"kstar": {0: 3, 1: 1, 2: 2}, "stable_layers": [1, 2], "fast_layers": [0]}},
@@ -84,6 +85,8 @@ def test_p4_rows_controls_and_claims(p4_run):
     summary = p4.summarize(df, ctx)
     assert summary["identity_control_max_abs_damage"] == 0
     assert summary["layer_sets"]["stable"] == [1] and not summary["no_split"]
+    # cost: 12 rows branch at evaluation 0 (k0 = 1, 6 evaluations), 12 at 3 (k0 = 4), controls at the last
+    assert summary["grid"]["run"]["evaluations_per_clip"] == 12 * 6 + 12 * 3 + 2
     ids = [c["id"] for c in summary["claims"]]
     assert ids == ["p4_output_mrstft", "p4_output_si", "p4_map_mrstft", "p4_map_si"]
     first = summary["claims"][0]
@@ -160,10 +163,12 @@ def p6_run(model, tmp_path_factory):
 
 def test_p6_rows_counts_and_frontier(p6_run, model):
     ctx, df = p6_run
-    sets = p6.lsac_sets(p3_split(ctx))
-    assert list(sets) == ["stable", "map:stable", "output:stable"]
+    assert list(p6.lsac_sets(p3_split(ctx), ("split", "criteria"))) == ["stable", "map:stable", "output:stable"]
+    assert list(p6.lsac_sets(p3_split(ctx), ("split",))) == ["stable"]
     lsac = df[df["variant"] == "lsac"]
-    assert len(lsac) == 3 * 2 * 2 * 2  # sets x kinds x starts x N
+    assert len(lsac) == 2 * 2 * 2  # kinds x starts x N for the agreed stable set
+    summary_grid = p6.summarize(df, ctx)["grid"]["run"]
+    assert summary_grid["evaluations_per_clip"] == 6 + (2 + 4 + 3) + int((6 - lsac["branch_evaluation"]).sum())
     assert set(df["variant"]) == {"full", "noise_floor", "naive", "lsac"}
     assert set(df[df["variant"] == "naive"]["probe_id"]) == {"naive-midpoint-1", "naive-midpoint-2", "naive-euler-3"}
     # counted calls agree with the engine's own count of skipped attention calls

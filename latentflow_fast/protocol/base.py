@@ -36,7 +36,8 @@ class ProtocolConfig:
     # P4 / P6 grids (docs/design.md, section 6): sized for the budget of the default run on `small`;
     # each summary lists what the full grid would hold and what was dropped (`grid`).
     freeze_starts: tuple = (8, 24)  # k0 values of causal freezing (P4); full grid 4, 8, 16, 24
-    freeze_single_layers: bool = False  # P4: also freeze every layer alone (L x kinds x k0 more runs)
+    freeze_sets: tuple = ("split", "criteria", "all")  # P4 layer sets (layer_sets.SET_KINDS; "single" adds each layer)
+    lsac_sets: tuple = ("split", "criteria")  # P6: the stable sets of the agreed split and / or of each criterion
     lsac_refresh: tuple = (2, 4)  # LSAC refresh intervals N (P6); full grid 2, 3, 4, 8
     lsac_starts: tuple = ("warmup",)  # P6 cache starts: "warmup" (each layer's k*) and/or ints; full: warmup, 0
     reuse_kinds: tuple = ("output", "map")  # P4 / P6: reuse attention outputs and/or maps

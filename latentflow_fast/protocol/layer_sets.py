@@ -42,10 +42,17 @@ def p3_split(ctx: ProtocolContext) -> dict:
             "split_source": "none: P3 was not part of this run"}
 
 
-def group_sets(ctx: ProtocolContext, split: dict, single_layers: bool = False) -> dict:
-    """name -> layers: "stable" / "fast" of the agreed split (absent under "no split"), each criterion's
-    stable and fast sets where they differ from a set already listed ("<criterion>:stable"), "all", and
-    with `single_layers` every layer alone ("L3")."""
+SET_KINDS = ("split", "criteria", "all", "single")
+
+
+def group_sets(ctx: ProtocolContext, split: dict, kinds=("split", "criteria", "all")) -> dict:
+    """name -> layers, for the `kinds` of SET_KINDS: "split" = "stable" / "fast" of the agreed split;
+    "criteria" = each criterion's stable and fast sets ("<criterion>:stable"), listed only where they differ
+    from a set already listed; "all"; "single" = every layer alone ("L3"). Under "no split" the agreed sets
+    do not exist, and "split" falls back to the criteria's sets (the comparison then runs per criterion)."""
+    unknown = [k for k in kinds if k not in SET_KINDS]
+    if unknown:
+        raise ValueError(f"layer set kinds: unknown {unknown}; known: {list(SET_KINDS)}")
     L = ctx.model.config.n_layers
     sets: dict = {}
     seen = set()
@@ -56,14 +63,16 @@ def group_sets(ctx: ProtocolContext, split: dict, single_layers: bool = False) -
             sets[name] = layers
             seen.add(layers)
 
-    if not split["no_split"]:
+    if "split" in kinds and not split["no_split"]:
         add("stable", split["stable_layers"])
         add("fast", split["fast_layers"])
-    for name, c in sorted(split["criteria"].items()):
-        add(f"{name}:stable", c["stable_layers"])
-        add(f"{name}:fast", c["fast_layers"])
-    add("all", range(L))
-    if single_layers:
+    if "criteria" in kinds or ("split" in kinds and split["no_split"]):
+        for name, c in sorted(split["criteria"].items()):
+            add(f"{name}:stable", c["stable_layers"])
+            add(f"{name}:fast", c["fast_layers"])
+    if "all" in kinds:
+        add("all", range(L))
+    if "single" in kinds:
         for l in range(L):
             add(f"L{l}", (l,))
     return sets

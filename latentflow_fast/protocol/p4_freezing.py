@@ -9,8 +9,8 @@ Definitions
   to the current values, out = p(k0 - 1) @ v(e). Both are `probe.Reuse(..., refresh=None)` rows of the
   probe engine, branched from the clip's clean trajectory (`ProtocolContext.clean_trajectory`).
 * Layer sets (`layer_sets.group_sets`): "stable" / "fast" of P3's agreed split (absent when P3 reports
-  "no split"), each P3 criterion's own stable / fast sets where they differ, "all", and with
-  config.freeze_single_layers every layer alone. k0 runs over config.freeze_starts (values outside
+  "no split"), each P3 criterion's own stable / fast sets where they differ, "all", and every layer
+  alone, as chosen by config.freeze_sets. k0 runs over config.freeze_starts (values outside
   1..E-1 dropped), kinds over config.reuse_kinds.
 * Controls, exactly zero by construction: freezing all layers' outputs from k0 = E (after the last
   evaluation) and caching all layers' maps with refresh 1 (every evaluation computes).
@@ -40,7 +40,8 @@ from ..sampler import METHODS
 from .base import Experiment, ProtocolContext
 from .layer_sets import claim, group_sets, p3_split, self_sites
 
-FULL_GRID = {"freeze_starts": [4, 8, 16, 24], "reuse_kinds": ["output", "map"], "single_layers": True}
+FULL_GRID = {"freeze_starts": [4, 8, 16, 24], "reuse_kinds": ["output", "map"],
+             "freeze_sets": ["split", "criteria", "all", "single"]}
 
 
 def conditions(ctx: ProtocolContext, split: dict) -> list[Reuse]:
@@ -49,13 +50,20 @@ def conditions(ctx: ProtocolContext, split: dict) -> list[Reuse]:
     E = cfg.steps * METHODS[cfg.method]
     L = ctx.model.config.n_layers
     starts = sorted({int(k) for k in cfg.freeze_starts if 1 <= int(k) < E})
-    sets = group_sets(ctx, split, single_layers=cfg.freeze_single_layers)
+    sets = group_sets(ctx, split, cfg.freeze_sets)
     rows = [Reuse(self_sites(layers), what, start=k0, label=name)
             for name, layers in sets.items() for what in cfg.reuse_kinds for k0 in starts]
     everything = self_sites(range(L))
     rows += [Reuse(everything, "output", start=E, label="control"),
              Reuse(everything, "map", start=0, refresh=1, label="control")]
     return rows
+
+
+def evaluations_per_clip(ctx: ProtocolContext, split: dict) -> int:
+    """Network evaluations P4 runs per clip (each row from its branch evaluation to the end): its cost."""
+    E = ctx.config.steps * METHODS[ctx.config.method]
+    firsts = [r.first_reuse(E) for r in conditions(ctx, split)]
+    return sum(E - (E - 1 if f is None else f - 1) for f in firsts)
 
 
 def end_metrics(pclip):
@@ -160,7 +168,8 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
     base = {"split_source": split["split_source"], "stable_layers": split["stable_layers"],
             "fast_layers": split["fast_layers"], "no_split": split["no_split"],
             "grid": {"run": {"freeze_starts": [int(k) for k in cfg.freeze_starts], "reuse_kinds": list(cfg.reuse_kinds),
-                             "single_layers": bool(cfg.freeze_single_layers)}, "full": FULL_GRID}}
+                             "freeze_sets": list(cfg.freeze_sets),
+                             "evaluations_per_clip": evaluations_per_clip(ctx, split)}, "full": FULL_GRID}}
     if split["no_split"]:
         base["split_note"] = ("P3 reports no split (its criteria disagree or P3 did not run): there are no "
                               "agreed stable / fast sets; each criterion's own sets are frozen and compared instead.")

@@ -52,21 +52,24 @@ from .layer_sets import claim, p3_split, self_sites, warmup_starts
 from .stats import bootstrap_ci
 
 FULL_GRID = {"lsac_refresh": [2, 3, 4, 8], "lsac_starts": ["warmup", 0], "reuse_kinds": ["output", "map"],
+             "lsac_sets": ["split", "criteria"],
              "naive_midpoint_steps": [8, 12], "naive_euler_steps": [16, 24]}
 
 
 # ---------------------------------------------------------------------------------------------- grid
-def lsac_sets(split: dict) -> dict:
-    """name -> (layers, criterion for warm-up or None = latest over criteria)."""
+def lsac_sets(split: dict, kinds=("split", "criteria")) -> dict:
+    """name -> (layers, criterion for warm-up or None = latest over criteria): the stable set of the agreed
+    split ("split"; under "no split" each criterion's instead) and each criterion's ("criteria")."""
     sets, seen = {}, set()
-    if not split["no_split"] and split["stable_layers"]:
+    if "split" in kinds and not split["no_split"] and split["stable_layers"]:
         sets["stable"] = (tuple(split["stable_layers"]), None)
         seen.add(tuple(split["stable_layers"]))
-    for name, c in sorted(split["criteria"].items()):
-        layers = tuple(c["stable_layers"])
-        if layers and layers not in seen:
-            sets[f"{name}:stable"] = (layers, name)
-            seen.add(layers)
+    if "criteria" in kinds or ("split" in kinds and split["no_split"]):
+        for name, c in sorted(split["criteria"].items()):
+            layers = tuple(c["stable_layers"])
+            if layers and layers not in seen:
+                sets[f"{name}:stable"] = (layers, name)
+                seen.add(layers)
     return sets
 
 
@@ -74,7 +77,7 @@ def lsac_rows(ctx: ProtocolContext, split: dict) -> list[Reuse]:
     cfg = ctx.config
     E = cfg.steps * METHODS[cfg.method]
     rows = []
-    for name, (layers, criterion) in lsac_sets(split).items():
+    for name, (layers, criterion) in lsac_sets(split, cfg.lsac_sets).items():
         for what in cfg.reuse_kinds:
             for start in cfg.lsac_starts:
                 starts = (warmup_starts(split, layers, criterion, E) if start == "warmup"
@@ -89,6 +92,16 @@ def naive_runs(ctx: ProtocolContext) -> list[tuple[str, int]]:
     cfg = ctx.config
     runs = [("midpoint", int(s)) for s in cfg.naive_midpoint_steps] + [("euler", int(s)) for s in cfg.naive_euler_steps]
     return [r for r in dict.fromkeys(runs) if r != (cfg.method, cfg.steps)]
+
+
+def evaluations_per_clip(ctx: ProtocolContext, split: dict) -> int:
+    """Network evaluations P6 runs per clip beyond the shared clean run: noise floor, naive runs, and each
+    LSAC row from its branch evaluation on (its cost)."""
+    cfg = ctx.config
+    E = cfg.steps * METHODS[cfg.method]
+    naive = sum(steps * METHODS[method] for method, steps in naive_runs(ctx))
+    firsts = [r.first_reuse(E) for r in lsac_rows(ctx, split)]
+    return E + naive + sum(E - (E - 1 if f is None else f - 1) for f in firsts)
 
 
 def saved_flops_per_call(what: str, frames: int, dim: int) -> int:
@@ -222,7 +235,9 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
             "grid": {"run": {"lsac_refresh": [int(n) for n in cfg.lsac_refresh], "lsac_starts": list(cfg.lsac_starts),
                              "reuse_kinds": list(cfg.reuse_kinds),
                              "naive_midpoint_steps": [int(s) for s in cfg.naive_midpoint_steps],
-                             "naive_euler_steps": [int(s) for s in cfg.naive_euler_steps]}, "full": FULL_GRID}}
+                             "naive_euler_steps": [int(s) for s in cfg.naive_euler_steps],
+                             "lsac_sets": list(cfg.lsac_sets),
+                             "evaluations_per_clip": evaluations_per_clip(ctx, split)}, "full": FULL_GRID}}
     if split["no_split"]:
         base["split_note"] = ("P3 reports no split (its criteria disagree or P3 did not run): LSAC caches each "
                               "criterion's own stable set instead of an agreed one.")
