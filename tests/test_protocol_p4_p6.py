@@ -19,7 +19,8 @@ from latentflow_fast.protocol.clips import default_clips
 from latentflow_fast.protocol.layer_sets import group_sets, p3_split, warmup_starts
 
 STEPS = 3  # 6 evaluations
-CONFIG = ProtocolConfig(num_clips=1, steps=STEPS, freeze_starts=(1, 4, 99), lsac_refresh=(2, 4),
+CONFIG = ProtocolConfig(num_clips=1, steps=STEPS, freeze_starts=(1, 4, 99), freeze_sets=("split", "criteria", "all"),
+                        lsac_refresh=(2, 4),
                         lsac_starts=("warmup", 0), lsac_sets=("split",), naive_midpoint_steps=(1, 2),
                         naive_euler_steps=(3,),
                         bootstrap=50, experiments=("p4", "p6"))
@@ -217,3 +218,9 @@ def test_p6_verdicts_and_frontier_definitions():
     assert p6.frontier(df, "c", "flops_fraction", "si_sdr_db", "euler", "midpoint") is None  # one point only
     assert p6.saved_flops_per_call("output", 10, 4) == 2 * p6.saved_flops_per_call("map", 10, 4)
     assert not np.isnan(p6.saved_flops_per_call("map", 10, 4))
+
+
+def test_naive_runs_keep_only_step_reductions(model, tmp_path):
+    config = ProtocolConfig(num_clips=1, steps=STEPS, naive_midpoint_steps=(2, 3, 12), naive_euler_steps=(3, 6, 7))
+    ctx = make_ctx(model, tmp_path, config=config)
+    assert p6.naive_runs(ctx) == [("midpoint", 2), ("euler", 3)]  # fewer than the full run's 6 evaluations

@@ -239,11 +239,13 @@ class ProbeEngine:
             ctx.captured[site] = captured
         if site in ctx.cache_heads:
             ctx.head_outputs[site] = out
-        if site in ctx.maps or site in ctx.reductions:
-            p = self._exact_map(ctx.maps.get(site) or MapRequest(site), q, k, key_padding_mask, segments)
-            if site in ctx.maps:
-                ctx.map_results[site] = p
-            for reduction in ctx.reductions.get(site, ()):
+        if site in ctx.maps:
+            ctx.map_results[site] = self._exact_map(ctx.maps[site], q, k, key_padding_mask, segments)
+        if site in ctx.reductions:
+            # float32 map of row 0 (what the kernel computes, to float32 rounding), reduced and dropped
+            mask = None if key_padding_mask is None else key_padding_mask[:1]
+            p = self._attention_map(q[:1], k[:1], mask)[0].cpu()
+            for reduction in ctx.reductions[site]:
                 ctx.reduced[(reduction.name, site)] = reduction.apply(p, site, ctx.evaluation)
         return out
 

@@ -360,8 +360,9 @@ class Reduction:
 
     name: key of the result in `Trajectory.reductions`.
     sites: glob pattern(s) of the sites to reduce.
-    fn: fn(p, site, evaluation) -> tensor or array, with p the exact map [H, Nq, Nk] (float32, CPU) of the
-        run's single row. The map is dropped after the call, so a whole trajectory's maps never coexist.
+    fn: fn(p, site, evaluation) -> tensor or array, with p the map [H, Nq, Nk] of the run's single row,
+        softmax(q k^T / sqrt(hd)) computed in float32 (CPU). It is dropped after the call, so a whole
+        trajectory's maps never coexist. (`MapRequest` gives float64 reference maps instead, kept.)
     """
 
     name: str

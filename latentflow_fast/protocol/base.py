@@ -33,16 +33,18 @@ class ProtocolConfig:
     time_bins: int = 16  # self-attention key segments for pooled maps (P3/P5)
     tau: float = 0.95  # convergence threshold (P3)
     window: int = 4  # evaluations per window of the layer x evaluation grid (P2)
-    # P4 / P6 grids (docs/design.md, section 6): sized for the budget of the default run on `small`;
-    # each summary lists what the full grid would hold and what was dropped (`grid`).
-    freeze_starts: tuple = (8, 24)  # k0 values of causal freezing (P4); full grid 4, 8, 16, 24
-    freeze_sets: tuple = ("split", "criteria", "all")  # P4 layer sets (layer_sets.SET_KINDS; "single" adds each layer)
-    lsac_sets: tuple = ("split", "criteria")  # P6: the stable sets of the agreed split and / or of each criterion
+    # P4 / P6 grids (docs/design.md, section 6), sized so that P4 + P5 + P6 take about 10 clean runs per clip
+    # (<= 9 min for 24 clips of `small` on 2 cores); each summary's `grid` lists what ran, what the full grid
+    # holds and the network evaluations per clip. Under P3's "no split" the per-criterion sets replace the
+    # agreed ones, which multiplies the P4 / P6 cost by the number of criteria.
+    freeze_starts: tuple = (16,)  # k0 values of causal freezing (P4); full grid 4, 8, 16, 24
+    freeze_sets: tuple = ("split",)  # P4 layer sets (layer_sets.SET_KINDS); full: split, criteria, all, single
     lsac_refresh: tuple = (2, 4)  # LSAC refresh intervals N (P6); full grid 2, 3, 4, 8
     lsac_starts: tuple = ("warmup",)  # P6 cache starts: "warmup" (each layer's k*) and/or ints; full: warmup, 0
+    lsac_sets: tuple = ("split",)  # P6: stable sets of the agreed split ("split") and / or of each criterion
     reuse_kinds: tuple = ("output", "map")  # P4 / P6: reuse attention outputs and/or maps
-    naive_midpoint_steps: tuple = (8, 12)  # P6 naive step reduction, midpoint (2 evaluations per step)
-    naive_euler_steps: tuple = (16, 24)  # P6 naive step reduction, Euler (1 evaluation per step)
+    naive_midpoint_steps: tuple = (12,)  # P6 naive step reduction, midpoint; full grid 8, 12
+    naive_euler_steps: tuple = (16,)  # P6 naive step reduction, Euler; full grid 16, 24
     bootstrap: int = 2000
     backend: str = "auto"
     experiments: tuple = ("p0", "p1", "p2", "p3", "p4", "p5", "p6")

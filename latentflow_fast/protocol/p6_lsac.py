@@ -52,8 +52,7 @@ from .layer_sets import claim, p3_split, self_sites, warmup_starts
 from .stats import bootstrap_ci
 
 FULL_GRID = {"lsac_refresh": [2, 3, 4, 8], "lsac_starts": ["warmup", 0], "reuse_kinds": ["output", "map"],
-             "lsac_sets": ["split", "criteria"],
-             "naive_midpoint_steps": [8, 12], "naive_euler_steps": [16, 24]}
+             "lsac_sets": ["split", "criteria"], "naive_midpoint_steps": [8, 12], "naive_euler_steps": [16, 24]}
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -91,7 +90,9 @@ def lsac_rows(ctx: ProtocolContext, split: dict) -> list[Reuse]:
 def naive_runs(ctx: ProtocolContext) -> list[tuple[str, int]]:
     cfg = ctx.config
     runs = [("midpoint", int(s)) for s in cfg.naive_midpoint_steps] + [("euler", int(s)) for s in cfg.naive_euler_steps]
-    return [r for r in dict.fromkeys(runs) if r != (cfg.method, cfg.steps)]
+    full = cfg.steps * METHODS[cfg.method]
+    # step reduction: fewer evaluations than the full run (others are dropped, e.g. in --quick)
+    return [r for r in dict.fromkeys(runs) if r[1] * METHODS[r[0]] < full]
 
 
 def evaluations_per_clip(ctx: ProtocolContext, split: dict) -> int:

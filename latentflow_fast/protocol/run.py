@@ -48,8 +48,8 @@ DEPENDS = {"p4": ("p3",), "p6": ("p3",)}
 
 def quick_config(**overrides) -> ProtocolConfig:
     """A very small configuration (2 clips, 4 midpoint steps = 8 evaluations) for smoke runs and tests."""
-    base = dict(num_clips=2, steps=4, time_bins=4, window=2, freeze_starts=(2, 4, 6), lsac_refresh=(2, 4),
-                bootstrap=200)
+    base = dict(num_clips=2, steps=4, time_bins=4, window=2, freeze_starts=(4,), lsac_refresh=(2, 4),
+                naive_midpoint_steps=(2,), naive_euler_steps=(4,), bootstrap=200)
     base.update(overrides)
     return ProtocolConfig(**base)
 
