@@ -77,36 +77,95 @@ def test_p0_runs_are_bitwise_equal(results):
 
 
 ZERO_COLUMNS = ("local_effect", "end_latent_change", "semantic_shift_db", "semantic_projection",
-                "acoustic_effect", "acoustic_logmel", "end_mrstft_to_clean")
+                "acoustic_effect", "acoustic_logmel", "end_mrstft_to_clean", "semantic_v2", "acoustic_v2")
 
 
 def test_p1_identity_swaps_are_exactly_zero_and_real_swaps_are_not(results):
     df = results[0][0]["p1"]
-    per_clip = 5 * (1 + LAYERS) + 2
+    per_clip = len(p1_pathways.V2_PROBES) + len(p1_pathways.V2_CONTROLS)  # both clips carry the controls
     assert len(df) == 2 * per_clip
-    for column in ZERO_COLUMNS + ("probe_type", "scope", "group", "gain_group", "semantic_effect"):
+    for column in ZERO_COLUMNS + ("probe_type", "scope", "group", "gain_group", "clean_si_sdri"):
         assert column in df.columns
     controls = df[df["probe_type"].str.contains("identity")]
-    assert len(controls) == 4
+    assert len(controls) == 2 * len(p1_pathways.V2_CONTROLS)
     assert (controls[list(ZERO_COLUMNS)].to_numpy() == 0).all()
-    real = df[df["probe_type"].isin(["additive", "routing", "uniform", "text knockout"])]
+    real = df[df["probe_type"].isin(["additive", "routing", "weights swap", "values swap"])]
     assert (real["local_effect"] > 0).all() and (real["end_latent_change"] > 0).all()
+    assert (real["acoustic_v2"] > 0).all()
     full = df[(df["probe_type"] == "full patch") & (df["scope"] == "all layers")]
     assert np.allclose(full["semantic_projection"], 1.0)  # patching every layer reproduces the B run
     summary = p1_pathways.summarize(df, results[0][1])
     assert summary["identity_control_max_abs_effect"] == 0.0
     assert summary["dissociation"]["n_clips"] == 2
     assert set(summary["dissociation_by_sources"]) == {"2 sources", "3 sources"}
+    ids = {(c["id"], c["subset"]) for c in summary["claims"]}
+    assert ids == {(c[0], s) for c in p1_pathways.CLAIMS for s in ("all clips", "separated")}
+    assert all(c["verdict_pre_holm"] == "not testable" for c in summary["claims"])  # n = 2: power
+
+
+def test_text_swap_both_equals_the_counterfactual_run(results):
+    """Known by construction: keys and values of B's text at every layer from evaluation 0 = prompting B."""
+    from latentflow_fast.protocol.text_swap import TextSwapEngine, swap_probe
+
+    ctx = results[0][1]
+    pclip = ctx.clips[0]
+    engine = TextSwapEngine(ctx.model, time_bins=4)
+    kwargs = dict(steps=ctx.config.steps, seed=ctx.config.noise_seed, cache_heads=())
+    clean = engine.record_text("a", pclip.clip, **kwargs)
+    cf = engine.record_text("b", pclip.clip, prompt=pclip.counterfactual_prompt, **kwargs)
+    outputs = {}
+
+    def keep(target, residual, traj):
+        outputs["target"] = target.clone()
+        return [{} for _ in range(target.shape[0])]
+
+    probes = [swap_probe("text swap", "b"), swap_probe("weights swap", "a"), swap_probe("values swap", "a"),
+              swap_probe("weights swap", "b")]
+    rows = engine.sweep(clean, probes, end_effect=True, progress=False, end_metrics=keep)
+    assert torch.equal(outputs["target"][0], cf.target)  # bitwise: text reaches the DiT only there
+    assert torch.equal(outputs["target"][1], clean.target) and torch.equal(outputs["target"][2], clean.target)
+    assert rows["end_latent_change"].iloc[3] > 0
+    with pytest.raises(ValueError, match="kind"):
+        swap_probe("keys swap", "b")
+
+
+def test_identity_effects_known_by_construction():
+    rng = np.random.default_rng(0)
+    a, b, other, noise = (rng.normal(size=2000) for _ in range(4))
+    clean = a + 0.1 * b + 0.3 * other
+    outs = np.stack([clean, clean + 0.5 * b, clean + 0.2 * noise, 0.5 * a + 0.1 * b + 0.3 * other])
+    rows = effects.identity_effects(outs, clean, None, a, b, (other,))
+    assert rows[0]["semantic_v2"] == 0.0 and rows[0]["acoustic_v2"] == 0.0  # identical: exact zeros
+    # a pure move toward B: position 0.1/1.1 -> 0.6/1.6, nothing off the stems' plane
+    assert rows[1]["semantic_v2"] == pytest.approx(0.6 / 1.6 - 0.1 / 1.1) and rows[1]["acoustic_v2"] < 1e-12
+    # a change off the plane: acoustic = |P_perp noise| / |clean|, semantic ~ 0
+    assert abs(rows[2]["semantic_v2"]) < 0.02 and rows[2]["acoustic_v2"] == pytest.approx(
+        0.2 * np.linalg.norm(noise) / np.linalg.norm(clean), rel=0.05)
+    # re-weighting the stems (less A) moves the identity but is not acoustic
+    assert rows[3]["semantic_v2"] > 0 and rows[3]["acoustic_v2"] < 1e-12
+    # active samples only: a change outside the mask is invisible
+    mask = np.zeros(2000, dtype=bool)
+    mask[:1000] = True
+    outside = clean.copy()
+    outside[1500:] += 1.0
+    (row,) = effects.identity_effects(outside[None], clean, None, a, b, (other,), active=mask)
+    assert row["acoustic_v2"] == pytest.approx(0.0, abs=1e-12) and row["semantic_v2"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_p2_grid_shape_and_neutral_probe(results):
     df = results[0][0]["p2"]
     windows = len(p2_grid.window_starts(4, 2))
-    assert len(df) == 2 * LAYERS * windows * 4
+    assert len(df) == 2 * LAYERS * windows  # 2 layer groups (here one layer each) x windows x full patch
     assert len(p2_grid.grid_probes(LAYERS, HEADS, 4, 2, per_head=True)) == LAYERS * windows * (4 + HEADS)
-    grid = p2_grid.grid_means(df, "routing", "acoustic_effect")
+    grid = p2_grid.grid_means(df, "full patch", "acoustic_v2")
     assert grid.shape == (LAYERS, windows) and np.isfinite(grid.to_numpy()).all()
-    assert (df["acoustic_effect"] > 0).all()
+    assert (df["acoustic_v2"] > 0).all()
+    assert p2_grid.layer_groups(16, 2) == [(0, 9, "[0-9]"), (10, 15, "1[0-5]")]
+    assert p2_grid.layer_groups(8, 2) == [(0, 3, "[0-3]"), (4, 7, "[4-7]")]
+    assert len(p2_grid.group_probes(8, 32, 16, 2, ("additive", "routing"))) == 2 * 2 * 2
+    with pytest.raises(ValueError, match="p2_types"):
+        p2_grid.group_probes(8, 32, 16, 2, ("nonsense",))
+    assert "layer groups" in p2_grid.summarize(df, results[0][1])["grid_reduction"]
     # A gate of 1 changes nothing: the engine + end metrics give exact zeros.
     ctx = results[0][1]
     pclip = ctx.clips[0]
@@ -122,10 +181,32 @@ def test_p3_convergence_columns(results):
     assert len(df) == 2 * LAYERS * 4
     last = df[df["evaluation"] == 3]
     assert np.allclose(last["sim_final"], 1.0) and (last["rel_change_final"] == 0).all()
+    assert np.allclose(last["map_sim_final"], 1.0) and np.allclose(last["output_sim_final"], 1.0)
     assert df["kstar"].between(0, 3).all() and df["sim_prev"].isna().sum() == 2 * LAYERS
+    assert df["kstar_map"].between(0, 3).all() and df["kstar_output"].between(0, 3).all()
     summary = p3_convergence.summarize(df, results[0][1])
-    assert sorted(summary["stable_layers"] + summary["fast_layers"]) == list(range(LAYERS))
-    assert summary["split_basis"] in ("kstar", "kstar_centered")
+    for crit in summary["criteria"].values():
+        assert sorted(crit["stable_layers"] + crit["fast_layers"]) == list(range(LAYERS))
+        assert 0 <= crit["bootstrap_stability"] <= 1
+    split = summary["split"]
+    agree = summary["criteria"]["map"]["stable_layers"] == summary["criteria"]["output"]["stable_layers"]
+    assert split["no_split"] == (not agree or not all(c["fast_layers"] for c in summary["criteria"].values()))
+    assert summary["stable_layers"] == summary["criteria"]["map"]["stable_layers"]
+    assert {c["id"] for c in summary["claims"]} == {"P3.map", "P3.output"}
+
+
+def test_p3_criteria_known_by_construction():
+    """k* and the cross-fitted claim on tables whose answer is known: layer 1 settles late on every clip."""
+    table = pd.DataFrame({0: [2, 3, 2, 1, 2, 3, 2, 2], 1: [20, 25, 22, 19, 30, 21, 24, 23],
+                          2: [3, 2, 2, 2, 1, 3, 2, 4]}, index=[f"c{i}" for i in range(8)])
+    summary = p3_convergence.criterion_summary(table, resamples=50, seed=0)
+    assert summary["stable_layers"] == [0, 2] and summary["fast_layers"] == [1]
+    assert summary["bootstrap_stability"] == 1.0 and summary["clips_with_same_split"] == 8
+    values = p3_convergence.crossfit_values(table)
+    assert (values > 15).all() and len(values) == 8
+    centred = p3_convergence.centered_cosine(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0]))
+    assert centred == pytest.approx(1.0)
+    assert p3_convergence.convergence_index([0.1, 0.99, 0.5, 0.96, 0.97], 0.95) == 3
 
 
 def test_p5_scaffold_columns(results):

@@ -88,12 +88,14 @@ def test_p4_rows_controls_and_claims(p4_run):
     assert summary["layer_sets"]["stable"] == [1] and not summary["no_split"]
     # cost: 12 rows branch at evaluation 0 (k0 = 1, 6 evaluations), 12 at 3 (k0 = 4), controls at the last
     assert summary["grid"]["run"]["evaluations_per_clip"] == 12 * 6 + 12 * 3 + 2
-    ids = [c["id"] for c in summary["claims"]]
-    assert ids == ["p4_output_mrstft", "p4_output_si", "p4_map_mrstft", "p4_map_si"]
+    ids = [(c["id"], c["subset"]) for c in summary["claims"]]
+    assert ids == [(i, s) for i in ("P4.output.mrstft", "P4.output.sisdr", "P4.map.mrstft", "P4.map.sisdr")
+                   for s in ("all clips", "separated")]
     first = summary["claims"][0]
     expected = (real[(real["what"] == "output") & (real["layer_set"] == "fast")]["end_mrstft_to_clean"].mean()
                 - real[(real["what"] == "output") & (real["layer_set"] == "stable")]["end_mrstft_to_clean"].mean())
-    assert first["values"] == [pytest.approx(expected)] and first["direction"] == "positive"
+    assert first["values"] == [pytest.approx(expected)] and first["direction"] == 1
+    assert first["verdict_pre_holm"] == "not testable" and first["reason"].startswith("power")  # one clip
 
 
 def test_p4_is_deterministic_and_resumes(model, p4_run, tmp_path):
@@ -115,8 +117,8 @@ def test_p4_under_no_split_uses_each_criterion(model, tmp_path):
     summary = p4.summarize(p4.run(ctx), ctx)
     assert summary["no_split"] and "no split" in summary["split_note"]
     assert "stable" not in summary["layer_sets"]
-    assert [c["id"] for c in summary["claims"]] == ["p4_map_output_mrstft", "p4_map_output_si",
-                                                     "p4_output_output_mrstft", "p4_output_output_si"]
+    assert [c["id"] for c in summary["claims"] if c["subset"] == "all clips"] == [
+        "P4.map.output.mrstft", "P4.map.output.sisdr", "P4.output.output.mrstft", "P4.output.output.sisdr"]
 
 
 # ---------------------------------------------------------------------------------------------- P5
@@ -147,8 +149,8 @@ def test_p5_reads_one_trajectory_and_reports_claims(model, tmp_path):
     layers = df[df["layer"] >= 0]
     assert len(layers) == 3 * 2 * STEPS and layers["segment_affinity"].notna().all()
     summary = p5.summarize(df, ctx)
-    ids = [c["id"] for c in summary["claims"]]
-    assert ids == ["p5_segmentation_attenuated_over_evaluations", "p5_segmentation_attenuated_with_depth"]
+    ids = [c["id"] for c in summary["claims"] if c["subset"] == "all clips"]
+    assert ids == ["P5.segmentation_over_evaluations", "P5.segmentation_with_depth"]
     values = layers.groupby("evaluation")["segment_affinity"].mean()
     assert summary["claims"][0]["values"] == [pytest.approx(values.iloc[0] - values.iloc[-1])]  # quarter = 1
     # the same trajectory serves P4 / P6: nothing recomputed
@@ -188,9 +190,12 @@ def test_p6_rows_counts_and_frontier(p6_run, model):
     summary = p6.summarize(df, ctx)
     assert summary["all_counts_match_engine"]
     assert summary["noise_floor"]["mrstft"] > 0
-    assert {c["id"] for c in summary["claims"]} == {"p6_lsac_beats_naive_flops", "p6_lsac_beats_naive_calls",
-                                                     "p6_lsac_closer_to_full_flops"}
-    assert all(len(c["values"]) == 1 for c in summary["claims"])
+    assert {c["id"] for c in summary["claims"]} == {"P6.lsac_vs_naive.flops.sisdr", "P6.lsac_vs_naive.calls.sisdr",
+                                                     "P6.lsac_vs_naive.flops.mrstft"}
+    everything = [c for c in summary["claims"] if c["subset"] == "all clips"]
+    assert all(len(c["values"]) == 1 for c in everything)
+    mrstft = next(c for c in everything if c["id"].endswith("mrstft"))
+    assert mrstft["floor"] == pytest.approx(summary["noise_floor"]["mrstft"])
     for entry in summary["lsac"].values():
         assert entry["retention_si_sdr"]["verdict"] in ("indistinguishable", "lsac_better", "naive_better")
 

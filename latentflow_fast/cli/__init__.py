@@ -5,6 +5,7 @@
     latentflow probe                      run the causal probing protocol and write a report
     latentflow profile -- <command...>    run a probing command under Nsight Systems or the torch profiler
     latentflow info                       a model's prompt vocabulary, sizes and input limits
+    latentflow report FOLDER              regenerate report.html (and --markdown REPORT.md) from summary.json
 
 Also runnable as `python -m latentflow_fast.cli ...` (which is what torchrun launches).
 """
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
     "probe": "latentflow_fast.cli.probe",
     "profile": "latentflow_fast.cli.profile",
     "info": "latentflow_fast.cli.info",
+    "report": "latentflow_fast.cli.report",
 }
 
 

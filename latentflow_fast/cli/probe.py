@@ -1,11 +1,13 @@
 """`latentflow probe`: run the causal probing protocol (P0-P6) and write a report.
 
-    latentflow probe                                  # tiny default model, seeded synthetic clips -> ./latentflow-report
+    latentflow probe                                  # small default model, 24 balanced synthetic scenes -> ./latentflow-report
     latentflow probe --quick --out /tmp/r             # a very small configuration (2 clips cropped to 0.5 s, 4 steps)
+    latentflow probe --model tiny --clips 8           # the tiny test model on its own data
     latentflow probe --experiments p3,p6 --clips 4    # a subset (P4/P6 add P3, whose layer split they use)
     latentflow probe --model DIR --audio a.wav b.wav --prompt "sine tone" "chirp" --counterfactual "chirp" "sine tone"
 
-The output folder holds results/<exp>/*.parquet, figures/*.png, summary.json, run_info.json and report.html.
+The output folder holds results/<exp>/*.parquet, figures/*.png, summary.json, run_info.json, report.html and
+REPORT.md (the Holm-corrected scorecard; `latentflow report FOLDER --markdown PATH` regenerates it).
 Rerunning the same command into the same folder resumes (stored rows are skipped) and gives an identical
 summary.json. A folder made with other settings (model weights, audio content, prompts, protocol
 configuration, backend) is refused, naming what differs; --new keeps such a run in <out>-<settings digest>. Under torchrun the command runs as `python -m latentflow_fast.cli probe ...`.
@@ -42,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="latentflow-report", help="output folder (default: ./latentflow-report)")
-    p.add_argument("--model", default=None, help='"tiny" (default, shipped) or a model directory')
+    p.add_argument("--model", default=None, help='"small" (default, shipped), "tiny" (shipped, for tests) or a model directory')
     p.add_argument("--audio", nargs="+", default=None, metavar="FILE", help="audio files to probe instead of "
                    "the synthetic clips (one --prompt each)")
     p.add_argument("--prompt", nargs="+", default=None, help="prompt per --audio file (one prompt: used for all)")
@@ -165,6 +167,15 @@ def run(args) -> int:
         return 0
     print()
     print(format_table(headline_rows(summary)))
+    card = [c for c in summary.get("scorecard") or [] if c.get("subset") == "all clips"]
+    if card:
+        print("\nScorecard (all clips; exact Wilcoxon, Holm-adjusted p; see REPORT.md):")
+        def detail(c):
+            if c.get("p_holm") is None:
+                return f"n = {c['n']}; {c.get('reason') or 'no p value'}"
+            return f"n = {c['n']}, p_holm = {c['p_holm']:.3g}, effect = {c.get('effect')!s:.6}"
+
+        print(format_table([(c["id"], c["verdict"], detail(c)) for c in card]))
     if summary.get("limitations"):
         print()
         print(format_limitations(summary))

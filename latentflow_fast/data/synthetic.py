@@ -183,13 +183,24 @@ def _make_source(cls: str, rng: np.random.Generator) -> tuple[np.ndarray, tuple[
     return out, (start, start + length), params
 
 
-def make_mixture(seed: int) -> Mixture:
-    """The mixture of seed ``seed`` (deterministic; see the module docstring for the rules)."""
+def make_mixture(seed: int, classes: Sequence[str] | None = None, target_index: int | None = None) -> Mixture:
+    """The mixture of seed ``seed`` (deterministic; see the module docstring for the rules).
+
+    ``classes`` / ``target_index`` fix the classes (in order) and the prompted source instead of drawing
+    them (the protocol's balanced clip sets); the draws are still made, so everything else (intervals,
+    gains, signals) comes from the seed as usual and the default path is unchanged."""
     seed = _check_seed(seed)
     rng = np.random.Generator(np.random.PCG64(seed))
     n_sources = int(rng.integers(2, 4))
     class_ids = rng.choice(len(CLASSES), size=n_sources, replace=False)
-    classes = tuple(CLASSES[int(i)] for i in class_ids)
+    if classes is None:
+        classes = tuple(CLASSES[int(i)] for i in class_ids)
+    else:
+        classes = tuple(classes)
+        if (any(c not in CLASSES for c in classes) or not 1 <= len(classes) <= len(CLASSES)
+                or len(set(classes)) != len(classes)):
+            raise ValueError(f"classes must be distinct names from {CLASSES}, got {classes}")
+        n_sources = len(classes)
     sources, intervals, gains, params = [], [], [], []
     for cls in classes:
         signal, interval, p = _make_source(cls, rng)
@@ -198,7 +209,11 @@ def make_mixture(seed: int) -> Mixture:
         intervals.append(interval)
         gains.append(gain_db)
         params.append(p)
-    target_index = int(rng.integers(0, n_sources))
+    drawn_target = int(rng.integers(0, n_sources))
+    if target_index is None:
+        target_index = drawn_target
+    elif not 0 <= target_index < n_sources:
+        raise ValueError(f"target_index must be in [0, {n_sources}), got {target_index}")
     target = sources[target_index]
     residual = np.zeros(CLIP_SAMPLES, dtype=np.float32)
     for i, s in enumerate(sources):

@@ -24,15 +24,17 @@ from ..probe import Clip, ProbeEngine, ResultStore, Trajectory
 class ProtocolConfig:
     """Everything that determines the protocol's numbers (a rerun with the same config is identical)."""
 
-    model: str = "tiny"
-    num_clips: int = 4  # default synthetic set: half 2-source, half 3-source mixtures (about 35 min on 2 cores)
+    model: str = "small"
+    num_clips: int = 24  # balanced design (clips.py): half 2-source, half 3-source mixtures
     clip_seed_offset: int = 0  # offset into the held-out evaluation seeds
     steps: int = 16
     method: str = "midpoint"
     noise_seed: int = 0
     time_bins: int = 16  # self-attention key segments for pooled maps (P3/P5)
     tau: float = 0.95  # convergence threshold (P3)
-    window: int = 4  # evaluations per window of the layer x evaluation grid (P2)
+    window: int = 16  # evaluations per window of the layer x evaluation grid (P2): two halves of 32
+    p2_layer_groups: int = 2  # P2 on 2 layer groups (time budget); 0 = v1's per-layer grid
+    p2_types: tuple = ("full patch",)  # P2 probe types per (layer group, window): full patch / additive / routing
     # P4 / P6 grids (docs/design.md, section 6), sized so that P4 + P5 + P6 take about 10 clean runs per clip
     # (<= 9 min for 24 clips of `small` on 2 cores); each summary's `grid` lists what ran, what the full grid
     # holds and the network evaluations per clip. Under P3's "no split" the per-criterion sets replace the
@@ -114,6 +116,11 @@ class ProtocolContext:
                 pclip.clip, steps=cfg.steps, method=cfg.method, seed=cfg.noise_seed, prompt=prompt, **kwargs
             )
         return self._trajectories[key]
+
+    def forget(self, pclip: ProtocolClip) -> None:
+        """Drop the cached trajectories of a clip (an experiment is done with it: bounded memory)."""
+        for key in [k for k in self._trajectories if isinstance(k, tuple) and k and k[0] == pclip.clip.clip_id]:
+            del self._trajectories[key]
 
 
 @dataclass

@@ -25,6 +25,24 @@ log-magnitude L1 at FFT sizes 256/512/1024), ``acoustic_logmel`` = mean |log-mel
 ``acoustic_effect`` = ``acoustic_mrstft``. Without a counterfactual run the reference is always ``clean``.
 
 An identity intervention leaves out == clean bitwise, so every effect above is exactly 0.
+
+Protocol v2 effects (issue 13; the primary P1 effects)
+------------------------------------------------------
+The audit found the margin ratio unstable (gaps of 12-109 dB) and the MR-STFT distance dominated by
+where the output sits between the two identities. v2 works in waveform space, on the *active samples*
+(where A or B plays; every sample without interval information):
+
+* identity plane: least squares of the output on the reference stems, out ~ alpha s_A + beta s_B
+  (+ the mixture's other stems as nuisance regressors); ``identity_position`` = beta / (|alpha| + |beta|)
+  (0 = pure A, 1 = pure B, NaN when both are 0).
+* ``semantic_v2`` = position(out) - position(clean) (in [-2, 2]; the gap ``semantic_v2_gap`` =
+  position(cf) - position(clean) says how far prompting B moves it).
+* ``acoustic_v2`` = ||P_perp (out - clean)|| / ||clean|| on the active samples, P_perp = the projector
+  orthogonal to the span of the stems: a change of *how* it sounds, with the identity axis (and any
+  re-weighting of the stems) removed. A pure identity move out = clean + c s_B gives acoustic_v2 = 0.
+* Without stems: position = the projection coefficient on clean -> cf (as ``semantic_projection``) and
+  P_perp removes the clean -> cf direction.
+Both are exactly 0 when out == clean.
 """
 
 from __future__ import annotations
@@ -112,6 +130,74 @@ def effect_rows(outputs: torch.Tensor, clean: torch.Tensor, counterfactual: Opti
     return rows
 
 
+def _active_mask(pclip, num_samples: int) -> np.ndarray:
+    """bool [S]: samples inside the target's or the counterfactual's interval (all if unknown)."""
+    mask = np.zeros(num_samples, dtype=bool)
+    known = False
+    for key in ("target_interval", "counterfactual_interval"):
+        interval = (pclip.meta or {}).get(key) if pclip is not None else None
+        if interval is not None:
+            mask[int(interval[0]):int(interval[1])] = True
+            known = True
+    return mask if known and mask.any() else np.ones(num_samples, dtype=bool)
+
+
+def identity_effects(outputs, clean, counterfactual=None, source_a=None, source_b=None, others=(),
+                     active=None) -> list[dict]:
+    """semantic_v2 / acoustic_v2 (module docstring) of outputs [R, S], one dict per row (float64 maths)."""
+    out = np.asarray(torch.as_tensor(outputs, dtype=torch.float64).reshape(-1, np.shape(outputs)[-1]))
+    S = out.shape[1]
+    mask = np.ones(S, dtype=bool) if active is None else np.asarray(active, dtype=bool).reshape(-1)
+    if mask.shape != (S,):
+        raise ValueError(f"active must have {S} entries, got {mask.shape}")
+    c = np.asarray(torch.as_tensor(clean, dtype=torch.float64).reshape(-1))[mask]
+    cf = None if counterfactual is None else np.asarray(torch.as_tensor(counterfactual, dtype=torch.float64).reshape(-1))[mask]
+    o = out[:, mask]
+    if source_a is not None and source_b is not None:
+        basis = [np.asarray(torch.as_tensor(x, dtype=torch.float64).reshape(-1))[mask]
+                 for x in (source_a, source_b, *others)]
+        X = np.stack(basis, axis=1)  # [S_active, n_stems]
+
+        def position(y):
+            coef = np.linalg.lstsq(X, y.T, rcond=None)[0]  # [n_stems, rows]
+            a, b = coef[0], coef[1]
+            den = np.abs(a) + np.abs(b)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(den > 0, b / np.where(den > 0, den, 1.0), np.nan)
+    elif cf is not None:
+        X = (cf - c)[:, None]
+
+        def position(y):
+            d = X[:, 0]
+            norm = float(d @ d)
+            return (y - c) @ d / norm if norm > 0 else np.full(y.shape[0], np.nan)
+    else:
+        X = np.zeros((o.shape[1], 0))
+        position = None
+    if position is not None:
+        p_clean = position(c[None])[0]
+        p_out = position(o)
+        p_cf = position(cf[None])[0] if cf is not None else np.nan
+    delta = o - c[None]
+    if X.shape[1]:
+        Q, _ = np.linalg.qr(X)
+        delta = delta - (delta @ Q) @ Q.T  # remove the identity plane
+    clean_norm = float(np.linalg.norm(c))
+    acoustic = np.linalg.norm(delta, axis=1) / clean_norm if clean_norm > 0 else np.full(o.shape[0], np.nan)
+    # identical rows give exactly 0 (the projection above is not exact in floating point)
+    same = np.all(o == c[None], axis=1)
+    rows = []
+    for r in range(o.shape[0]):
+        if position is None:
+            sem, gap, pos = math.nan, math.nan, math.nan
+        else:
+            sem = 0.0 if same[r] else float(p_out[r] - p_clean)
+            gap, pos = float(p_cf - p_clean), float(p_out[r])
+        rows.append({"semantic_v2": sem, "semantic_v2_gap": gap, "identity_position": pos,
+                     "acoustic_v2": 0.0 if same[r] else float(acoustic[r])})
+    return rows
+
+
 def make_end_metrics(pclip, clean, counterfactual=None, extra: Optional[dict] = None):
     """An `end_metrics` function for ProbeEngine.sweep that adds the effects above to every row.
 
@@ -126,10 +212,17 @@ def make_end_metrics(pclip, clean, counterfactual=None, extra: Optional[dict] = 
     cf_wave = None if counterfactual is None else counterfactual.target
     constant = dict(clip_columns(pclip), **(extra or {}))
 
+    others = ()
+    if source_a is not None:
+        others = tuple(pclip.sources[i] for i in range(pclip.sources.shape[0])
+                       if i not in (pclip.target_index, pclip.counterfactual_index))
+
     def end_metrics(target_waves, residual_waves, traj):
         rows = effect_rows(target_waves, clean.target, cf_wave, source_a, source_b,
                            sample_rate=traj.inputs.sample_rate)
-        return [dict(row, **constant) for row in rows]
+        v2 = identity_effects(target_waves, clean.target, cf_wave, source_a, source_b, others,
+                              active=_active_mask(pclip, target_waves.shape[-1]))
+        return [dict(row, **extra_row, **constant) for row, extra_row in zip(rows, v2)]
 
     return end_metrics
 

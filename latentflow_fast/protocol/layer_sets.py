@@ -10,7 +10,12 @@ the experiments keep only the layer sets that need none ("all", single layers).
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
+
 from .base import ProtocolContext
+from .clips import SEPARATED_DB, separated_clip_ids
+from .stats import paired_claim
 
 
 def _ints(values) -> list:
@@ -94,8 +99,25 @@ def warmup_starts(split: dict, layers, criterion: str | None, num_evaluations: i
     return tuple(starts)
 
 
-def claim(claim_id: str, text: str, values, direction: str = "positive", **extra) -> dict:
-    """One scorecard claim: per-clip effects with the sign convention positive = the paper's direction.
-    The report turns it into a verdict (protocol.stats: exact Wilcoxon, BCa interval, Holm across claims);
-    `not_testable` (a reason) marks a claim this run cannot test."""
-    return {"id": claim_id, "claim": text, "values": [float(v) for v in values], "direction": direction, **extra}
+def separated_ids(ctx: ProtocolContext, clean_gains: pd.Series) -> list:
+    """Clips the clean model separates: from P0/P1/P3's summaries when one ran, else from `clean_gains`
+    (clip_id -> clean SI-SDRi in dB, as the experiment recorded it) with the same rule."""
+    ids = separated_clip_ids(ctx)
+    if ids is not None:
+        return [str(i) for i in ids]
+    return sorted(str(c) for c, g in clean_gains.items() if np.isfinite(g) and g >= SEPARATED_DB)
+
+
+def claim(ctx: ProtocolContext, experiment: str, claim_id: str, text: str, per_clip: pd.Series, separated: list,
+          units: str = "", floor: float | None = None, not_testable: str | None = None) -> list:
+    """One scorecard claim on all clips and on the separated subset: `per_clip` (clip_id -> effect, sign
+    positive = the paper's direction) evaluated by protocol.stats.paired_claim (exact Wilcoxon, BCa
+    interval, smallest detectable effect, verdict before Holm; the report applies Holm per subset)."""
+    per_clip = pd.to_numeric(per_clip, errors="coerce").dropna()
+    out = []
+    for subset, keep in (("all clips", None), ("separated", set(separated))):
+        v = per_clip if keep is None else per_clip[[str(c) in keep for c in per_clip.index]]
+        out.append(paired_claim(v.to_numpy(), claim_id=claim_id, claim=text, experiment=experiment, subset=subset,
+                                clip_ids=[str(c) for c in v.index], units=units, floor=floor,
+                                not_testable=not_testable, resamples=int(ctx.config.bootstrap)))
+    return out

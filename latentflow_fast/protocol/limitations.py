@@ -12,6 +12,11 @@
   called timing noise unless at least 3 clips all show it and their spread is smaller than it. The counted
   fraction of skipped self-attention calls is the exact figure.
 
+* protocol v2: every definition is our reconstruction of a paper whose method is not public; P3's split
+  when its criteria disagree (``split.no_split``: P4/P6's stable-vs-fast results then rest on a split the
+  data do not support); how many clips the clean model separates (the second subset of every claim); the
+  Holm family sizes of the scorecard.
+
 Everything is derived from the summaries (no timings of this process), so a rerun writes the same text.
 """
 
@@ -124,9 +129,46 @@ def _timing(summary: dict) -> list:
     return out
 
 
+def _protocol_v2(summary: dict) -> list:
+    experiments = summary.get("experiments", {})
+    out = [{"topic": "reconstruction",
+            "text": "Only the paper's abstract (and the first paragraph of its introduction) is public: every probe, "
+                    "effect and threshold here is our reconstruction, so each verdict holds on this reconstruction, "
+                    "this model and these clips only."}]
+    p3 = (experiments.get("p3") or {}).get("summary") or {}
+    split = p3.get("split") or {}
+    if split.get("no_split"):
+        crits = "; ".join(f"{name}: stable {c.get('stable_layers')}, fast {c.get('fast_layers')}"
+                          for name, c in (p3.get("criteria") or {}).items())
+        users = [name.upper() for name in ("p4", "p6") if name in experiments]
+        text = f"P3 gives no stable/fast split ({split.get('reason', '')}; {crits})"
+        if users:
+            text += (f"; {' and '.join(users)} results that compare stable with fast layers rest on a split the "
+                     "data do not support")
+        out.append({"topic": "layer split", "text": text + "."})
+    for name in ("p0", "p1", "p3"):
+        result = (experiments.get(name) or {}).get("summary") or {}
+        if "separated_clips" in result:
+            n = len(summary.get("clips", []))
+            k = len(result["separated_clips"])
+            out.append({"topic": "clips",
+                        "text": f"The clean model separates {k} of {n} clips (SI-SDRi >= 3 dB); claims are reported "
+                                f"on all clips and on these {k} (own Holm family)."})
+            break
+    card = summary.get("scorecard") or []
+    if card:
+        sizes = {}
+        for c in card:
+            sizes[c.get("holm_family", c.get("subset"))] = c.get("holm_family_size")
+        out.append({"topic": "multiple testing",
+                    "text": "Holm's correction over the testable claims of each family: "
+                            + ", ".join(f"{k} ({v} tests)" for k, v in sizes.items()) + "."})
+    return out
+
+
 def limitations(summary: dict) -> list:
     """[{"topic", "text"}] for this run (see the module docstring)."""
-    return _sample_size(summary) + _layer_split(summary) + _timing(summary)
+    return _sample_size(summary) + _protocol_v2(summary) + _layer_split(summary) + _timing(summary)
 
 
 __all__ = ["distinct_bootstrap_resamples", "limitations", "smallest_wilcoxon_p"]

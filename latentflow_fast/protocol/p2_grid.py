@@ -12,6 +12,15 @@ evaluations w .. w+window-1 only, and the branch is integrated to t=1):
 
 Effects as in effects.py (semantic: toward the counterfactual source; acoustic: MR-STFT distance to the
 identity-matched clean output). Heatmaps show the mean over clips for each (layer, window start).
+
+Protocol v2 default (time budget, recorded as ``grid_reduction`` in the summary): the grid runs on layer
+*groups* instead of single layers -- ``config.p2_layer_groups`` contiguous groups (2: the first and second
+half of the layers, split where a site glob can name each group, e.g. 0-9 / 10-15 for 16 layers) -- with
+windows of ``config.window`` evaluations (16: the first and second half of the 32 evaluations) and the
+probe types ``config.p2_types`` (default: the full cross-attention patch c_A -> c_B, i.e. where and when
+everything text conditioning carries matters; "additive" and "routing" add P1's swaps per cell); v2
+effects (semantic_v2, acoustic_v2) as in P1. ``p2_layer_groups = 0`` runs v1's per-layer grid with all four
+v1 probe types.
 """
 
 from __future__ import annotations
@@ -24,10 +33,12 @@ import pandas as pd
 from ..probe import Probe
 from .base import Experiment, ProtocolContext
 from .effects import json_ready, make_end_metrics
+from .clips import separation_gain_db
 from .p1_pathways import COUNTERFACTUAL_RUN, prepare_runs, save_figure, tidy
 
-PROBE_TYPES = ("additive", "routing", "cross-attn ablation", "self-attn ablation", "self-attn head ablation")
-EFFECTS = ("semantic_effect", "acoustic_effect")
+PROBE_TYPES = ("full patch", "additive", "routing", "cross-attn ablation", "self-attn ablation",
+               "self-attn head ablation")
+EFFECTS = ("semantic_v2", "acoustic_v2")
 
 
 def window_starts(num_evaluations: int, window: int) -> list[int]:
@@ -55,18 +66,83 @@ def grid_probes(num_layers: int, num_heads: int, num_evaluations: int, window: i
     return probes
 
 
+def range_pattern(lo: int, hi: int):
+    """A glob character class naming layers lo..hi (inclusive) exactly, or None if one glob cannot."""
+    if hi < 10:
+        return f"[{lo}-{hi}]" if hi > lo else str(lo)
+    if lo >= 10 and lo // 10 == hi // 10:
+        return f"{lo // 10}[{lo % 10}-{hi % 10}]" if hi > lo else str(lo)
+    return None
+
+
+def layer_groups(num_layers: int, groups: int) -> list[tuple]:
+    """[(first, last, glob), ...]: `groups` contiguous groups as near-equal as a single site glob allows."""
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    groups = min(groups, num_layers)
+    if groups == 1:
+        return [(0, num_layers - 1, "*")]
+    if groups != 2:
+        raise ValueError(f"p2_layer_groups must be 0 (per layer), 1 or 2, got {groups}")
+    for split in sorted(range(1, num_layers), key=lambda s: (abs(2 * s - num_layers), s)):
+        a, b = range_pattern(0, split - 1), range_pattern(split, num_layers - 1)
+        if a is not None and b is not None:
+            return [(0, split - 1, a), (split, num_layers - 1, b)]
+    raise ValueError(f"no split of {num_layers} layers into two glob-named groups")
+
+
+GROUP_TYPES = {"full patch": "output_patch", "additive": "additive_swap", "routing": "routing_swap"}
+
+
+def group_probes(num_layers: int, num_evaluations: int, window: int, groups: int,
+                 types=("full patch",)) -> list[Probe]:
+    """`types` (keys of GROUP_TYPES) at each layer group (all its cross-attention layers) per window."""
+    unknown = [t for t in types if t not in GROUP_TYPES]
+    if unknown or not types:
+        raise ValueError(f"p2_types must be a non-empty subset of {sorted(GROUP_TYPES)}, got {tuple(types)}")
+    probes = []
+    for first, last, glob in layer_groups(num_layers, groups):
+        site = f"layers.{glob}.cross_attn"
+        for start in window_starts(num_evaluations, window):
+            for name in types:
+                probes.append(Probe(site=site, intervention=GROUP_TYPES[name], source=COUNTERFACTUAL_RUN,
+                                    label=f"{name} L{first}-{last}", evaluation=start, window=window))
+    return probes
+
+
 def run(ctx: ProtocolContext) -> pd.DataFrame:
     store = ctx.store("p2")
     engine = ctx.engine
     num_layers = engine.model.config.n_layers
+    groups = int(getattr(ctx.config, "p2_layer_groups", 0))
     for pclip in ctx.clips:
         if not pclip.counterfactual_prompt:
             continue
         clean, counterfactual = prepare_runs(ctx, pclip)
-        probes = grid_probes(num_layers, engine.num_heads, clean.num_evaluations, ctx.config.window)
+        if groups:
+            probes = group_probes(num_layers, clean.num_evaluations, ctx.config.window, groups,
+                                  tuple(getattr(ctx.config, "p2_types", ("full patch",))))
+        else:
+            probes = grid_probes(num_layers, engine.num_heads, clean.num_evaluations, ctx.config.window)
         engine.sweep(clean, probes, end_effect=True, store=store, progress=ctx.progress,
-                     end_metrics=make_end_metrics(pclip, clean, counterfactual))
-    return tidy(store.load())
+                     end_metrics=make_end_metrics(pclip, clean, counterfactual,
+                                                  extra={"clean_si_sdri": separation_gain_db(clean.target, pclip)}))
+        ctx.forget(pclip)
+    return group_tidy(tidy(store.load()))
+
+
+def group_tidy(df: pd.DataFrame) -> pd.DataFrame:
+    """Layer-group rows: probe_type without the " La-b" suffix, `layer` = the group's first layer."""
+    if df.empty or "probe_type" not in df.columns:
+        return df
+    df = df.copy()
+    grouped = df["probe_type"].str.contains(r" L\d+-\d+$", regex=True)
+    if grouped.any():
+        first = df.loc[grouped, "probe_type"].str.extract(r" L(\d+)-\d+$")[0].astype(int)
+        df.loc[grouped, "layer"] = first
+        df.loc[grouped, "layer_group"] = df.loc[grouped, "probe_type"].str.extract(r" (L\d+-\d+)$")[0]
+        df.loc[grouped, "probe_type"] = df.loc[grouped, "probe_type"].str.replace(r" L\d+-\d+$", "", regex=True)
+    return df
 
 
 def grid_means(df: pd.DataFrame, probe_type: str, effect: str) -> pd.DataFrame:
@@ -78,7 +154,7 @@ def grid_means(df: pd.DataFrame, probe_type: str, effect: str) -> pd.DataFrame:
 def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
     if df.empty:
         return {"clips": 0}
-    df = tidy(df) if "probe_type" not in df.columns else df
+    df = group_tidy(tidy(df) if "probe_type" not in df.columns else df)
     grids = {}
     for probe_type in PROBE_TYPES:
         entry = {}
@@ -96,7 +172,14 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
                              "mean_by_window": np.nanmean(values, axis=0).tolist() if np.isfinite(values).any() else [],
                              "mean_by_layer": np.nanmean(values, axis=1).tolist() if np.isfinite(values).any() else []}
         grids[probe_type] = entry
-    return json_ready({"clips": int(df["clip_id"].nunique()), "window": int(ctx.config.window), "grids": grids})
+    groups = int(getattr(ctx.config, "p2_layer_groups", 0))
+    reduction = (f"layer groups instead of single layers ({groups} groups"
+                 f"{': ' + ', '.join(sorted(df['layer_group'].dropna().unique())) if 'layer_group' in df.columns else ''}),"
+                 f" windows of {ctx.config.window} evaluations, probe types "
+                 f"{', '.join(getattr(ctx.config, 'p2_types', ()))} only (time budget)"
+                 if groups else "")
+    return json_ready({"clips": int(df["clip_id"].nunique()), "window": int(ctx.config.window), "grids": grids,
+                       "grid_reduction": reduction})
 
 
 def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
@@ -127,7 +210,7 @@ def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
                 ax.axis("off")
                 continue
             values = as_array(cell)
-            if effect == "semantic_effect":
+            if effect.startswith("semantic"):
                 image = ax.imshow(values, aspect="auto", origin="lower", cmap="RdBu_r",
                                   vmin=-bounds[effect], vmax=bounds[effect])
             else:

@@ -20,7 +20,7 @@ Definitions
   ``frozen_fraction`` = |F| (E - k0) / (L E), the share of self-attention calls answered from the cache.
 * Claims (sign: positive = the paper's direction, "stable layers can be frozen with less damage"): per
   clip, the mean over k0 of damage(fast) - damage(stable), for each kind (output, map) and each damage
-  measure. The groups can differ in size; `damage_per_layer` in the table divides by |F|. Under "no split"
+  measure, on all clips and on the separated subset (protocol.stats.paired_claim). The groups can differ in size; `damage_per_layer` in the table divides by |F|. Under "no split"
   the claims use each criterion's own sets and say so.
 """
 
@@ -38,7 +38,8 @@ from .. import metrics
 from ..probe import Reuse
 from ..sampler import METHODS
 from .base import Experiment, ProtocolContext
-from .layer_sets import claim, group_sets, p3_split, self_sites
+from .clips import separation_gain_db
+from .layer_sets import claim, group_sets, p3_split, self_sites, separated_ids
 
 FULL_GRID = {"freeze_starts": [4, 8, 16, 24], "reuse_kinds": ["output", "map"],
              "freeze_sets": ["split", "criteria", "all", "single"]}
@@ -74,8 +75,9 @@ def end_metrics(pclip):
         out = target.reshape(target.shape[0], -1).float()
         clean = traj.target.reshape(-1).float()
         rows = []
+        gain = separation_gain_db(clean, pclip)
         for r in range(out.shape[0]):
-            row = {"si_sdr_to_clean_db": float(metrics.si_sdr(out[r], clean))}
+            row = {"si_sdr_to_clean_db": float(metrics.si_sdr(out[r], clean)), "clean_si_sdri_db": gain}
             if ref is not None:
                 ref_t = torch.as_tensor(ref, dtype=torch.float32).reshape(-1)
                 clean_sdr, sdr = float(metrics.si_sdr(clean, ref_t)), float(metrics.si_sdr(out[r], ref_t))
@@ -129,36 +131,30 @@ def _damage_columns(df: pd.DataFrame) -> pd.DataFrame:
     return df.rename(columns={"end_mrstft_to_clean": "mrstft_to_clean", "end_latent_change": "latent_change"})
 
 
-def stable_fast_claims(real: pd.DataFrame, split: dict, kinds) -> list:
+def stable_fast_claims(ctx: ProtocolContext, real: pd.DataFrame, split: dict, kinds, separated: list) -> list:
     """The scorecard claims (module docstring); one pair of sets per split used."""
-    pairs = []
-    if not split["no_split"]:
-        pairs.append(("", "stable", "fast"))
+    if split["no_split"]:
+        pairs = [(f"{n}:", f"{n}:stable", f"{n}:fast") for n in sorted(split["criteria"])]
     else:
-        pairs += [(f"{n}:", f"{n}:stable", f"{n}:fast") for n in sorted(split["criteria"])]
+        pairs = [("", "stable", "fast")]
     out = []
     for prefix, stable, fast in pairs:
         for what in kinds:
-            for column, unit in (("mrstft_to_clean", "MR-STFT distance to the clean output"),
-                                 ("si_sdr_drop_db", "SI-SDR drop (dB)")):
+            for column, unit, short in (("mrstft_to_clean", "MR-STFT distance", "mrstft"),
+                                        ("si_sdr_drop_db", "dB", "sisdr")):
                 part = real[real["what"] == what]
                 per_clip = part.pivot_table(index="clip_id", columns="layer_set", values=column, aggfunc="mean")
-                cid = f"p4_{prefix.rstrip(':').replace(':', '_') + '_' if prefix else ''}{what}_{column.split('_')[0]}"
-                text = (f"freezing the {'stable' if not prefix else prefix + 'stable'} layers' attention {what}s "
-                        f"damages the output less than freezing the fast layers' ({unit}, mean over k0)")
+                cid = ".".join(["P4"] + ([prefix.rstrip(":")] if prefix else []) + [what, short])
+                text = (f"freezing the {prefix}stable layers' attention {what}s from k0 on damages the output less "
+                        f"than freezing the {prefix}fast layers' (damage = {column}, fast minus stable, mean over k0)")
                 if stable in per_clip and fast in per_clip:
-                    values = (per_clip[fast] - per_clip[stable]).dropna()
-                    out.append(claim(cid, text, values.to_numpy(), clips=[str(c) for c in values.index],
-                                     stable_layers=sorted({int(x.split(".")[1]) for x in
-                                                           part[part["layer_set"] == stable]["site"].iloc[0].split(",")}),
-                                     fast_layers=sorted({int(x.split(".")[1]) for x in
-                                                         part[part["layer_set"] == fast]["site"].iloc[0].split(",")})))
+                    out += claim(ctx, "p4", cid, text, per_clip[fast] - per_clip[stable], separated, units=unit)
                 else:
-                    out.append(claim(cid, text, [], not_testable="one of the two layer sets is empty or the same "
-                                                                 "as another set"))
+                    out += claim(ctx, "p4", cid, text, pd.Series(dtype=float), separated, units=unit,
+                                 not_testable="model: one of the two layer sets is empty or repeats another set")
     if not pairs:
-        out.append(claim("p4_stable_vs_fast", "freezing stable layers damages less than freezing fast layers", [],
-                         not_testable=f"no layer split ({split['split_source']})"))
+        out += claim(ctx, "p4", "P4.stable_vs_fast", "freezing stable layers damages less than freezing fast layers",
+                     pd.Series(dtype=float), separated, not_testable=f"model: no layer split ({split['split_source']})")
     return out
 
 
@@ -197,11 +193,13 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
     if {"output", "map"} <= set(by_kind.columns):
         ratio = (by_kind["output"] / by_kind["map"].where(by_kind["map"] > 0)).dropna()
         summary["output_over_map_damage_median"] = float(ratio.median()) if len(ratio) else None
-    summary["claims"] = stable_fast_claims(real, split, cfg.reuse_kinds)
-    testable = [c for c in summary["claims"] if c["values"]]
+    gains = df.groupby("clip_id")["clean_si_sdri_db"].first() if "clean_si_sdri_db" in df else pd.Series(dtype=float)
+    summary["separated_clips"] = separated_ids(ctx, gains)
+    summary["claims"] = stable_fast_claims(ctx, real, split, cfg.reuse_kinds, summary["separated_clips"])
+    testable = [c for c in summary["claims"] if c["subset"] == "all clips" and c["n"]]
     if testable:
         summary["headline"] = "; ".join(
-            f"{c['id']}: fast - stable = {np.mean(c['values']):+.4f} (mean of {len(c['values'])} clips)" for c in testable)
+            f"{c['id']}: fast - stable = {c['effect']:+.4f} ({c['verdict_pre_holm']}, n={c['n']})" for c in testable)
     return summary
 
 

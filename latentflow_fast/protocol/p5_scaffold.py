@@ -21,10 +21,10 @@ materialised at one site and evaluation, reduced to the numbers below and droppe
   ``convergence_group`` (stable / fast of P3's agreed split, "none" under no split or without P3).
 * Claims (the abstract: "the model attenuates temporal segmentation cues to keep the flow stable"), per
   clip, positive = the paper's direction:
-  - ``p5_segmentation_attenuated_over_evaluations``: segment affinity averaged over layers, mean over the
+  - ``P5.segmentation_over_evaluations``: segment affinity averaged over layers, mean over the
     first quarter of the evaluations minus mean over the last quarter;
-  - ``p5_segmentation_attenuated_with_depth``: segment affinity averaged over evaluations, early layers
-    minus late layers.
+  - ``P5.segmentation_with_depth``: segment affinity averaged over evaluations, early layers
+    minus late layers. Each on all clips and on the separated subset (protocol.stats.paired_claim).
 
 Segmentation cue in the output (rows with layer = -1): boundary contrast of an energy envelope at the target's
 on/off boundaries. For a boundary at sample b (onsets and offsets at least 50 ms inside the clip), level
@@ -48,7 +48,8 @@ import torch
 from ..probe import Reduction
 from .base import Experiment, ProtocolContext
 from .effects import clip_columns, json_ready
-from .layer_sets import claim, p3_split
+from .clips import separation_gain_db
+from .layer_sets import claim, p3_split, separated_ids
 from .p1_pathways import save_figure
 
 SELF_SITES = "layers.*.self_attn"
@@ -197,6 +198,7 @@ def _envelope_rows(ctx, pclip, clean, columns) -> list[dict]:
     rows.append({"clip_id": pclip.clip.clip_id, "probe_id": "env-final", "layer": -1, "evaluation": len(predicted),
                  "t": 1.0, "output_contrast_db": output, "reference_contrast_db": reference,
                  "mixture_contrast_db": contrast(pclip.clip.mixture), "num_boundaries": len(bounds),
+                 "clean_si_sdri_db": separation_gain_db(clean.target, pclip),
                  "predicted_contrast_settle": settle_index(predicted, min_range=SETTLE_MIN_RANGE["predicted_contrast_db"]), **columns})
     return rows
 
@@ -230,30 +232,28 @@ def _group_curves(layers: pd.DataFrame, column: str) -> dict:
     return out
 
 
-def segmentation_claims(layers: pd.DataFrame) -> list:
+def segmentation_claims(ctx: ProtocolContext, layers: pd.DataFrame, separated: list) -> list:
     """The two claims of the module docstring, from the segment-affinity rows."""
     E = int(layers["evaluation"].max()) + 1
     quarter = max(1, E // 4)
     per_clip_eval = layers.groupby(["clip_id", "evaluation"])["segment_affinity"].mean().unstack("evaluation")
-    over_time = (per_clip_eval.iloc[:, :quarter].mean(axis=1) - per_clip_eval.iloc[:, -quarter:].mean(axis=1)).dropna()
+    over_time = per_clip_eval.iloc[:, :quarter].mean(axis=1) - per_clip_eval.iloc[:, -quarter:].mean(axis=1)
+    no_segments = None if over_time.notna().any() else \
+        "model: no clip has a target that is active on some but not all latent frames"
+    out = claim(ctx, "p5", "P5.segmentation_over_evaluations",
+                "self-attention follows the target's on/off segmentation less as sampling proceeds (segment "
+                f"affinity, mean over layers: first {quarter} minus last {quarter} evaluations)", over_time,
+                separated, units="attention mass", not_testable=no_segments)
     by_depth = layers.groupby(["clip_id", "depth_group"])["segment_affinity"].mean().unstack("depth_group")
-    claims = [claim("p5_segmentation_attenuated_over_evaluations",
-                    "self-attention follows the target's on/off segmentation less as sampling proceeds "
-                    f"(segment affinity, first {quarter} minus last {quarter} evaluations, mean over layers)",
-                    over_time.to_numpy(), clips=[str(c) for c in over_time.index])]
     if {"early", "late"} <= set(by_depth.columns):
-        depth = (by_depth["early"] - by_depth["late"]).dropna()
-        claims.append(claim("p5_segmentation_attenuated_with_depth",
-                            "deeper layers follow the target's on/off segmentation less (segment affinity, early "
-                            "minus late layers, mean over evaluations)", depth.to_numpy(),
-                            clips=[str(c) for c in depth.index]))
+        depth, reason = by_depth["early"] - by_depth["late"], no_segments
     else:
-        claims.append(claim("p5_segmentation_attenuated_with_depth", "deeper layers follow the segmentation less",
-                            [], not_testable="the model has a single layer"))
-    for c in claims:
-        if not c["values"] and "not_testable" not in c:
-            c["not_testable"] = "no clip has a target that is active on some but not all frames"
-    return claims
+        depth, reason = pd.Series(dtype=float), "model: a single layer has no depth"
+    out += claim(ctx, "p5", "P5.segmentation_with_depth",
+                 "deeper self-attention layers follow the target's on/off segmentation less (segment affinity, "
+                 "mean over evaluations: early minus late layers)", depth, separated, units="attention mass",
+                 not_testable=reason)
+    return out
 
 
 def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
@@ -282,8 +282,10 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
             "predicted_settle_mean": float(env["predicted_contrast_settle"].mean()),
             "predicted_flat_clips": int(env["predicted_contrast_settle"].isna().sum()),
         },
-        "claims": segmentation_claims(layers),
     }
+    gains = env.set_index("clip_id")["clean_si_sdri_db"] if "clean_si_sdri_db" in env else pd.Series(dtype=float)
+    summary["separated_clips"] = separated_ids(ctx, gains)
+    summary["claims"] = segmentation_claims(ctx, layers, summary["separated_clips"])
     return json_ready(summary)
 
 

@@ -31,7 +31,9 @@ Definitions
 * Claims (positive = the paper's direction, LSAC beats naive step reduction at equal compute), for the
   primary variant (first layer set, first kind, first start, smallest N): per clip, SI-SDR(LSAC) minus the
   interpolated naive SI-SDR at equal FLOPs, and the same at equal self-attention calls; and the
-  interpolated naive MR-STFT-to-full minus LSAC's at equal FLOPs.
+  interpolated naive MR-STFT-to-full minus LSAC's at equal FLOPs. protocol.stats.paired_claim evaluates
+  each on all clips and on the separated subset with the noise floor of its units: an interval inside
+  +-floor is "not testable (floor)", i.e. indistinguishable.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from .. import metrics
 from ..probe import Reuse
 from ..sampler import METHODS
 from .base import Experiment, ProtocolContext
-from .layer_sets import claim, p3_split, self_sites, warmup_starts
+from .clips import separation_gain_db
+from .layer_sets import claim, p3_split, self_sites, separated_ids, warmup_starts
 from .stats import bootstrap_ci
 
 FULL_GRID = {"lsac_refresh": [2, 3, 4, 8], "lsac_starts": ["warmup", 0], "reuse_kinds": ["output", "map"],
@@ -143,7 +146,7 @@ def clip_rows(ctx: ProtocolContext, pclip, split: dict, rows: list[Reuse]) -> li
     floor_out, full_wall, _ = plain(cfg.noise_seed + 1, cfg.steps, cfg.method)
     out = [{**base, "probe_id": "full", "variant": "full", "method": cfg.method, "steps": cfg.steps,
             "evaluations": E, "self_attention_calls": L * E, "flops": flops_eval * E, "wall_seconds": full_wall,
-            **_quality(full, full, pclip)}]
+            "clean_si_sdri_db": separation_gain_db(full, pclip), **_quality(full, full, pclip)}]
     floor = _quality(floor_out, full, pclip)
     out.append({**base, "probe_id": f"floor-seed{cfg.noise_seed + 1}", "variant": "noise_floor", "method": cfg.method,
                 "steps": cfg.steps, "evaluations": E, "self_attention_calls": L * E, "flops": flops_eval * E,
@@ -292,7 +295,9 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
     # the limitations section reads the LSAC entries under "lsac"
     summary["lsac"] = {k: variants[k] for k in lsac_keys}
     summary["all_counts_match_engine"] = all(variants[k]["count_matches_engine"] for k in lsac_keys)
-    summary["claims"] = lsac_claims(df, ctx, split)
+    gains = df[df["variant"] == "full"].set_index("clip_id")["clean_si_sdri_db"]
+    summary["separated_clips"] = separated_ids(ctx, gains)
+    summary["claims"] = lsac_claims(df, ctx, split, summary["separated_clips"], floor_sdr, floor_mrstft)
     if lsac_keys:
         parts = [f"{k}: {100 * (1 - variants[k]['flops_fraction']):.1f}% fewer FLOPs, "
                  f"{100 * variants[k]['counted_saved_fraction']:.1f}% fewer self-attention calls, "
@@ -301,37 +306,46 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
     return summary
 
 
-def lsac_claims(df: pd.DataFrame, ctx: ProtocolContext, split: dict) -> list:
+def lsac_claims(df: pd.DataFrame, ctx: ProtocolContext, split: dict, separated: list, floor_sdr: float,
+                floor_mrstft: float) -> list:
+    """The P6 claims (module docstring) with the noise floors: an interval inside +-floor is "not testable
+    (floor)", i.e. LSAC and naive step reduction are indistinguishable."""
     cfg = ctx.config
     lsac = df[df["variant"] == "lsac"]
+    ids = ("P6.lsac_vs_naive.flops.sisdr", "P6.lsac_vs_naive.calls.sisdr", "P6.lsac_vs_naive.flops.mrstft")
     if lsac.empty:
-        return [claim("p6_lsac_beats_naive_flops", "LSAC keeps quality better than naive step reduction at equal "
-                      "compute", [], not_testable=f"no LSAC layer set ({split['split_source']})")]
+        return [c for cid in ids for c in claim(
+            ctx, "p6", cid, "LSAC keeps quality better than naive step reduction at equal compute",
+            pd.Series(dtype=float), separated, not_testable=f"model: no LSAC layer set ({split['split_source']})")]
     first = lsac.iloc[0]
     primary = lsac[(lsac["layer_set"] == first["layer_set"]) & (lsac["what"] == cfg.reuse_kinds[0])
                    & (lsac["start"] == str(cfg.lsac_starts[0])) & (lsac["refresh"] == lsac["refresh"].min())]
-    name = (f"LSAC on {primary['layer_set'].iloc[0]} layers ({primary['layers'].iloc[0]}), {primary['what'].iloc[0]}s, "
-            f"start {primary['start'].iloc[0]}, N={int(primary['refresh'].iloc[0])}")
-    values = {"sdr_flops": [], "sdr_calls": [], "mrstft_flops": []}
-    clips = []
+    name = (f"LSAC on the {primary['layer_set'].iloc[0]} layers ({primary['layers'].iloc[0]}), cached "
+            f"{primary['what'].iloc[0]}s, start {primary['start'].iloc[0]}, N={int(primary['refresh'].iloc[0])}")
+    values = {cid: {} for cid in ids}
     for _, r in primary.iterrows():
         f1 = frontier(df, r["clip_id"], "flops_fraction", "si_sdr_db", "midpoint", cfg.method)
         f2 = frontier(df, r["clip_id"], "calls_fraction", "si_sdr_db", "midpoint", cfg.method)
         f3 = frontier(df, r["clip_id"], "flops_fraction", "mrstft_to_full", "midpoint", cfg.method)
-        if f1 is None or not math.isfinite(r["si_sdr_db"]):
+        if f1 is None:
             continue
-        clips.append(str(r["clip_id"]))
-        values["sdr_flops"].append(r["si_sdr_db"] - f1(r["flops_fraction"]))
-        values["sdr_calls"].append(r["si_sdr_db"] - f2(r["calls_fraction"]))
-        values["mrstft_flops"].append(f3(r["flops_fraction"]) - r["mrstft_to_full"])
-    return [
-        claim("p6_lsac_beats_naive_flops", f"{name}: higher SI-SDR than naive midpoint step reduction "
-              "interpolated to equal FLOPs", values["sdr_flops"], clips=clips),
-        claim("p6_lsac_beats_naive_calls", f"{name}: higher SI-SDR than naive midpoint step reduction "
-              "interpolated to equal self-attention calls", values["sdr_calls"], clips=clips),
-        claim("p6_lsac_closer_to_full_flops", f"{name}: closer to the full-step output (MR-STFT) than naive "
-              "midpoint step reduction at equal FLOPs", values["mrstft_flops"], clips=clips),
-    ]
+        values[ids[0]][r["clip_id"]] = r["si_sdr_db"] - f1(r["flops_fraction"])
+        values[ids[1]][r["clip_id"]] = r["si_sdr_db"] - f2(r["calls_fraction"])
+        values[ids[2]][r["clip_id"]] = f3(r["flops_fraction"]) - r["mrstft_to_full"]
+    texts = {ids[0]: (f"{name}: higher SI-SDR than naive midpoint step reduction interpolated to equal FLOPs", "dB",
+                      floor_sdr),
+             ids[1]: (f"{name}: higher SI-SDR than naive midpoint step reduction interpolated to equal "
+                      "self-attention calls", "dB", floor_sdr),
+             ids[2]: (f"{name}: closer to the full-step output (MR-STFT) than naive midpoint step reduction at "
+                      "equal FLOPs", "MR-STFT distance", floor_mrstft)}
+    reason = None if values[ids[0]] else "model: no naive midpoint run to compare with (naive_midpoint_steps)"
+    out = []
+    for cid in ids:
+        text, units, floor = texts[cid]
+        floor = floor if floor is not None and math.isfinite(floor) else None
+        out += claim(ctx, "p6", cid, text, pd.Series(values[cid], dtype=float), separated, units=units, floor=floor,
+                     not_testable=reason)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- figures

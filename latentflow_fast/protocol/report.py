@@ -3,6 +3,13 @@
 summary.json holds only numbers that a rerun reproduces exactly (configuration, model, clips, each
 experiment's summary, the figure list); run-dependent facts (wall time, date, versions) go to run_info.json.
 report.html links the PNGs relatively (figures/<name>.png), so the folder can be moved as a whole.
+
+Scorecard (protocol v2): every experiment's summary may hold a ``claims`` list, each entry either an
+evaluated `stats.paired_claim` dict or a raw ``{id, claim, values, direction, ...}`` (evaluated here).
+`scorecard(summary)` collects them in protocol order and applies Holm's correction within each family:
+the claims on all clips form one family, those on the separated subset (SI-SDRi >= 3 dB) another.
+`scorecard_markdown(summary)` renders REPORT.md (also `latentflow report FOLDER --markdown REPORT.md`);
+report.html shows the same table.
 """
 
 from __future__ import annotations
@@ -118,6 +125,127 @@ def format_limitations(summary: dict, width: int = 100) -> str:
     return "\n".join(lines)
 
 
+RECONSTRUCTION_NOTE = (
+    "Only the abstract and the first paragraph of the introduction of the paper (Inside the Latent Flow) are "
+    "public; every definition, probe and threshold here is our reconstruction of it. A verdict therefore holds "
+    "only on this reconstruction, with this model and these clips.")
+SUBSETS = ("all clips", "separated")
+
+
+def scorecard(summary: dict, alpha: float = 0.05) -> list:
+    """Every experiment's claims (protocol order), Holm-corrected within each subset family."""
+    from .stats import evaluate_claim, holm
+
+    collected = []
+    for name, entry in (summary.get("experiments") or {}).items():
+        for claim in (entry.get("summary") or {}).get("claims") or []:
+            c = evaluate_claim(claim)
+            c.setdefault("experiment", name)
+            c.setdefault("subset", "all clips")
+            collected.append(c)
+    out = []
+    for subset in sorted({c["subset"] for c in collected}, key=lambda s: (SUBSETS + (s,)).index(s)):
+        family = [c for c in collected if c["subset"] == subset]
+        for c in holm(family, alpha):
+            c["holm_family"] = subset
+            out.append(c)
+    order = {id(c): i for i, c in enumerate(out)}
+    return sorted(out, key=lambda c: (SUBSETS.index(c["subset"]) if c["subset"] in SUBSETS else 9, order[id(c)]))
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def scorecard_rows(claims: list) -> list[dict]:
+    """Display rows: id, subset, verdict, effect, interval, n, p, p_holm, mde, test, note, claim."""
+    rows = []
+    for c in claims:
+        note = c.get("reason") or c.get("verdict_note") or ""
+        rows.append({
+            "id": c.get("id", ""), "subset": c.get("subset", ""), "verdict": c.get("verdict", ""),
+            "effect": _num(c.get("effect")) + (f" {c['units']}" if c.get("units") else ""),
+            "interval": f"[{_num(c.get('ci_low'))}, {_num(c.get('ci_high'))}]", "n": _num(c.get("n")),
+            "p": _num(c.get("p")), "p_holm": _num(c.get("p_holm")), "mde": _num(c.get("mde")),
+            "test": c.get("test", ""), "note": note, "claim": c.get("claim", ""),
+        })
+    return rows
+
+
+SCORECARD_COLUMNS = ("id", "subset", "verdict", "effect", "interval", "n", "p", "p_holm", "mde", "note")
+
+
+def scorecard_markdown(summary: dict, title: str = "Protocol report") -> str:
+    """REPORT.md text: the reconstruction note, setup, the scorecard (from summary['scorecard'] or recomputed),
+    the claims' statements, each experiment's reductions and the limitations."""
+    claims = summary.get("scorecard")
+    if claims is None:
+        claims = json_ready(scorecard(summary))
+    model = summary.get("model", {}) or {}
+    config = summary.get("config", {}) or {}
+    lines = [f"# {title}", "", f"> **Every step is our reconstruction.** {RECONSTRUCTION_NOTE}", "",
+             "Generated from `summary.json` by `latentflow report <folder> --markdown REPORT.md`; every number "
+             "below is in that file (per-clip values under `scorecard[*].values`).", "", "## Setup", ""]
+    lines.append(f"- model: `{model.get('spec', '?')}` ({model.get('parameters', '?')} parameters, "
+                 f"{model.get('n_layers', '?')} layers, weights sha256 `{str(model.get('weights_sha256', ''))[:16]}`)")
+    lines.append(f"- clips: {len(summary.get('clips', []))}; sampler: {config.get('method', '?')}, "
+                 f"{config.get('steps', '?')} steps; noise seed {config.get('noise_seed', '?')}")
+    lines.append(f"- experiments: {', '.join(summary.get('experiments', {}))}")
+    lines += ["", "## Scorecard", "",
+              "Verdicts: **supported** (exact two-sided Wilcoxon signed-rank test of the per-clip effects, "
+              "Holm-adjusted p < 0.05, in the abstract's direction), **opposite** (significant, other direction), "
+              "**not supported** (no effect in the abstract's direction found), **not testable** (why: power, model "
+              "or noise floor). Effect = mean per-clip effect (positive = the abstract's direction), interval = BCa "
+              "bootstrap 95% interval of that mean, mde = the smallest mean effect the test detects with 80% power at "
+              "this n (stats.py). Holm families: the claims on all clips, and those on the clips the clean model "
+              "separates (SI-SDRi >= 3 dB).", ""]
+    rows = scorecard_rows(claims)
+    if rows:
+        lines.append("| " + " | ".join(SCORECARD_COLUMNS) + " |")
+        lines.append("|" + "---|" * len(SCORECARD_COLUMNS))
+        for r in rows:
+            lines.append("| " + " | ".join(str(r[c]).replace("|", "/") for c in SCORECARD_COLUMNS) + " |")
+        lines += ["", "### Claims", ""]
+        seen = set()
+        for r in rows:
+            if r["id"] not in seen:
+                seen.add(r["id"])
+                lines.append(f"- **{r['id']}**: {r['claim']} (test: {r['test']})")
+    else:
+        lines.append("(no claims in this run)")
+    reductions = [(name, (entry.get("summary") or {}).get("grid_reduction"))
+                  for name, entry in (summary.get("experiments") or {}).items()]
+    reductions = [(n, r) for n, r in reductions if r]
+    if reductions:
+        lines += ["", "## Reductions made to fit the time budget", ""]
+        lines += [f"- {name}: {text}" for name, text in reductions]
+    p3 = ((summary.get("experiments") or {}).get("p3") or {}).get("summary") or {}
+    if p3.get("split"):
+        split = p3["split"]
+        lines += ["", "## Stable/fast split (P3)", ""]
+        for name, crit in (p3.get("criteria") or {}).items():
+            lines.append(f"- {name}: stable {crit.get('stable_layers')}, fast {crit.get('fast_layers')}, "
+                         f"bootstrap stability {_num(crit.get('bootstrap_stability'))}")
+        lines.append(f"- split used: {'no split (' + split.get('reason', '') + ')' if split.get('no_split') else split}")
+    limits = summary.get("limitations") or []
+    if limits:
+        lines += ["", "## Limitations", ""]
+        lines += [f"- **{item['topic']}**: {item['text']}" for item in limits]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path, summary: dict) -> Path:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(scorecard_markdown(summary))
+    os.replace(tmp, path)
+    return path
+
+
 COLLAPSE_ROWS = 12  # number tables longer than this start collapsed in report.html
 
 
@@ -163,6 +291,17 @@ def write_report(out_dir, summary: dict, figures: list, run_info: dict | None = 
         parts.append("<h2 id='limitations'>Limitations of this run</h2><div class='limits'><ul>")
         parts += [f"<li><b>{esc(item['topic'])}:</b> {esc(item['text'])}</li>" for item in limits]
         parts.append("</ul></div>")
+    parts.append(f"<p class='limits'><b>Every step is our reconstruction.</b> {esc(RECONSTRUCTION_NOTE)}</p>")
+    card = summary.get("scorecard")
+    if card:
+        parts.append("<h2 id='scorecard'>Scorecard</h2><p>Exact two-sided Wilcoxon signed-rank tests of per-clip "
+                     "effects (positive = the abstract's direction), BCa 95% intervals of the mean, Holm-adjusted "
+                     "p within each family (all clips; separated clips); mde = smallest mean effect detectable with "
+                     "80% power at this n.</p><table><tr>"
+                     + "".join(f"<th>{esc(c)}</th>" for c in SCORECARD_COLUMNS + ("claim",)) + "</tr>")
+        for r in scorecard_rows(card):
+            parts.append("<tr>" + "".join(f"<td>{esc(str(r[c]))}</td>" for c in SCORECARD_COLUMNS + ("claim",)) + "</tr>")
+        parts.append("</table>")
     parts.append("<h2>Summary</h2><table><tr><th>experiment</th><th>headline</th></tr>")
     for name, entry in summary.get("experiments", {}).items():
         result = entry.get("summary") or {}
@@ -194,4 +333,4 @@ def write_report(out_dir, summary: dict, figures: list, run_info: dict | None = 
     return path
 
 
-__all__ = ["COLLAPSE_ROWS", "flatten", "format_limitations", "format_table", "headline_rows", "json_ready", "write_json", "write_report"]
+__all__ = ["COLLAPSE_ROWS", "RECONSTRUCTION_NOTE", "scorecard", "scorecard_markdown", "scorecard_rows", "write_markdown", "flatten", "format_limitations", "format_table", "headline_rows", "json_ready", "write_json", "write_report"]

@@ -9,7 +9,8 @@ Output folder:
     figures/*.png            matplotlib figures
     summary.json             every headline figure (identical on a rerun: no timings in it)
     run_info.json            wall time per experiment, versions, threads (differs between runs)
-    report.html              the figures with captions and the summary tables
+    report.html              the scorecard, the figures with captions and the summary tables
+    REPORT.md                the scorecard (Holm-corrected verdicts with test, n, p, interval) in Markdown
 
 Resumable and deterministic: every experiment skips rows already stored and its summary is recomputed
 from the stored rows, so an interrupted run continues where it stopped and a rerun writes the same
@@ -31,7 +32,7 @@ import torch
 
 from .base import ProtocolConfig, ProtocolContext
 from .limitations import limitations
-from .report import headline_rows, json_ready, write_json, write_report
+from .report import headline_rows, json_ready, scorecard, write_json, write_markdown, write_report
 
 ORDER = ("p0", "p1", "p2", "p3", "p4", "p5", "p6")
 MODULES = {
@@ -48,7 +49,7 @@ DEPENDS = {"p4": ("p3",), "p6": ("p3",)}
 
 def quick_config(**overrides) -> ProtocolConfig:
     """A very small configuration (2 clips, 4 midpoint steps = 8 evaluations) for smoke runs and tests."""
-    base = dict(num_clips=2, steps=4, time_bins=4, window=2, freeze_starts=(4,), lsac_refresh=(2, 4),
+    base = dict(num_clips=2, steps=4, time_bins=4, window=4, freeze_starts=(4,), lsac_refresh=(2, 4),
                 naive_midpoint_steps=(2,), naive_euler_steps=(4,), bootstrap=200)
     base.update(overrides)
     return ProtocolConfig(**base)
@@ -206,6 +207,7 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
                                  "summary": ctx.summaries[e.name]} for e in experiments},
         "figures": figures,
     }
+    summary["scorecard"] = json_ready(scorecard(json_ready(summary)))
     summary["limitations"] = limitations(json_ready(summary))
     write_json(out_dir / "summary.json", summary)
     run_info = {"seconds_per_experiment": timings, "total_seconds": round(sum(timings.values()), 2),
@@ -213,6 +215,7 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
                 "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     write_json(out_dir / "run_info.json", run_info)
     write_report(out_dir, json_ready(summary), figures, run_info)
+    write_markdown(out_dir / "REPORT.md", json_ready(summary))
     return {**json_ready(summary), "out_dir": str(out_dir)}
 
 
