@@ -229,3 +229,10 @@ def test_naive_runs_keep_only_step_reductions(model, tmp_path):
     config = ProtocolConfig(num_clips=1, steps=STEPS, naive_midpoint_steps=(2, 3, 12), naive_euler_steps=(3, 6, 7))
     ctx = make_ctx(model, tmp_path, config=config)
     assert p6.naive_runs(ctx) == [("midpoint", 2), ("euler", 3)]  # fewer than the full run's 6 evaluations
+
+
+def test_end_metrics_are_picklable_for_worker_processes():
+    import pickle
+
+    for fn in (p4.end_metrics, p6.quality_end_metrics):
+        assert pickle.loads(pickle.dumps(fn)) is fn

@@ -16,6 +16,11 @@ Work a probe cannot change is skipped, not repeated per row:
 - shared conditioning: the rows of a batch share one prompt and one evaluation, so the time embedding,
   the text memory and the cross-attention keys and values are computed once and broadcast.
 
+Reuse rows (`probes.Reuse`: freezing, layer-selective caching of attention outputs or maps) run as batch
+rows like probes: a row branches at the last computed evaluation before its first reuse and carries its
+cache through the continued run. Map reductions (`probes.Reduction`) reduce the map of a site at every
+evaluation of a clean trajectory, so experiments that need whole-trajectory maps run it once.
+
 Clean and probed runs share one numerical path (the operator is batch invariant), so a probe that changes
 nothing has effects that are exactly zero, and results do not depend on how probes were batched.
 """

@@ -38,7 +38,6 @@ from .. import metrics
 from ..probe import Reuse
 from ..sampler import METHODS
 from .base import Experiment, ProtocolContext
-from .clips import separation_gain_db
 from .layer_sets import claim, group_sets, p3_split, self_sites, separated_ids
 
 FULL_GRID = {"freeze_starts": [4, 8, 16, 24], "reuse_kinds": ["output", "map"],
@@ -67,27 +66,28 @@ def evaluations_per_clip(ctx: ProtocolContext, split: dict) -> int:
     return sum(E - (E - 1 if f is None else f - 1) for f in firsts)
 
 
-def end_metrics(pclip):
-    """Extra damage columns for ProbeEngine.sweep(end_metrics=...)."""
-    ref = pclip.clip.target
-
-    def compute(target, residual, traj):
-        out = target.reshape(target.shape[0], -1).float()
-        clean = traj.target.reshape(-1).float()
-        rows = []
-        gain = separation_gain_db(clean, pclip)
-        for r in range(out.shape[0]):
-            row = {"si_sdr_to_clean_db": float(metrics.si_sdr(out[r], clean)), "clean_si_sdri_db": gain}
-            if ref is not None:
-                ref_t = torch.as_tensor(ref, dtype=torch.float32).reshape(-1)
-                clean_sdr, sdr = float(metrics.si_sdr(clean, ref_t)), float(metrics.si_sdr(out[r], ref_t))
-                row.update(si_sdr_db=sdr, clean_si_sdr_db=clean_sdr, si_sdr_drop_db=clean_sdr - sdr)
-            else:
-                row.update(si_sdr_db=math.nan, clean_si_sdr_db=math.nan, si_sdr_drop_db=math.nan)
-            rows.append(row)
-        return rows
-
-    return compute
+def end_metrics(target, residual, traj) -> list[dict]:
+    """Extra damage columns for ProbeEngine.sweep(end_metrics=...): a module-level function (picklable, so
+    worker processes can run it) reading the reference stem and the mixture from the trajectory's clip."""
+    out = target.reshape(target.shape[0], -1).float()
+    clean = traj.target.reshape(-1).float()
+    ref = traj.clip.target
+    gain = math.nan
+    if ref is not None:
+        ref = torch.as_tensor(ref, dtype=torch.float32).reshape(-1)
+        mixture = torch.as_tensor(traj.clip.mixture, dtype=torch.float32).reshape(-1)
+        clean_sdr = float(metrics.si_sdr(clean, ref))
+        gain = clean_sdr - float(metrics.si_sdr(mixture, ref))  # clips.separation_gain_db of the clean output
+    rows = []
+    for r in range(out.shape[0]):
+        row = {"si_sdr_to_clean_db": float(metrics.si_sdr(out[r], clean)), "clean_si_sdri_db": gain}
+        if ref is not None:
+            sdr = float(metrics.si_sdr(out[r], ref))
+            row.update(si_sdr_db=sdr, clean_si_sdr_db=clean_sdr, si_sdr_drop_db=clean_sdr - sdr)
+        else:
+            row.update(si_sdr_db=math.nan, clean_si_sdr_db=math.nan, si_sdr_drop_db=math.nan)
+        rows.append(row)
+    return rows
 
 
 def run(ctx: ProtocolContext) -> pd.DataFrame:
@@ -107,7 +107,7 @@ def run(ctx: ProtocolContext) -> pd.DataFrame:
             todo = [r for r in rows if (pclip.clip.clip_id, r.probe_id) not in done]
             if todo:
                 traj = ctx.clean_trajectory(pclip)
-                df = ctx.engine.sweep(traj, todo, end_effect=True, progress=False, end_metrics=end_metrics(pclip))
+                df = ctx.engine.sweep(traj, todo, end_effect=True, progress=False, end_metrics=end_metrics)
                 extra = []
                 for r in todo:
                     k0 = r.start if isinstance(r.start, int) else min(r.start)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -114,18 +115,32 @@ def saved_flops_per_call(what: str, frames: int, dim: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- run
+QUALITY = ("mrstft_to_full", "si_sdr_to_full_db", "si_sdr_db", "full_si_sdr_db", "degradation_db")
+
+
 def _quality(out: torch.Tensor, full: torch.Tensor, pclip) -> dict:
-    out, full = out.reshape(-1).float(), full.reshape(-1).float()
-    row = {"mrstft_to_full": float(metrics.multi_resolution_stft_distance(out[None], full[None])[0]),
-           "si_sdr_to_full_db": float(metrics.si_sdr(out, full))}
-    ref = pclip.clip.target
-    if ref is not None:
-        ref = torch.as_tensor(ref, dtype=torch.float32).reshape(-1)
-        row.update(si_sdr_db=float(metrics.si_sdr(out, ref)), full_si_sdr_db=float(metrics.si_sdr(full, ref)))
-    else:
-        row.update(si_sdr_db=math.nan, full_si_sdr_db=math.nan)
-    row["degradation_db"] = row["full_si_sdr_db"] - row["si_sdr_db"]
-    return row
+    """Quality of one output against the full-step output and the clip's reference stem (module docstring)."""
+    traj = SimpleNamespace(target=full, clip=pclip.clip)
+    return quality_end_metrics(out.reshape(1, -1), None, traj)[0]
+
+
+def quality_end_metrics(target, residual, traj) -> list[dict]:
+    """`_quality` of each branched row against the full run (the trajectory's own output) and the clip's
+    reference stem, for ProbeEngine.sweep(end_metrics=...) (module level: picklable)."""
+    ref = traj.clip.target
+    rows = []
+    for r in range(target.shape[0]):
+        out, full = target[r].reshape(-1).float(), traj.target.reshape(-1).float()
+        row = {"mrstft_to_full": float(metrics.multi_resolution_stft_distance(out[None], full[None])[0]),
+               "si_sdr_to_full_db": float(metrics.si_sdr(out, full))}
+        if ref is not None:
+            ref_t = torch.as_tensor(ref, dtype=torch.float32).reshape(-1)
+            row.update(si_sdr_db=float(metrics.si_sdr(out, ref_t)), full_si_sdr_db=float(metrics.si_sdr(full, ref_t)))
+        else:
+            row.update(si_sdr_db=math.nan, full_si_sdr_db=math.nan)
+        row["degradation_db"] = row["full_si_sdr_db"] - row["si_sdr_db"]
+        rows.append(row)
+    return rows
 
 
 def clip_rows(ctx: ProtocolContext, pclip, split: dict, rows: list[Reuse]) -> list[dict]:
@@ -158,10 +173,11 @@ def clip_rows(ctx: ProtocolContext, pclip, split: dict, rows: list[Reuse]) -> li
                     "flops": flops_eval * evaluations, "wall_seconds": wall, **_quality(target, full, pclip)})
     per_evaluation = full_wall / E
     for reuse in rows:
-        grabbed = []
+        # one row per batch, in this process (shard given): its sampling time is this variant's alone
         df = engine.sweep(clean, [reuse], end_effect=True, progress=False, batch_size=1, timing=True,
-                          end_metrics=lambda target, residual, traj: grabbed.extend(target) or [{}] * len(target))
-        branch_wall = float(df["batch_sampling_seconds"].iloc[0])
+                          shard=(0, 1), end_metrics=quality_end_metrics)
+        result = df.iloc[0]
+        branch_wall = float(result["batch_sampling_seconds"])
         b = engine.branch_evaluation(reuse, clean)
         reused = reuse.reused_calls(E)
         name, start = reuse.label.split("|")
@@ -173,7 +189,7 @@ def clip_rows(ctx: ProtocolContext, pclip, split: dict, rows: list[Reuse]) -> li
                     "engine_skipped_calls": int(df["batch_attention_calls_skipped"].iloc[0]),
                     "flops": flops_eval * E - reused * saved_flops_per_call(reuse.what, T, model.config.dim),
                     "branch_evaluation": b, "wall_seconds": b * per_evaluation + branch_wall,
-                    **_quality(grabbed[0], full, pclip)})
+                    **{k: float(result[k]) for k in QUALITY}})
     for row in out:
         row.update(calls_fraction=row["self_attention_calls"] / (L * E), flops_fraction=row["flops"] / (flops_eval * E),
                    wall_fraction=row["wall_seconds"] / full_wall, floor_sdr_db=abs(floor["degradation_db"]),
