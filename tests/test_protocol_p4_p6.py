@@ -61,6 +61,12 @@ def test_p3_split_reads_both_formats_and_no_split(model, tmp_path):
     none = p3_split(make_ctx(model, tmp_path, p3=None))
     assert none["no_split"] and "not part" in none["split_source"]
     assert group_sets(make_ctx(model, tmp_path, p3=None), none) == {"all": (0, 1, 2)}
+    # no split: P3's top-level lists (its primary criterion) give the sets, flagged
+    p3 = copy.deepcopy(P3)
+    p3.update(split={"stable_layers": [], "fast_layers": [], "no_split": True}, stable_layers=[0, 1],
+              fast_layers=[2], split_basis="map criterion (no_split)")
+    flagged = p3_split(make_ctx(model, tmp_path, p3=p3))
+    assert flagged["no_split"] and flagged["stable_layers"] == [0, 1] and "map criterion" in flagged["split_source"]
 
 
 # ---------------------------------------------------------------------------------------------- P4
@@ -109,16 +115,18 @@ def test_p4_is_deterministic_and_resumes(model, p4_run, tmp_path):
     assert len(resumed) == len(again)
 
 
-def test_p4_under_no_split_uses_each_criterion(model, tmp_path):
+def test_p4_under_no_split_says_so(model, tmp_path):
     p3 = copy.deepcopy(P3)
-    p3["split"] = {"stable_layers": [], "fast_layers": [], "no_split": True}
+    p3.update(split={"stable_layers": [], "fast_layers": [], "no_split": True}, stable_layers=[0, 1],
+              fast_layers=[2], split_basis="map criterion (no_split)")
     config = ProtocolConfig(num_clips=1, steps=STEPS, freeze_starts=(4,), reuse_kinds=("output",))
     ctx = make_ctx(model, tmp_path, p3=p3, config=config)
     summary = p4.summarize(p4.run(ctx), ctx)
-    assert summary["no_split"] and "no split" in summary["split_note"]
-    assert "stable" not in summary["layer_sets"]
-    assert [c["id"] for c in summary["claims"] if c["subset"] == "all clips"] == [
-        "P4.map.output.mrstft", "P4.map.output.sisdr", "P4.output.output.mrstft", "P4.output.output.sisdr"]
+    assert summary["no_split"] and "no split" in summary["split_note"] and "map criterion" in summary["split_note"]
+    assert summary["layer_sets"] == {"stable": [0, 1], "fast": [2]}
+    claims = [c for c in summary["claims"] if c["subset"] == "all clips"]
+    assert [c["id"] for c in claims] == ["P4.output.mrstft", "P4.output.sisdr"]
+    assert all("no split" in c["claim"] for c in claims)
 
 
 # ---------------------------------------------------------------------------------------------- P5

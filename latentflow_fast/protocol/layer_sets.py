@@ -2,10 +2,12 @@
 
 P3's summary (protocol v2) holds ``criteria: {name: {"kstar": {layer: k}, "stable_layers": [...],
 "fast_layers": [...]}}`` and ``split: {"stable_layers", "fast_layers", "no_split": bool}`` (the split the
-criteria agree on, or "no split" where they disagree). A P3 summary of the earlier format (top-level
-``stable_layers`` / ``fast_layers`` and ``kstar_median_by_layer``) is read as one criterion,
-"pooled_map". Without P3 in the run there is no split (``no_split`` True, ``split_source`` says why), and
-the experiments keep only the layer sets that need none ("all", single layers).
+criteria agree on, or "no split" where they disagree), and top-level ``stable_layers`` / ``fast_layers``
+= the agreed split or, under no split, P3's primary criterion's (``split_basis`` says which). The sets used
+here ("stable" / "fast") are those top-level ones; under no split every summary of P4-P6 says so
+(``no_split``, ``split_note``) and the claims' statements name the basis. A P3 summary of the earlier
+format (top-level lists and ``kstar_median_by_layer`` only) is read as one criterion, "pooled_map".
+Without P3 in the run there are no sets (``split_source`` says why); only "all" and single layers remain.
 """
 
 from __future__ import annotations
@@ -33,17 +35,22 @@ def p3_split(ctx: ProtocolContext) -> dict:
                                    "stable_layers": _ints(c.get("stable_layers")),
                                    "fast_layers": _ints(c.get("fast_layers"))}
         split = p3.get("split") or {}
-        return {"criteria": criteria, "stable_layers": _ints(split.get("stable_layers")),
-                "fast_layers": _ints(split.get("fast_layers")), "no_split": bool(split.get("no_split", False)),
-                "split_source": "p3 criteria"}
+        no_split = bool(split.get("no_split", False))
+        # under no split: P3's primary criterion's sets (its top-level lists), flagged
+        stable = _ints(p3.get("stable_layers") if no_split else split.get("stable_layers"))
+        fast = _ints(p3.get("fast_layers") if no_split else split.get("fast_layers"))
+        basis = str(p3.get("split_basis") or ("criteria agree" if not no_split else "primary criterion"))
+        return {"criteria": criteria, "stable_layers": stable, "fast_layers": fast, "no_split": no_split,
+                "split_basis": basis, "split_source": f"p3 ({basis})"}
     if "stable_layers" in p3 and "fast_layers" in p3:
         kstar = {int(l): int(round(float(k))) for l, k in (p3.get("kstar_median_by_layer") or {}).items()}
         criteria["pooled_map"] = {"kstar": kstar, "stable_layers": _ints(p3["stable_layers"]),
                                   "fast_layers": _ints(p3["fast_layers"])}
         stable, fast = _ints(p3["stable_layers"]), _ints(p3["fast_layers"])
         return {"criteria": criteria, "stable_layers": stable, "fast_layers": fast,
-                "no_split": not (stable and fast), "split_source": "p3 (single criterion)"}
-    return {"criteria": {}, "stable_layers": [], "fast_layers": [], "no_split": True,
+                "no_split": not (stable and fast), "split_basis": "pooled_map",
+                "split_source": "p3 (single criterion)"}
+    return {"criteria": {}, "stable_layers": [], "fast_layers": [], "no_split": True, "split_basis": "none",
             "split_source": "none: P3 was not part of this run"}
 
 
@@ -51,10 +58,10 @@ SET_KINDS = ("split", "criteria", "all", "single")
 
 
 def group_sets(ctx: ProtocolContext, split: dict, kinds=("split", "criteria", "all")) -> dict:
-    """name -> layers, for the `kinds` of SET_KINDS: "split" = "stable" / "fast" of the agreed split;
-    "criteria" = each criterion's stable and fast sets ("<criterion>:stable"), listed only where they differ
-    from a set already listed; "all"; "single" = every layer alone ("L3"). Under "no split" the agreed sets
-    do not exist, and "split" falls back to the criteria's sets (the comparison then runs per criterion)."""
+    """name -> layers, for the `kinds` of SET_KINDS: "split" = "stable" / "fast" (the agreed split, or under
+    no split P3's primary criterion's, see the module docstring); "criteria" = each criterion's stable and
+    fast sets ("<criterion>:stable"), listed only where they differ from a set already listed; "all";
+    "single" = every layer alone ("L3")."""
     unknown = [k for k in kinds if k not in SET_KINDS]
     if unknown:
         raise ValueError(f"layer set kinds: unknown {unknown}; known: {list(SET_KINDS)}")
@@ -68,10 +75,10 @@ def group_sets(ctx: ProtocolContext, split: dict, kinds=("split", "criteria", "a
             sets[name] = layers
             seen.add(layers)
 
-    if "split" in kinds and not split["no_split"]:
+    if "split" in kinds:
         add("stable", split["stable_layers"])
         add("fast", split["fast_layers"])
-    if "criteria" in kinds or ("split" in kinds and split["no_split"]):
+    if "criteria" in kinds:
         for name, c in sorted(split["criteria"].items()):
             add(f"{name}:stable", c["stable_layers"])
             add(f"{name}:fast", c["fast_layers"])
@@ -106,6 +113,14 @@ def separated_ids(ctx: ProtocolContext, clean_gains: pd.Series) -> list:
     if ids is not None:
         return [str(i) for i in ids]
     return sorted(str(c) for c, g in clean_gains.items() if np.isfinite(g) and g >= SEPARATED_DB)
+
+
+def split_note(split: dict) -> str | None:
+    """The sentence P4-P6 summaries and claims carry when P3 reports no split."""
+    if not split["no_split"]:
+        return None
+    return (f"no split: P3's criteria disagree (or P3 did not run); the stable / fast sets come from "
+            f"{split['split_basis']}, a split the data do not support")
 
 
 def claim(ctx: ProtocolContext, experiment: str, claim_id: str, text: str, per_clip: pd.Series, separated: list,

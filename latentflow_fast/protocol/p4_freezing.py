@@ -8,9 +8,9 @@ Definitions
 * Freezing maps: the same, but only the attention probabilities of evaluation k0 - 1 are kept and applied
   to the current values, out = p(k0 - 1) @ v(e). Both are `probe.Reuse(..., refresh=None)` rows of the
   probe engine, branched from the clip's clean trajectory (`ProtocolContext.clean_trajectory`).
-* Layer sets (`layer_sets.group_sets`): "stable" / "fast" of P3's agreed split (absent when P3 reports
-  "no split"), each P3 criterion's own stable / fast sets where they differ, "all", and every layer
-  alone, as chosen by config.freeze_sets. k0 runs over config.freeze_starts (values outside
+* Layer sets (`layer_sets.group_sets`): "stable" / "fast" of P3's split (under P3's "no split", its
+  primary criterion's, flagged), each P3 criterion's own stable / fast sets where they differ, "all", and
+  every layer alone, as chosen by config.freeze_sets. k0 runs over config.freeze_starts (values outside
   1..E-1 dropped), kinds over config.reuse_kinds.
 * Controls, exactly zero by construction: freezing all layers' outputs from k0 = E (after the last
   evaluation) and caching all layers' maps with refresh 1 (every evaluation computes).
@@ -20,8 +20,9 @@ Definitions
   ``frozen_fraction`` = |F| (E - k0) / (L E), the share of self-attention calls answered from the cache.
 * Claims (sign: positive = the paper's direction, "stable layers can be frozen with less damage"): per
   clip, the mean over k0 of damage(fast) - damage(stable), for each kind (output, map) and each damage
-  measure, on all clips and on the separated subset (protocol.stats.paired_claim). The groups can differ in size; `damage_per_layer` in the table divides by |F|. Under "no split"
-  the claims use each criterion's own sets and say so.
+  measure, on all clips and on the separated subset (protocol.stats.paired_claim). The groups can differ
+  in size; `mrstft_per_layer` in the table divides by |F|. Under "no split" the claims and the summary
+  say that the sets come from P3's primary criterion.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .. import metrics
 from ..probe import Reuse
 from ..sampler import METHODS
 from .base import Experiment, ProtocolContext
-from .layer_sets import claim, group_sets, p3_split, self_sites, separated_ids
+from .layer_sets import claim, group_sets, p3_split, self_sites, separated_ids, split_note
 
 FULL_GRID = {"freeze_starts": [4, 8, 16, 24], "reuse_kinds": ["output", "map"],
              "freeze_sets": ["split", "criteria", "all", "single"]}
@@ -133,11 +134,9 @@ def _damage_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 def stable_fast_claims(ctx: ProtocolContext, real: pd.DataFrame, split: dict, kinds, separated: list) -> list:
     """The scorecard claims (module docstring); one pair of sets per split used."""
-    if split["no_split"]:
-        pairs = [(f"{n}:", f"{n}:stable", f"{n}:fast") for n in sorted(split["criteria"])]
-    else:
-        pairs = [("", "stable", "fast")]
+    pairs = [("", "stable", "fast")]
     out = []
+    note = split_note(split)
     for prefix, stable, fast in pairs:
         for what in kinds:
             for column, unit, short in (("mrstft_to_clean", "MR-STFT distance", "mrstft"),
@@ -146,15 +145,13 @@ def stable_fast_claims(ctx: ProtocolContext, real: pd.DataFrame, split: dict, ki
                 per_clip = part.pivot_table(index="clip_id", columns="layer_set", values=column, aggfunc="mean")
                 cid = ".".join(["P4"] + ([prefix.rstrip(":")] if prefix else []) + [what, short])
                 text = (f"freezing the {prefix}stable layers' attention {what}s from k0 on damages the output less "
-                        f"than freezing the {prefix}fast layers' (damage = {column}, fast minus stable, mean over k0)")
+                        f"than freezing the {prefix}fast layers' (damage = {column}, fast minus stable, mean over k0)"
+                        + (f" [{note}]" if note else ""))
                 if stable in per_clip and fast in per_clip:
                     out += claim(ctx, "p4", cid, text, per_clip[fast] - per_clip[stable], separated, units=unit)
                 else:
                     out += claim(ctx, "p4", cid, text, pd.Series(dtype=float), separated, units=unit,
-                                 not_testable="model: one of the two layer sets is empty or repeats another set")
-    if not pairs:
-        out += claim(ctx, "p4", "P4.stable_vs_fast", "freezing stable layers damages less than freezing fast layers",
-                     pd.Series(dtype=float), separated, not_testable=f"model: no layer split ({split['split_source']})")
+                                 not_testable=f"model: no stable / fast layer sets ({split['split_source']})")
     return out
 
 
@@ -167,8 +164,7 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
                              "freeze_sets": list(cfg.freeze_sets),
                              "evaluations_per_clip": evaluations_per_clip(ctx, split)}, "full": FULL_GRID}}
     if split["no_split"]:
-        base["split_note"] = ("P3 reports no split (its criteria disagree or P3 did not run): there are no "
-                              "agreed stable / fast sets; each criterion's own sets are frozen and compared instead.")
+        base["split_note"] = split_note(split)
     if df.empty:
         return {**base, "rows": 0}
     df = _damage_columns(df)

@@ -52,7 +52,7 @@ from ..probe import Reuse
 from ..sampler import METHODS
 from .base import Experiment, ProtocolContext
 from .clips import separation_gain_db
-from .layer_sets import claim, p3_split, self_sites, separated_ids, warmup_starts
+from .layer_sets import claim, p3_split, self_sites, separated_ids, split_note, warmup_starts
 from .stats import bootstrap_ci
 
 FULL_GRID = {"lsac_refresh": [2, 3, 4, 8], "lsac_starts": ["warmup", 0], "reuse_kinds": ["output", "map"],
@@ -61,13 +61,13 @@ FULL_GRID = {"lsac_refresh": [2, 3, 4, 8], "lsac_starts": ["warmup", 0], "reuse_
 
 # ---------------------------------------------------------------------------------------------- grid
 def lsac_sets(split: dict, kinds=("split", "criteria")) -> dict:
-    """name -> (layers, criterion for warm-up or None = latest over criteria): the stable set of the agreed
-    split ("split"; under "no split" each criterion's instead) and each criterion's ("criteria")."""
+    """name -> (layers, criterion for warm-up or None = latest over criteria): the "stable" set of P3's
+    split ("split"; under no split P3's primary criterion's, flagged) and each criterion's ("criteria")."""
     sets, seen = {}, set()
-    if "split" in kinds and not split["no_split"] and split["stable_layers"]:
+    if "split" in kinds and split["stable_layers"]:
         sets["stable"] = (tuple(split["stable_layers"]), None)
         seen.add(tuple(split["stable_layers"]))
-    if "criteria" in kinds or ("split" in kinds and split["no_split"]):
+    if "criteria" in kinds:
         for name, c in sorted(split["criteria"].items()):
             layers = tuple(c["stable_layers"])
             if layers and layers not in seen:
@@ -259,8 +259,7 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
                              "lsac_sets": list(cfg.lsac_sets),
                              "evaluations_per_clip": evaluations_per_clip(ctx, split)}, "full": FULL_GRID}}
     if split["no_split"]:
-        base["split_note"] = ("P3 reports no split (its criteria disagree or P3 did not run): LSAC caches each "
-                              "criterion's own stable set instead of an agreed one.")
+        base["split_note"] = split_note(split)
     if df.empty:
         return {**base, "rows": 0}
     clips = sorted(df["clip_id"].unique())
@@ -338,6 +337,8 @@ def lsac_claims(df: pd.DataFrame, ctx: ProtocolContext, split: dict, separated: 
                    & (lsac["start"] == str(cfg.lsac_starts[0])) & (lsac["refresh"] == lsac["refresh"].min())]
     name = (f"LSAC on the {primary['layer_set'].iloc[0]} layers ({primary['layers'].iloc[0]}), cached "
             f"{primary['what'].iloc[0]}s, start {primary['start'].iloc[0]}, N={int(primary['refresh'].iloc[0])}")
+    if split["no_split"]:
+        name += f" [{split_note(split)}]"
     values = {cid: {} for cid in ids}
     for _, r in primary.iterrows():
         f1 = frontier(df, r["clip_id"], "flops_fraction", "si_sdr_db", "midpoint", cfg.method)
