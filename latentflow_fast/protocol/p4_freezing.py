@@ -91,36 +91,43 @@ def end_metrics(target, residual, traj) -> list[dict]:
     return rows
 
 
+def described(df: pd.DataFrame, ctx: ProtocolContext) -> pd.DataFrame:
+    """The engine's stored rows with P4's columns: layer_set (the row's label), what, k0, n_layers,
+    frozen_fraction = reused calls / (L E), control."""
+    if df.empty or "what" in df:
+        return df
+    cfg = ctx.config
+    E = cfg.steps * METHODS[cfg.method]
+    L = ctx.model.config.n_layers
+    by_id = {r.probe_id: r for r in conditions(ctx, p3_split(ctx))}
+    df = df[df["probe_id"].isin(by_id)].copy()  # rows of this run's grid
+    rows = [by_id[i] for i in df["probe_id"]]
+    df["layer_set"] = [r.label for r in rows]
+    df["what"] = [r.what for r in rows]
+    df["k0"] = [r.start if isinstance(r.start, int) else min(r.start) for r in rows]
+    df["n_layers"] = [len(r.sites) for r in rows]
+    df["frozen_fraction"] = [r.reused_calls(E) / (L * E) for r in rows]
+    df["control"] = [r.label == "control" for r in rows]
+    return df.reset_index(drop=True)
+
+
 def run(ctx: ProtocolContext) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
-    cfg = ctx.config
-    split = p3_split(ctx)
-    rows = conditions(ctx, split)
+    rows = conditions(ctx, p3_split(ctx))
     store = ctx.store("p4")
     done = store.done_keys()
-    E = cfg.steps * METHODS[cfg.method]
-    L = ctx.model.config.n_layers
-    bar = tqdm(total=len(ctx.clips) * len(rows), unit="run", desc="p4 freezing", disable=not ctx.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(ctx.clips), unit="clip", desc="p4 freezing", disable=not ctx.progress, dynamic_ncols=True)
     try:
         for pclip in ctx.clips:
-            todo = [r for r in rows if (pclip.clip.clip_id, r.probe_id) not in done]
-            if todo:
-                traj = ctx.clean_trajectory(pclip)
-                df = ctx.engine.sweep(traj, todo, end_effect=True, progress=False, end_metrics=end_metrics)
-                extra = []
-                for r in todo:
-                    k0 = r.start if isinstance(r.start, int) else min(r.start)
-                    frozen = r.reused_calls(E) / (L * E)
-                    extra.append({"clip_id": pclip.clip.clip_id, "probe_id": r.probe_id, "layer_set": r.label,
-                                  "what": r.what, "k0": k0, "n_layers": len(r.sites), "frozen_fraction": frozen,
-                                  "control": r.label == "control", "group": pclip.group})
-                store.write(df.merge(pd.DataFrame(extra), on=["clip_id", "probe_id"]).to_dict("records"))
-            bar.update(len(rows))
+            if any((pclip.clip.clip_id, r.probe_id) not in done for r in rows):
+                # the engine's sweep: batching, out-of-memory back-off, sharding and resumable shards in `store`
+                ctx.engine.sweep(ctx.clean_trajectory(pclip), rows, end_effect=True, store=store, progress=False,
+                                 end_metrics=end_metrics)
+            bar.update(1)
     finally:
         bar.close()
-    return store.load()
+    return described(store.load(), ctx)
 
 
 def _mean(series) -> Optional[float]:
@@ -165,6 +172,7 @@ def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
                              "evaluations_per_clip": evaluations_per_clip(ctx, split)}, "full": FULL_GRID}}
     if split["no_split"]:
         base["split_note"] = split_note(split)
+    df = described(df, ctx)
     if df.empty:
         return {**base, "rows": 0}
     df = _damage_columns(df)
