@@ -16,7 +16,7 @@ Definitions
   evaluation) and caching all layers' maps with refresh 1 (every evaluation computes).
 * Damage of a row against the clean output of the same noise (decoded target `clean`) and the reference
   stem: ``si_sdr_drop_db`` = SI-SDR(clean, ref) - SI-SDR(frozen, ref) (positive = worse),
-  ``mrstft_to_clean`` (multi-resolution STFT distance), ``latent_change``, ``si_sdr_to_clean_db``.
+  ``mrstft_to_clean`` (multi-resolution STFT distance), ``latent_change`` (the engine's end metrics).
   ``frozen_fraction`` = |F| (E - k0) / (L E), the share of self-attention calls answered from the cache.
 * Claims (sign: positive = the paper's direction, "stable layers can be frozen with less damage"): per
   clip, the mean over k0 of damage(fast) - damage(stable), for each kind (output, map) and each damage
@@ -68,27 +68,16 @@ def evaluations_per_clip(ctx: ProtocolContext, split: dict) -> int:
 
 
 def end_metrics(target, residual, traj) -> list[dict]:
-    """Extra damage columns for ProbeEngine.sweep(end_metrics=...): a module-level function (picklable, so
-    worker processes can run it) reading the reference stem and the mixture from the trajectory's clip."""
-    out = target.reshape(target.shape[0], -1).float()
-    clean = traj.target.reshape(-1).float()
+    """The clean output's SI-SDRi (for the separated subset) on every row, for ProbeEngine.sweep(end_metrics=...):
+    a module-level function (picklable, so worker processes can run it). The engine's own end metrics give
+    the damage (end_mrstft_to_clean, end_delta_si_sdr)."""
     ref = traj.clip.target
     gain = math.nan
     if ref is not None:
         ref = torch.as_tensor(ref, dtype=torch.float32).reshape(-1)
         mixture = torch.as_tensor(traj.clip.mixture, dtype=torch.float32).reshape(-1)
-        clean_sdr = float(metrics.si_sdr(clean, ref))
-        gain = clean_sdr - float(metrics.si_sdr(mixture, ref))  # clips.separation_gain_db of the clean output
-    rows = []
-    for r in range(out.shape[0]):
-        row = {"si_sdr_to_clean_db": float(metrics.si_sdr(out[r], clean)), "clean_si_sdri_db": gain}
-        if ref is not None:
-            sdr = float(metrics.si_sdr(out[r], ref))
-            row.update(si_sdr_db=sdr, clean_si_sdr_db=clean_sdr, si_sdr_drop_db=clean_sdr - sdr)
-        else:
-            row.update(si_sdr_db=math.nan, clean_si_sdr_db=math.nan, si_sdr_drop_db=math.nan)
-        rows.append(row)
-    return rows
+        gain = float(metrics.si_sdr(traj.target.reshape(-1).float(), ref) - metrics.si_sdr(mixture, ref))
+    return [{"clean_si_sdri_db": gain} for _ in range(target.shape[0])]
 
 
 def described(df: pd.DataFrame, ctx: ProtocolContext) -> pd.DataFrame:
@@ -108,6 +97,8 @@ def described(df: pd.DataFrame, ctx: ProtocolContext) -> pd.DataFrame:
     df["n_layers"] = [len(r.sites) for r in rows]
     df["frozen_fraction"] = [r.reused_calls(E) / (L * E) for r in rows]
     df["control"] = [r.label == "control" for r in rows]
+    # damage in dB: SI-SDR(clean, ref) - SI-SDR(frozen, ref), positive = worse (NaN without stems)
+    df["si_sdr_drop_db"] = -df["end_delta_si_sdr"] if "end_delta_si_sdr" in df else math.nan
     return df.reset_index(drop=True)
 
 

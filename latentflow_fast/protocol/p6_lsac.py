@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -115,32 +114,33 @@ def saved_flops_per_call(what: str, frames: int, dim: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- run
-QUALITY = ("mrstft_to_full", "si_sdr_to_full_db", "si_sdr_db", "full_si_sdr_db", "degradation_db")
+def _sdr(out: torch.Tensor, full: torch.Tensor, ref) -> dict:
+    row = {"si_sdr_to_full_db": float(metrics.si_sdr(out, full))}
+    if ref is not None:
+        ref = torch.as_tensor(ref, dtype=torch.float32).reshape(-1)
+        row.update(si_sdr_db=float(metrics.si_sdr(out, ref)), full_si_sdr_db=float(metrics.si_sdr(full, ref)))
+    else:
+        row.update(si_sdr_db=math.nan, full_si_sdr_db=math.nan)
+    row["degradation_db"] = row["full_si_sdr_db"] - row["si_sdr_db"]
+    return row
 
 
 def _quality(out: torch.Tensor, full: torch.Tensor, pclip) -> dict:
     """Quality of one output against the full-step output and the clip's reference stem (module docstring)."""
-    traj = SimpleNamespace(target=full, clip=pclip.clip)
-    return quality_end_metrics(out.reshape(1, -1), None, traj)[0]
+    out, full = out.reshape(-1).float(), full.reshape(-1).float()
+    return {"mrstft_to_full": float(metrics.multi_resolution_stft_distance(out[None], full[None])[0]),
+            **_sdr(out, full, pclip.clip.target)}
 
 
 def quality_end_metrics(target, residual, traj) -> list[dict]:
-    """`_quality` of each branched row against the full run (the trajectory's own output) and the clip's
-    reference stem, for ProbeEngine.sweep(end_metrics=...) (module level: picklable)."""
-    ref = traj.clip.target
-    rows = []
-    for r in range(target.shape[0]):
-        out, full = target[r].reshape(-1).float(), traj.target.reshape(-1).float()
-        row = {"mrstft_to_full": float(metrics.multi_resolution_stft_distance(out[None], full[None])[0]),
-               "si_sdr_to_full_db": float(metrics.si_sdr(out, full))}
-        if ref is not None:
-            ref_t = torch.as_tensor(ref, dtype=torch.float32).reshape(-1)
-            row.update(si_sdr_db=float(metrics.si_sdr(out, ref_t)), full_si_sdr_db=float(metrics.si_sdr(full, ref_t)))
-        else:
-            row.update(si_sdr_db=math.nan, full_si_sdr_db=math.nan)
-        row["degradation_db"] = row["full_si_sdr_db"] - row["si_sdr_db"]
-        rows.append(row)
-    return rows
+    """SI-SDR columns of each branched row against the full run (the trajectory's own output) and the
+    clip's reference stem, for ProbeEngine.sweep(end_metrics=...) (module level: picklable). The MR-STFT
+    distance to the full run is the engine's end_mrstft_to_clean."""
+    full = traj.target.reshape(-1).float()
+    return [_sdr(target[r].reshape(-1).float(), full, traj.clip.target) for r in range(target.shape[0])]
+
+
+QUALITY = ("si_sdr_to_full_db", "si_sdr_db", "full_si_sdr_db", "degradation_db")
 
 
 def clip_rows(ctx: ProtocolContext, pclip, split: dict, rows: list[Reuse]) -> list[dict]:
@@ -189,7 +189,7 @@ def clip_rows(ctx: ProtocolContext, pclip, split: dict, rows: list[Reuse]) -> li
                     "engine_skipped_calls": int(df["batch_attention_calls_skipped"].iloc[0]),
                     "flops": flops_eval * E - reused * saved_flops_per_call(reuse.what, T, model.config.dim),
                     "branch_evaluation": b, "wall_seconds": b * per_evaluation + branch_wall,
-                    **{k: float(result[k]) for k in QUALITY}})
+                    "mrstft_to_full": float(result["end_mrstft_to_clean"]), **{k: float(result[k]) for k in QUALITY}})
     for row in out:
         row.update(calls_fraction=row["self_attention_calls"] / (L * E), flops_fraction=row["flops"] / (flops_eval * E),
                    wall_fraction=row["wall_seconds"] / full_wall, floor_sdr_db=abs(floor["degradation_db"]),
