@@ -35,13 +35,13 @@ class ProtocolConfig:
     window: int = 16  # evaluations per window of the layer x evaluation grid (P2): two halves of 32
     p2_layer_groups: int = 2  # P2 on 2 layer groups (time budget); 0 = v1's per-layer grid
     p2_types: tuple = ("full patch",)  # P2 probe types per (layer group, window): full patch / additive / routing
-    # P4 / P6 grids (docs/design.md, section 6), sized so that P4 + P5 + P6 take about 10 clean runs per clip
-    # (<= 9 min for 24 clips of `small` on 2 cores); each summary's `grid` lists what ran, what the full grid
-    # holds and the network evaluations per clip. Under P3's "no split" the per-criterion sets replace the
-    # agreed ones, which multiplies the P4 / P6 cost by the number of criteria.
+    # P4 / P6 grids (docs/design.md, section 6), sized so that P4 + P5 + P6 stay within 9 min for 24 clips of
+    # `small` in one single-threaded process: per clip at most ~240 network evaluations (7.5 clean runs;
+    # fewer when P3's k* make the LSAC warm-up start late). Each summary's `grid` lists what ran, the full
+    # grid and the evaluations per clip.
     freeze_starts: tuple = (16,)  # k0 values of causal freezing (P4); full grid 4, 8, 16, 24
     freeze_sets: tuple = ("split",)  # P4 layer sets (layer_sets.SET_KINDS); full: split, criteria, all, single
-    lsac_refresh: tuple = (2, 4)  # LSAC refresh intervals N (P6); full grid 2, 3, 4, 8
+    lsac_refresh: tuple = (2,)  # LSAC refresh intervals N (P6); full grid 2, 3, 4, 8
     lsac_starts: tuple = ("warmup",)  # P6 cache starts: "warmup" (each layer's k*) and/or ints; full: warmup, 0
     lsac_sets: tuple = ("split",)  # P6: stable sets of the agreed split ("split") and / or of each criterion
     reuse_kinds: tuple = ("output", "map")  # P4 / P6: reuse attention outputs and/or maps
