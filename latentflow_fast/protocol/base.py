@@ -36,9 +36,9 @@ class ProtocolConfig:
     p2_layer_groups: int = 2  # P2 on 2 layer groups (time budget); 0 = v1's per-layer grid
     p2_types: tuple = ("full patch",)  # P2 probe types per (layer group, window): full patch / additive / routing
     # P4 / P6 grids (docs/design.md, section 6), sized so that P4 + P5 + P6 stay within 9 min for 24 clips of
-    # `small` in one single-threaded process: per clip at most ~240 network evaluations (7.5 clean runs;
-    # fewer when P3's k* make the LSAC warm-up start late). Each summary's `grid` lists what ran, the full
-    # grid and the evaluations per clip.
+    # `small` in one single-threaded process: per clip 180-240 network evaluations (fewer when P3's k* make
+    # the LSAC warm-up start late), measured at 8.8-11.5 clean runs' time with metrics (docs/design.md).
+    # Each summary's `grid` lists what ran, the full grid and the evaluations per clip.
     freeze_starts: tuple = (16,)  # k0 values of causal freezing (P4); full grid 4, 8, 16, 24
     freeze_sets: tuple = ("split",)  # P4 layer sets (layer_sets.SET_KINDS); full: split, criteria, all, single
     lsac_refresh: tuple = (2,)  # LSAC refresh intervals N (P6); full grid 2, 3, 4, 8
