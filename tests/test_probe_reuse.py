@@ -187,3 +187,16 @@ def test_reductions_match_materialised_maps(setup):
     assert torch.equal(run.final, traj.final)  # reducing does not change the run
     with pytest.raises(TypeError, match="fn"):
         Reduction("x", "layers.*", fn=3)
+
+
+def test_reuse_rows_do_not_depend_on_their_batch(setup):
+    # exact mode: a Reuse row gives the same bits alone, in a batch with other rows, and in any order
+    _, engine, traj = setup
+    sites = self_sites(engine)
+    rows = [Reuse(sites, "output", start=0, refresh=2), Reuse(sites[1:], "map", start=0, refresh=3),
+            Reuse(sites[:1], "map", start=1), Reuse(sites, "output", start=3)]
+    together, _ = engine_targets(engine, traj, rows)
+    reversed_, _ = engine_targets(engine, traj, rows[::-1])
+    for i, row in enumerate(rows):
+        (alone,), _ = engine_targets(engine, traj, [row])
+        assert torch.equal(alone, together[i]) and torch.equal(alone, reversed_[len(rows) - 1 - i]), row
