@@ -20,9 +20,9 @@ cached set S, with E evaluations, ceil(E / N) evaluations compute (0, N, 2N, ...
 self-attention calls saved is |S| * (E - ceil(E / N)) / (L * E), which equals the paper's
 |S| / L * (1 - 1 / N) whenever N divides E (`expected_saved_fraction` gives both).
 
-The same machinery freezes attention for the causal freezing experiment (P4): a per-row policy
-(`freeze_policy`) reuses layer l's output from evaluation k0 on in some batch rows only; a call computes
-when any row needs it, and the reusing rows then keep their stored output.
+This is the user-facing sampler option. The protocol's experiments (P4 freezing, P6 LSAC frontier) run
+freezing and caching through the probe engine instead (`latentflow_fast.probe.Reuse`), which also caches
+attention maps and branches from a clean trajectory.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable
 
 import torch
 
 from .sampler import SampleResult, num_evaluations, sample_ode
 
-# reuse(layer, evaluation) -> True / False for every row, or a bool tensor [B] (True = reuse the cache)
-ReusePolicy = Callable[[int, int], Union[bool, torch.Tensor]]
+# reuse(layer, evaluation) -> True to answer the layer's self-attention from the cache
+ReusePolicy = Callable[[int, int], bool]
 
 
 @dataclass(frozen=True)
@@ -109,26 +109,10 @@ def lsac_policy(config: LSACConfig) -> ReusePolicy:
     return lambda layer, evaluation: layer in cached and evaluation % config.refresh != 0
 
 
-def freeze_policy(rows: Sequence[tuple[int, Sequence[int]]], device=None) -> ReusePolicy:
-    """Per-row freezing: row r = (k0, layers) reuses each of its layers' output from evaluation k0 on
-    (the output of the last computed evaluation, k0 - 1). k0 must be >= 1."""
-    parsed = []
-    for k0, layers in rows:
-        if isinstance(k0, bool) or not isinstance(k0, int) or k0 < 1:
-            raise ValueError(f"rows: k0 must be an int >= 1 (something must be computed first), got {k0!r}")
-        parsed.append((k0, frozenset(int(l) for l in layers)))
-
-    def reuse(layer: int, evaluation: int) -> torch.Tensor:
-        return torch.tensor([evaluation >= k0 and layer in ls for k0, ls in parsed], dtype=torch.bool, device=device)
-
-    return reuse
-
-
 class SelfAttentionCache:
     """Context manager: routes every layer's self-attention module through a cache with a reuse policy.
 
-    Inside the context, set `evaluation` before each network evaluation (or use `velocity_fn`). `seed`
-    pre-fills the cache of a layer (e.g. with a clean run's output when a batch branches mid-trajectory).
+    Inside the context, set `evaluation` before each network evaluation (or use `velocity_fn`).
     """
 
     def __init__(self, model, policy: ReusePolicy):
@@ -136,45 +120,28 @@ class SelfAttentionCache:
         if layers is None:
             raise TypeError("model must be a SAM-Audio-architecture model (model.transformer.layers)")
         if not callable(policy):
-            raise TypeError("policy must be callable: policy(layer, evaluation) -> bool or bool tensor [B]")
+            raise TypeError("policy must be callable: policy(layer, evaluation) -> bool")
         self.modules = [block.attention for block in layers]
         self.policy = policy
         self.evaluation = 0
         self.cache: dict = {}  # layer -> last output [B, T, D]
         self.stats = CacheStats({l: 0 for l in range(len(self.modules))}, {l: 0 for l in range(len(self.modules))})
-        self.record: Optional[dict] = None  # layer -> {evaluation: output}, when recording is on
-
-    def seed(self, layer: int, output: torch.Tensor) -> None:
-        self.cache[layer] = output
 
     def _wrap(self, layer: int, module):
         original = module.forward
 
         def forward(x, context=None, key_padding_mask=None, rope=None):
-            reuse = self.policy(layer, self.evaluation)
+            reuse = bool(self.policy(layer, self.evaluation))
             cached = self.cache.get(layer)
-            if torch.is_tensor(reuse):
-                reuse = reuse.to(x.device)
-                if reuse.shape != (x.shape[0],):
-                    raise ValueError(f"policy returned a reuse mask of shape {tuple(reuse.shape)}, "
-                                     f"expected [{x.shape[0]}]")
-                any_reuse, all_reuse = bool(reuse.any()), bool(reuse.all())
-            else:
-                any_reuse = all_reuse = bool(reuse)
-            if any_reuse and cached is None:
+            if reuse and cached is None:
                 raise RuntimeError(f"layer {layer}: reuse requested at evaluation {self.evaluation} "
-                                   "but nothing was computed or seeded before")
-            if all_reuse:
+                                   "but nothing was computed before")
+            if reuse:
                 self.stats.skipped[layer] += 1
-                out = cached
-            else:
-                self.stats.computed[layer] += 1
-                out = original(x, context=context, key_padding_mask=key_padding_mask, rope=rope)
-                if any_reuse:
-                    out = torch.where(reuse[:, None, None], cached.expand_as(out), out)
-                self.cache[layer] = out
-            if self.record is not None and layer in self.record:
-                self.record[layer][self.evaluation] = out
+                return cached
+            self.stats.computed[layer] += 1
+            out = original(x, context=context, key_padding_mask=key_padding_mask, rope=rope)
+            self.cache[layer] = out
             return out
 
         return forward
@@ -224,6 +191,6 @@ def sample_with_lsac(model, inputs, config: LSACConfig, steps: int = 16, method:
 
 
 __all__ = [
-    "CacheStats", "LSACConfig", "SelfAttentionCache", "expected_saved_fraction", "freeze_policy",
+    "CacheStats", "LSACConfig", "SelfAttentionCache", "expected_saved_fraction",
     "lsac_policy", "sample_with_cache", "sample_with_lsac",
 ]

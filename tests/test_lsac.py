@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from latentflow_fast.lsac import LSACConfig, expected_saved_fraction, freeze_policy
+from latentflow_fast.lsac import LSACConfig, expected_saved_fraction
 from latentflow_fast.models.tiny import DEFAULT_TINY_CONFIG, build_tiny_model
 
 N_LAYERS = 3
@@ -103,5 +103,4 @@ def test_bad_arguments(model, audio):
         model.separate(audio, 16000, "chirp", steps=2, lsac=LSACConfig(layers=(N_LAYERS,), refresh=2))
     with pytest.raises(TypeError, match="lsac"):
         model.separate(audio, 16000, "chirp", steps=2, lsac={"layers": (0,)})
-    with pytest.raises(ValueError, match="k0"):
-        freeze_policy([(0, (1,))])
+

@@ -6,7 +6,7 @@ _require("pandas", "probe", "latentflow_fast.probe (sweeps and result stores)")
 _require("pyarrow", "probe", "latentflow_fast.probe (Parquet result stores)")
 
 from .engine import Clip, ProbeEngine, Trajectory, model_sites, shard_of, time_bins  # noqa: E402
-from .probes import INTERVENTIONS, STANDARD_KINDS, MapRequest, Probe, expand_sites, per_head, probe_grid, standard_probes  # noqa: E402
+from .probes import INTERVENTIONS, REUSE_WHAT, STANDARD_KINDS, MapRequest, Probe, Reduction, Reuse, expand_sites, per_head, probe_grid, standard_probes  # noqa: E402
 from .store import ResultStore  # noqa: E402
 
 __all__ = [
@@ -16,6 +16,9 @@ __all__ = [
     "Clip",
     "MapRequest",
     "Probe",
+    "REUSE_WHAT",
+    "Reduction",
+    "Reuse",
     "ProbeEngine",
     "ResultStore",
     "Trajectory",

@@ -16,6 +16,11 @@ Work a probe cannot change is skipped, not repeated per row:
 - shared conditioning: the rows of a batch share one prompt and one evaluation, so the time embedding,
   the text memory and the cross-attention keys and values are computed once and broadcast.
 
+Reuse rows (`probes.Reuse`: freezing, layer-selective caching of attention outputs or maps) run as batch
+rows like probes: a row branches at the last computed evaluation before its first reuse and carries its
+cache through the continued run. Map reductions (`probes.Reduction`) reduce the map of a site at every
+evaluation of a clean trajectory, so experiments that need whole-trajectory maps run it once.
+
 Clean and probed runs share one numerical path (the operator is batch invariant), so a probe that changes
 nothing has effects that are exactly zero, and results do not depend on how probes were batched.
 """
@@ -41,7 +46,7 @@ from ..sampler import METHODS, evaluation_schedule, sample_ode
 from . import distributed
 from .batching import BatchSizer, is_out_of_memory
 from .invariance import batch_invariant, single_threaded
-from .probes import MapRequest, Probe, expand_sites
+from .probes import MapRequest, Probe, Reduction, Reuse, expand_sites
 from .store import ResultStore
 
 
@@ -78,11 +83,14 @@ class Trajectory:
     head_outputs: dict  # site -> [E, H, Nq, hd] (model dtype, model device)
     maps: dict  # (site, evaluation) -> [h, q, Nk] exact attention probabilities
     segments: dict  # site -> list of key-segment boundaries used for captures and segment probes
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # the whole call: preparing the inputs, sampling, decoding
+    sampling_seconds: float = 0.0  # the sampler loop only
     # evaluation -> [layer input of every layer, each [1, T, D]] (prefix reuse; absent beyond the budget)
     layer_inputs: dict = field(default_factory=dict)
     # sites computed by the probed kernel in this run (those with captures); the others ran torch SDPA
     kernel_sites: frozenset = frozenset()
+    # reduction name -> site -> [E, ...] per-evaluation reductions of exact maps (Reduction)
+    reductions: dict = field(default_factory=dict)
 
     @property
     def num_evaluations(self) -> int:
@@ -128,6 +136,11 @@ class _Context:
     # sites where rows without an intervention also go through the probed kernel (the clean run captured
     # there); elsewhere they run native attention (torch SDPA), the same path as in the clean run
     kernel_sites: frozenset = frozenset()
+    # Reuse rows (freezing / caching): (site, "output" | "map") -> [R, H, Nq, hd | Nk] last computed value
+    reuse_cache: dict = field(default_factory=dict)
+    reused_calls: int = 0  # (site, batch) calls where every row reused: the attention itself was skipped
+    reductions: dict = field(default_factory=dict)  # site -> [Reduction]: reduce the exact map of row 0
+    reduced: dict = field(default_factory=dict)  # (reduction name, site) -> reduced value of this evaluation
 
 
 class ProbeEngine:
@@ -199,9 +212,15 @@ class ProbeEngine:
         kwargs, post, kernel_rows = self._row_arguments(site, q, v, segments)
         capture = ctx.capture.get(site, ())
         R = q.shape[0]
+        reusing, storing = self._reuse_rows(site)
         with nvtx_range(f"latentflow.site.{site}"):
             try:
-                if capture or site in ctx.kernel_sites or len(kernel_rows) == R:
+                if len(reusing) == R and not capture:
+                    # every row answers from its cache: the attention itself is skipped
+                    ctx.reused_calls += 1
+                    out = q.new_empty(q.shape[:3] + (v.shape[3],))
+                    captured = {}
+                elif capture or site in ctx.kernel_sites or len(kernel_rows) == R:
                     out, captured = probed_attention(q, k, v, key_padding_mask=key_padding_mask, segments=segments,
                                                      capture=capture, backend=self.backend, **kwargs)
                 else:
@@ -217,6 +236,8 @@ class ProbeEngine:
                                                        segments=segments, backend=self.backend, **sub)
             except NonFiniteError as exc:  # NaN/Inf activations: say where (the operator only sees tensors)
                 raise NonFiniteError(f"evaluation {ctx.evaluation}, {site}: {exc}") from None
+        if reusing or storing:
+            out = self._apply_reuse(site, out, q, k, v, key_padding_mask, reusing, storing)
         if post is not None:
             out = post(out)
         if captured:
@@ -225,6 +246,60 @@ class ProbeEngine:
             ctx.head_outputs[site] = out
         if site in ctx.maps:
             ctx.map_results[site] = self._exact_map(ctx.maps[site], q, k, key_padding_mask, segments)
+        if site in ctx.reductions:
+            # float32 map of row 0 (what the kernel computes, to float32 rounding), reduced and dropped
+            mask = None if key_padding_mask is None else key_padding_mask[:1]
+            p = self._attention_map(q[:1], k[:1], mask)[0].cpu()
+            for reduction in ctx.reductions[site]:
+                ctx.reduced[(reduction.name, site)] = reduction.apply(p, site, ctx.evaluation)
+        return out
+
+    # ------------------------------------------------------------------ reuse (freezing / caching)
+    def _reuse_rows(self, site):
+        """Rows that reuse at this site and evaluation, and rows that must store what they compute now
+        (their schedule reuses at the next evaluation): [(row, what)] each."""
+        ctx = self._ctx
+        reusing, storing = [], []
+        for r, p in enumerate(ctx.rows):
+            if isinstance(p, Reuse) and p.matches(site):
+                if p.reuses(site, ctx.evaluation):
+                    reusing.append((r, p.what))
+                elif p.reuses(site, ctx.evaluation + 1):
+                    storing.append((r, p.what))
+        return reusing, storing
+
+    @staticmethod
+    def _attention_map(q, k, key_padding_mask) -> torch.Tensor:
+        """Attention probabilities [R, H, Nq, Nk] in float32 (materialised for map reuse)."""
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        if key_padding_mask is not None:
+            logits = logits.masked_fill(~key_padding_mask[:, None, None, :], -math.inf)
+        return torch.softmax(logits, dim=-1)
+
+    def _apply_reuse(self, site, out, q, k, v, key_padding_mask, reusing, storing):
+        ctx = self._ctx
+        for r, what in storing:
+            key = (site, what)
+            if key not in ctx.reuse_cache:
+                shape = out.shape if what == "output" else q.shape[:3] + (k.shape[2],)
+                ctx.reuse_cache[key] = torch.zeros(shape, dtype=out.dtype if what == "output" else torch.float32,
+                                                   device=out.device)
+            if what == "output":
+                ctx.reuse_cache[key][r] = out[r]
+            else:
+                mask = None if key_padding_mask is None else key_padding_mask[r:r + 1]
+                ctx.reuse_cache[key][r] = self._attention_map(q[r:r + 1], k[r:r + 1], mask)[0]
+        if reusing:
+            out = out.clone()
+            for r, what in reusing:
+                cached = ctx.reuse_cache.get((site, what))
+                if cached is None:
+                    raise RuntimeError(f"{site}: row {r} reuses its {what} at evaluation {ctx.evaluation} "
+                                       "but nothing was stored before (the branch started too late)")
+                if what == "output":
+                    out[r] = cached[r]
+                else:  # the cached map applied to the current values
+                    out[r] = torch.matmul(cached[r], v[r].float()).to(out.dtype)
         return out
 
     def _exact_map(self, request: MapRequest, q, k, key_padding_mask, segments) -> torch.Tensor:
@@ -255,7 +330,7 @@ class ProbeEngine:
         """Per-row operator arguments (and a post-op for component swaps) for the rows active at `site`."""
         ctx = self._ctx
         active = [(r, p) for r, p in enumerate(ctx.rows)
-                  if p is not None and not p.is_identity and p.matches(site) and p.active_at(ctx.evaluation)]
+                  if isinstance(p, Probe) and not p.is_identity and p.matches(site) and p.active_at(ctx.evaluation)]
         if not active:
             return {}, None, []
         R, H, Nq = q.shape[0], q.shape[1], q.shape[2]
@@ -338,12 +413,15 @@ class ProbeEngine:
     def trajectory(self, clip: Clip, steps: int = 16, method: str = "midpoint", seed: int = 0,
                    capture: Sequence[str] = (), capture_sites="*", cache_heads="*",
                    maps: Sequence[MapRequest] = (), prompt: Optional[str] = None,
-                   name: Optional[str] = None) -> Trajectory:
+                   name: Optional[str] = None, reductions: Sequence[Reduction] = ()) -> Trajectory:
         """Run and cache the clean trajectory of `clip` (with `prompt` overriding the clip's prompt).
 
         capture: capture names recorded at `capture_sites` (glob patterns) at every evaluation.
         cache_heads: sites (patterns) whose per-head outputs are cached (needed by patching / mean ablation).
         maps: exact attention-map slices to materialise. `name` registers the run as a patch source.
+        reductions: per-evaluation reductions of exact maps (`Reduction`): at every evaluation the map of
+            each matching site is materialised, reduced by the callback and dropped; the results are in
+            `Trajectory.reductions[name][site]`, stacked over evaluations.
         """
         started = time.perf_counter()
         model = self.model
@@ -356,6 +434,9 @@ class ProbeEngine:
         states, velocities = [], []
         map_results: dict = {}
         layer_cache: dict = {}
+        reduce_at = {s: [r for r in reductions if r.matches(s)] for s in self.sites}
+        reduce_at = {s: rs for s, rs in reduce_at.items() if rs}
+        reduced: dict = {(r.name, s): [] for s, rs in reduce_at.items() for r in rs}
         cache_left = self.prefix_cache_bytes if self.prefix_reuse else 0
 
         def evaluate(state, t, evaluation):
@@ -363,6 +444,7 @@ class ProbeEngine:
             ctx = _Context(rows=[None], capture={s: tuple(capture) for s in capture_at}, cache_heads=heads_at,
                            kernel_sites=frozenset(capture_at))
             ctx.maps = {m.site: m for m in maps if m.evaluations is None or evaluation in m.evaluations}
+            ctx.reductions = reduce_at
             recorded: list = []
             try:
                 v = self._forward(ctx, inputs, state, evaluation, t, layer_inputs=recorded)
@@ -384,9 +466,12 @@ class ProbeEngine:
                 head_outputs[s].append(ctx.head_outputs[s][0])
             for s, p in ctx.map_results.items():
                 map_results[(s, evaluation)] = p
+            for key, value in ctx.reduced.items():
+                reduced[key].append(torch.as_tensor(value))
             return v
 
         x = sample_ode(evaluate, inputs.noise, steps=steps, method=method).final
+        sampling_seconds = time.perf_counter() - started
         per_step = METHODS[method]
         step_starts = [states[k * per_step] for k in range(steps)] + [x.clone()]
         target, residual = model.decode(x, inputs)
@@ -400,9 +485,12 @@ class ProbeEngine:
             segments={s: self._segments(s, inputs.text.shape[1] if s.endswith("cross_attn") else x.shape[1])
                       for s in self.sites},
             wall_seconds=time.perf_counter() - started,
+            sampling_seconds=sampling_seconds,
             layer_inputs=layer_cache,
             kernel_sites=frozenset(capture_at),
         )
+        for (rname, s), values in reduced.items():
+            traj.reductions.setdefault(rname, {})[s] = torch.stack(values)
         if name is not None:
             self.runs[name] = traj
         return traj
@@ -429,7 +517,21 @@ class ProbeEngine:
         self.runs[name] = trajectory
 
     # ------------------------------------------------------------------ sweeps
+    def branch_evaluation(self, probe, traj: Trajectory) -> int:
+        """The clean-trajectory evaluation a row branches at: a Probe's `evaluation`; for a Reuse, the last
+        computed evaluation before its first reuse (what it stores there is what it reuses), or the last
+        evaluation when the schedule changes nothing in this run (an identity row)."""
+        if isinstance(probe, Reuse):
+            first = probe.first_reuse(traj.num_evaluations)
+            return traj.num_evaluations - 1 if first is None else first - 1
+        return probe.evaluation
+
     def _check_probe(self, probe: Probe, traj: Trajectory) -> None:
+        if isinstance(probe, Reuse):
+            unknown = [s for s in probe.sites if s not in self.sites]
+            if unknown:
+                raise ValueError(f"reuse {probe.probe_id}: unknown sites {unknown}; sites look like {self.sites[:2]}")
+            return
         where = f"probe {probe.probe_id} ({probe.intervention} at {probe.site})"
         sites = [s for s in self.sites if probe.matches(s)]
         if not sites:
@@ -475,8 +577,11 @@ class ProbeEngine:
 
     @torch.no_grad()
     def run_batch(self, traj: Trajectory, evaluation: int, probes: Sequence[Probe],
-                  end_effect: bool = False, end_metrics: Optional[Callable] = None) -> list[dict]:
-        """Run probes branching at `evaluation` as the rows of one batch; one result dict per probe."""
+                  end_effect: bool = False, end_metrics: Optional[Callable] = None,
+                  timing: bool = False) -> list[dict]:
+        """Run probes branching at `evaluation` as the rows of one batch; one result dict per probe.
+        With `timing` (and end_effect) each row gets `batch_sampling_seconds`: the batch's sampling time
+        from the branch to t=1, decoding excluded (a measurement: it makes rows differ between runs)."""
         R = len(probes)
         inputs = traj.inputs  # batch 1: shared by every row
         state = traj.states[evaluation].expand(R, *traj.states[evaluation].shape[1:]).contiguous()
@@ -488,6 +593,7 @@ class ProbeEngine:
             start = self.first_layer(probes)
             if start > 0:
                 hidden = cached[start].expand(R, *cached[start].shape[1:]).contiguous()
+        started = time.perf_counter()
         with nvtx_range(f"latentflow.probe_batch.e{evaluation}.l{start}.r{R}"):
             v = self._forward(ctx, inputs, state, evaluation, t, start_layer=start, hidden=hidden)
         if not bool(torch.isfinite(v).all()):
@@ -510,15 +616,22 @@ class ProbeEngine:
                    "local_effect": float(local[r]), "local_effect_frames": frame[r].tolist()}
             rows.append(row)
         if end_effect:
-            final = self._continue(traj, evaluation, probes, v)
+            final = self._continue(traj, evaluation, probes, v, ctx)
+            seconds = time.perf_counter() - started  # the batch's sampling, from the branch to t=1 (no decoding)
+            for row in rows:  # calls (site, evaluation) of this batch whose attention was skipped entirely
+                row["batch_attention_calls_skipped"] = ctx.reused_calls
+                if timing:
+                    row["batch_sampling_seconds"] = seconds
             rows = self._end_metrics(traj, final, expand_inputs(traj.inputs, R), rows, end_metrics)
         return rows
 
-    def _continue(self, traj, evaluation, probes, v):
-        """Integrate the branched rows from `evaluation` (velocity `v`) to t=1 with the one sampler."""
+    def _continue(self, traj, evaluation, probes, v, ctx: Optional[_Context] = None):
+        """Integrate the branched rows from `evaluation` (velocity `v`) to t=1 with the one sampler.
+        `ctx` is the branch evaluation's context: what Reuse rows stored there carries on."""
         step = evaluation // METHODS[traj.method]
         x = traj.step_starts[step].expand(len(probes), *traj.step_starts[step].shape[1:])
-        ctx = _Context(rows=list(probes), trajectory=traj, kernel_sites=traj.kernel_sites)
+        if ctx is None:
+            ctx = _Context(rows=list(probes), trajectory=traj, kernel_sites=traj.kernel_sites)
 
         def velocity(state, t, e):
             return self._forward(ctx, traj.inputs, state, e, t)
@@ -555,7 +668,8 @@ class ProbeEngine:
     def sweep(self, traj: Trajectory, probes: Sequence[Probe], *, end_effect: bool = False,
               store: Optional[ResultStore] = None, batch_size: Optional[int] = None,
               memory_budget: Optional[int] = None, progress: bool = True,
-              end_metrics: Optional[Callable] = None, shard: Optional[tuple] = None) -> pd.DataFrame:
+              end_metrics: Optional[Callable] = None, shard: Optional[tuple] = None,
+              timing: bool = False) -> pd.DataFrame:
         """Run `probes` against the clean trajectory `traj`.
 
         Results go to `store` (Parquet shards, resumable) if given, one batch at a time; already stored
@@ -563,6 +677,8 @@ class ProbeEngine:
         (a deterministic function of clip and probe ids); under an initialised torch.distributed process
         group it defaults to the group's rank and size, the ranks check that they run the same
         configuration, and every rank returns the merged table (read from the shared store).
+        `probes` may mix `Probe` and `Reuse` rows (Reuse needs end_effect=True). `timing=True` adds the
+        measured `batch_sampling_seconds` of each batch to its rows.
         Returns the results of this call's probes.
         """
         from tqdm.auto import tqdm
@@ -570,6 +686,8 @@ class ProbeEngine:
         unique = list({p.probe_id: p for p in probes}.values())
         for p in unique:
             self._check_probe(p, traj)
+        if not end_effect and any(isinstance(p, Reuse) for p in unique):
+            raise ValueError("end_effect: Reuse rows act after their branch evaluation; run them with end_effect=True")
         info = distributed.current()
         if shard is None:
             shard = (0, 1) if info is None else (info.rank, info.world_size)
@@ -587,7 +705,7 @@ class ProbeEngine:
         # one group per (branch evaluation, first layer acted at): a batch starts at its group's layer
         by_evaluation: dict = {}
         for p in todo:
-            by_evaluation.setdefault((p.evaluation, self.first_layer([p])), []).append(p)
+            by_evaluation.setdefault((self.branch_evaluation(p, traj), self.first_layer([p])), []).append(p)
         results = []
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="probe", disable=not progress,
                    desc=f"probes {clip_id}", dynamic_ncols=True)
@@ -598,7 +716,7 @@ class ProbeEngine:
                     size = sizer.size()
                     batch = pending[:size]
                     try:
-                        rows = self.run_batch(traj, evaluation[0], batch, end_effect, end_metrics)
+                        rows = self.run_batch(traj, evaluation[0], batch, end_effect, end_metrics, timing)
                     except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
                         if not is_out_of_memory(exc) or size == 1:
                             raise

@@ -242,3 +242,148 @@ def standard_probes(sites: Sequence[str], num_heads: int, num_text_tokens: int, 
                     probes += [Probe(site, "segment_knockout", segments=(tok,), evaluation=evaluation, label=label)
                                for tok in range(num_text_tokens)]
     return probes
+
+
+REUSE_WHAT = {
+    "output": "the site's per-head attention output of the last computed evaluation is returned as is "
+              "(the attention kernel is skipped; projections, wo and the rest of the layer still run)",
+    "map": "the attention map (probabilities) of the last computed evaluation is applied to the current "
+           "values: out = p_cached @ v (q.k and the softmax are skipped)",
+}
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Reuse attention across evaluations of one run: freezing (P4) and layer-selective caching (P6).
+
+    sites: exact site names (self- or cross-attention), e.g. ("layers.0.self_attn", "layers.3.self_attn").
+    what: "output" or "map" (REUSE_WHAT).
+    start: first evaluation of the schedule, one int for every site or one per site (same order as `sites`).
+    refresh: None = freezing: evaluations e >= start reuse what evaluation start - 1 computed (start >= 1).
+        N >= 1 = caching: evaluations e < start and e = start + jN compute, the others reuse the last
+        computed evaluation (N = 1 computes everything: an identity).
+    A start at or after the run's last evaluation changes nothing (an identity). The engine runs a Reuse as
+    a batch row like a Probe: it branches from the clean trajectory at the last computed evaluation before
+    the first reuse and integrates to t=1 (`ProbeEngine.sweep(..., end_effect=True)`).
+    """
+
+    sites: tuple
+    what: str = "output"
+    start: object = 1  # int or tuple of ints (one per site)
+    refresh: Optional[int] = None
+    label: str = ""
+
+    def __post_init__(self):
+        if isinstance(self.sites, str) or not hasattr(self.sites, "__iter__"):
+            raise TypeError(f"sites must be a sequence of site names, got {self.sites!r}")
+        sites = tuple(self.sites)
+        if any(not isinstance(s, str) or not s or any(c in s for c in "*?[") for s in sites):
+            raise ValueError(f"sites must be exact site names (no patterns), got {sites!r}")
+        if len(set(sites)) != len(sites):
+            raise ValueError(f"sites must not repeat, got {sites!r}")
+        object.__setattr__(self, "sites", sites)
+        if self.what not in REUSE_WHAT:
+            raise ValueError(f"what must be one of {sorted(REUSE_WHAT)}, got {self.what!r}")
+        starts = (self.start,) * len(sites) if isinstance(self.start, int) else tuple(self.start)
+        if len(starts) != len(sites) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in starts):
+            raise ValueError(f"start must be a non-negative int or one per site ({len(sites)}), got {self.start!r}")
+        object.__setattr__(self, "start", starts if not isinstance(self.start, int) else int(self.start))
+        if self.refresh is None:
+            if min(starts, default=1) < 1:
+                raise ValueError("start: freezing (refresh=None) needs start >= 1 (something must be computed first)")
+        elif isinstance(self.refresh, bool) or not isinstance(self.refresh, int) or self.refresh < 1:
+            raise ValueError(f"refresh must be None (freeze) or a positive int, got {self.refresh!r}")
+
+    # -- the schedule
+    def starts(self) -> dict:
+        """site -> start evaluation."""
+        s = self.start if isinstance(self.start, tuple) else (self.start,) * len(self.sites)
+        return dict(zip(self.sites, s))
+
+    def reuses(self, site: str, evaluation: int) -> bool:
+        """True when `site` reuses (does not compute) at `evaluation`."""
+        start = self.starts().get(site)
+        if start is None or evaluation < start:
+            return False
+        if self.refresh is None:
+            return True
+        return (evaluation - start) % self.refresh != 0
+
+    def first_reuse(self, num_evaluations: int) -> Optional[int]:
+        """The first evaluation at which any site reuses (None: the schedule changes nothing in this run)."""
+        firsts = []
+        for start in self.starts().values():
+            first = start if self.refresh is None else (None if self.refresh == 1 else start + 1)
+            if first is not None and first < num_evaluations:
+                firsts.append(first)
+        return min(firsts, default=None)
+
+    def reused_calls(self, num_evaluations: int) -> int:
+        """Number of (site, evaluation) calls answered from the cache in a run of `num_evaluations`."""
+        return sum(self.reuses(s, e) for s in self.sites for e in range(num_evaluations))
+
+    # -- Probe-like interface (a batch row of the engine)
+    intervention = property(lambda self: f"reuse_{self.what}")
+    heads = None
+    segments = None
+    source = None
+    window = None
+    value = 0.0
+
+    @property
+    def probe_id(self) -> str:
+        text = json.dumps({"reuse": asdict(self)}, sort_keys=True, default=list)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.sites or self.refresh == 1
+
+    def matches(self, site: str) -> bool:
+        return site in self.sites
+
+    def describe(self) -> dict:
+        starts = self.starts()
+        return {
+            "probe_id": self.probe_id, "site": ",".join(self.sites), "layer": -1,
+            "attention": ",".join(sorted({s.rsplit(".", 1)[-1] for s in self.sites})),
+            "intervention": self.intervention, "probe_kind": "freeze" if self.refresh is None else "cache",
+            "heads": "all", "evaluation": min(starts.values(), default=-1), "window": -1,
+            "value": float(self.refresh or 0), "segments": "", "source": "", "source_evaluation": -1,
+            "label": self.label,
+        }
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A per-evaluation reduction of a site's exact attention map, computed during a clean trajectory.
+
+    name: key of the result in `Trajectory.reductions`.
+    sites: glob pattern(s) of the sites to reduce.
+    fn: fn(p, site, evaluation) -> tensor or array, with p the map [H, Nq, Nk] of the run's single row,
+        softmax(q k^T / sqrt(hd)) computed in float32 (CPU). It is dropped after the call, so a whole
+        trajectory's maps never coexist. (`MapRequest` gives float64 reference maps instead, kept.)
+    """
+
+    name: str
+    sites: object
+    fn: object
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        patterns = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise ValueError(f"sites must be a pattern or a sequence of patterns, got {self.sites!r}")
+        object.__setattr__(self, "sites", patterns)
+        if not callable(self.fn):
+            raise TypeError("fn must be callable: fn(map [H, Nq, Nk], site, evaluation) -> array")
+
+    def matches(self, site: str) -> bool:
+        return any(_site_matches(p, site) for p in self.sites)
+
+    def apply(self, p, site: str, evaluation: int):
+        import torch
+
+        value = torch.as_tensor(self.fn(p, site, evaluation))
+        return value.detach().cpu()

@@ -35,8 +35,18 @@ class ProtocolConfig:
     window: int = 16  # evaluations per window of the layer x evaluation grid (P2): two halves of 32
     p2_layer_groups: int = 2  # P2 on 2 layer groups (time budget); 0 = v1's per-layer grid
     p2_types: tuple = ("full patch",)  # P2 probe types per (layer group, window): full patch / additive / routing
-    freeze_starts: tuple = (4, 8, 16, 24)  # k0 values of causal freezing (P4)
-    lsac_refresh: tuple = (2, 4, 8)  # LSAC refresh intervals N (P6)
+    # P4 / P6 grids (docs/design.md, section 6), sized so that P4 + P5 + P6 stay within 9 min for 24 clips of
+    # `small` in one single-threaded process: per clip 180-240 network evaluations (fewer when P3's k* make
+    # the LSAC warm-up start late), measured at 8.8-11.5 clean runs' time with metrics (docs/design.md).
+    # Each summary's `grid` lists what ran, the full grid and the evaluations per clip.
+    freeze_starts: tuple = (16,)  # k0 values of causal freezing (P4); full grid 4, 8, 16, 24
+    freeze_sets: tuple = ("split",)  # P4 layer sets (layer_sets.SET_KINDS); full: split, criteria, all, single
+    lsac_refresh: tuple = (2,)  # LSAC refresh intervals N (P6); full grid 2, 3, 4, 8
+    lsac_starts: tuple = ("warmup",)  # P6 cache starts: "warmup" (each layer's k*) and/or ints; full: warmup, 0
+    lsac_sets: tuple = ("split",)  # P6: stable sets of the agreed split ("split") and / or of each criterion
+    reuse_kinds: tuple = ("output", "map")  # P4 / P6: reuse attention outputs and/or maps
+    naive_midpoint_steps: tuple = (12,)  # P6 naive step reduction, midpoint; full grid 8, 12
+    naive_euler_steps: tuple = (16,)  # P6 naive step reduction, Euler; full grid 16, 24
     bootstrap: int = 2000
     backend: str = "auto"
     experiments: tuple = ("p0", "p1", "p2", "p3", "p4", "p5", "p6")
@@ -72,10 +82,27 @@ class ProtocolContext:
     out_dir: Path
     progress: bool = True
     _trajectories: dict = field(default_factory=dict)
+    summaries: dict = field(default_factory=dict)  # name -> summary of the experiments run so far (P3 -> P4..P6)
+    clean_runs: dict = field(default_factory=dict)  # clip_id -> the clean trajectory P4, P5 and P6 share
 
     def store(self, experiment: str) -> ResultStore:
         """The resumable result store of one experiment (refuses a folder made with another config)."""
         return ResultStore(self.out_dir / "results" / experiment, fingerprint=self.config.fingerprint())
+
+    def clean_trajectory(self, pclip: ProtocolClip) -> Trajectory:
+        """The one clean trajectory of a clip that P4, P5 and P6 share: P5's per-evaluation map reductions
+        (p5_scaffold.scaffold_reductions), the layer inputs for prefix reuse, no cached head outputs."""
+        clip_id = pclip.clip.clip_id
+        if clip_id not in self.clean_runs:
+            from .p5_scaffold import scaffold_reductions
+
+            cfg = self.config
+            for run in self.clean_runs.values():  # layer inputs (~60 MB a clip on `small`) only for the latest
+                run.layer_inputs = {}
+            self.clean_runs[clip_id] = self.engine.trajectory(
+                pclip.clip, steps=cfg.steps, method=cfg.method, seed=cfg.noise_seed, cache_heads=(),
+                reductions=scaffold_reductions(pclip))
+        return self.clean_runs[clip_id]
 
     def trajectory(self, pclip: ProtocolClip, prompt: Optional[str] = None, **kwargs) -> Trajectory:
         """Clean trajectory of a clip (optionally with another prompt), computed once and cached.

@@ -1,35 +1,44 @@
-"""P6 Layer-Selective Attention Caching (LSAC) against naive step reduction at equal self-attention compute.
+"""P6 Layer-Selective Attention Caching (LSAC) as a quality-vs-compute frontier against naive step reduction.
 
 Definitions
 -----------
-* Full run: config.steps midpoint steps (E = 2 * steps evaluations), nothing cached: the reference
-  "full-step clean output". Every run of this experiment is a plain `model.separate`-style sampling at batch
-  size 1 (`latentflow_fast.lsac.sample_with_cache`), so wall times are what a user would see.
-* LSAC(S, N): the self-attention of the stable layers S (P3's split, see p4_freezing.layer_split) is
-  recomputed at evaluations 0, N, 2N, ... and reused in between, for every N in config.lsac_refresh.
-  Control: the same with the fast layers ("LSAC-fast"), to see whether choosing the stable layers matters.
-* Self-attention compute = number of self-attention calls (one layer at one evaluation), counted by the
-  cache and checked against the formula: LSAC makes L*E - |S|*(E - ceil(E/N)) calls, i.e. saves
-  |S|*(E - ceil(E/N))/(L*E) = |S|/L*(1 - 1/N) when N divides E. Wall time = the sampling loop's time
-  (decoding excluded), one measurement per run on a shared CPU: treat small differences as noise.
-* Naive step reduction: s' midpoint steps (2*s'*L self-attention calls). Matching rule: for each LSAC run,
-  s' = the step count whose call count is nearest to LSAC's (ties: the larger s', i.e. the more generous
-  to naive). Naive runs also cover steps/2 and 3*steps/4 to draw the quality-vs-compute curve. Note that at
-  equal self-attention compute, naive also skips the FFN / cross-attention of the dropped evaluations, so
-  its total compute (and wall time) is lower than LSAC's.
-* Quality, per clip against the reference stem: SI-SDR (dB), SI-SDR improvement over the mixture;
-  against the full-step clean output: MR-STFT distance and SI-SDR to it (fidelity).
-* Degradation of a variant = mean over clips of SI-SDR(full, ref) - SI-SDR(variant, ref) in dB (negative =
-  the variant scored higher). Quality retention ratio = degradation(naive) / degradation(LSAC), where each
-  degradation is floored at DEGRADATION_FLOOR_DB (0.01 dB) so that a zero or negative LSAC degradation gives
-  a finite ratio (flagged `lsac_degradation_at_floor`); `retention_ratio_mrstft` is the same ratio on the
-  MR-STFT distance to the full output (floor 1e-6), which is zero only for an identical output.
+* Full run: the clip's clean trajectory (config.steps steps of config.method, E evaluations), shared with
+  P4 and P5 (`ProtocolContext.clean_trajectory`); its decoded target is the "full-step output".
+* Noise floor: the same full run with another noise seed (config.noise_seed + 1). Per clip, the SI-SDR
+  floor is |SI-SDR(other seed) - SI-SDR(full)| and the MR-STFT floor is the MR-STFT distance between the
+  two outputs: what changing nothing but the noise does.
+* LSAC(S, kind, start, N): the self-attention of the layers S recomputes at evaluations e < start_l and
+  e = start_l + jN, and reuses in between (kind "output": the per-head output; "map": the attention map,
+  applied to the current values). Layer sets S: the stable set of P3's agreed split and each criterion's
+  stable set (deduplicated); start "warmup" = each layer's convergence point k*_l (the latest over the
+  criteria for the agreed set, the criterion's own for a criterion's set), or a fixed evaluation (0).
+  Each is a `probe.Reuse` row run by the probe engine from the clean trajectory.
+* Naive step reduction: the full sampler with fewer steps, midpoint (config.naive_midpoint_steps) and
+  Euler (config.naive_euler_steps).
+* Compute, counted three ways, each as a fraction of the full run:
+  - self-attention calls: L E - (calls answered from the cache) for LSAC, L E' for E' evaluations;
+  - FLOPs: SAMAudioConfig.flops_per_evaluation(T, text tokens) per evaluation, minus per cached call what
+    the engine skips: 4 T^2 D (q.k and p.v) for outputs, 2 T^2 D (q.k) for maps; the projections still run;
+  - wall time of the sampling loop (decoding excluded): naive and noise-floor runs are timed whole (the
+    noise-floor run gives the full run's time); an LSAC row is timed from its branch evaluation b on, plus
+    b evaluations at the full run's per-evaluation time. Single measurements at batch 1 on a shared CPU.
+* Quality per clip: SI-SDR to the reference stem, MR-STFT distance and SI-SDR to the full-step output;
+  degradation = SI-SDR(full) - SI-SDR(variant) (positive = worse).
+* Retention at equal compute (FLOPs): the naive midpoint frontier (its runs and the full run) linearly
+  interpolated to the LSAC variant's FLOPs. When both degradations (LSAC and interpolated naive) are below
+  the noise floor, the verdict is "indistinguishable" and no ratio is given; otherwise "lsac_better" /
+  "naive_better", with the ratio naive / LSAC only when both are above the floor.
+* Claims (positive = the paper's direction, LSAC beats naive step reduction at equal compute), for the
+  primary variant (first layer set, first kind, first start, smallest N): per clip, SI-SDR(LSAC) minus the
+  interpolated naive SI-SDR at equal FLOPs, and the same at equal self-attention calls; and the
+  interpolated naive MR-STFT-to-full minus LSAC's at equal FLOPs. protocol.stats.paired_claim evaluates
+  each on all clips and on the separated subset with the noise floor of its units: an interval inside
+  +-floor is "not testable (floor)", i.e. indistinguishable.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -38,199 +47,325 @@ import pandas as pd
 import torch
 
 from .. import metrics
-from ..lsac import LSACConfig, expected_saved_fraction, lsac_policy, sample_with_cache
+from ..probe import Reuse
 from ..sampler import METHODS
 from .base import Experiment, ProtocolContext
-from .p4_freezing import condition_id, layer_split
+from .clips import separation_gain_db
+from .layer_sets import claim, p3_split, self_sites, separated_ids, split_note, warmup_starts
+from .stats import bootstrap_ci
 
-DEGRADATION_FLOOR_DB = 0.01
-MRSTFT_FLOOR = 1e-6
-
-
-def matched_steps(calls: int, n_layers: int, max_steps: int, per_step: int) -> int:
-    """Naive step count whose self-attention calls are nearest to `calls` (ties: more steps)."""
-    best = None
-    for s in range(1, max_steps + 1):
-        gap = abs(s * per_step * n_layers - calls)
-        if best is None or gap <= best[0]:
-            best = (gap, s)
-    return best[1]
+FULL_GRID = {"lsac_refresh": [2, 3, 4, 8], "lsac_starts": ["warmup", 0], "reuse_kinds": ["output", "map"],
+             "lsac_sets": ["split", "criteria"], "naive_midpoint_steps": [8, 12], "naive_euler_steps": [16, 24]}
 
 
-def conditions(ctx: ProtocolContext, split: dict) -> list[dict]:
+# ---------------------------------------------------------------------------------------------- grid
+def lsac_sets(split: dict, kinds=("split", "criteria")) -> dict:
+    """name -> (layers, criterion for warm-up or None = latest over criteria): the "stable" set of P3's
+    split ("split"; under no split P3's primary criterion's, flagged) and each criterion's ("criteria")."""
+    sets, seen = {}, set()
+    if "split" in kinds and split["stable_layers"]:
+        sets["stable"] = (tuple(split["stable_layers"]), None)
+        seen.add(tuple(split["stable_layers"]))
+    if "criteria" in kinds:
+        for name, c in sorted(split["criteria"].items()):
+            layers = tuple(c["stable_layers"])
+            if layers and layers not in seen:
+                sets[f"{name}:stable"] = (layers, name)
+                seen.add(layers)
+    return sets
+
+
+def lsac_rows(ctx: ProtocolContext, split: dict) -> list[Reuse]:
     cfg = ctx.config
-    L = ctx.model.config.n_layers
-    per_step = METHODS[cfg.method]
-    E = cfg.steps * per_step
-    out = [{"variant": "full", "steps": cfg.steps, "layers": (), "refresh": 1}]
-    naive_steps = {max(1, cfg.steps // 2), max(1, (3 * cfg.steps) // 4)}
-    for N in sorted({int(n) for n in cfg.lsac_refresh}):
-        for name, layers in (("lsac", split["stable_layers"]), ("lsac_fast", split["fast_layers"])):
-            if not layers:
-                continue
-            lsac = LSACConfig(layers=tuple(layers), refresh=N)
-            calls = expected_saved_fraction(L, E, lsac)["self_attention_calls"]
-            out.append({"variant": name, "steps": cfg.steps, "layers": tuple(lsac.layers), "refresh": N,
-                        "expected_calls": calls})
-            if name == "lsac":
-                naive_steps.add(matched_steps(calls, L, cfg.steps, per_step))
-    for s in sorted(naive_steps - {cfg.steps}):
-        out.append({"variant": "naive", "steps": s, "layers": (), "refresh": 1})
-    for c in out:
-        c["probe_id"] = condition_id("p6", c["variant"], c["steps"], list(c["layers"]), c["refresh"])
-    return out
+    E = cfg.steps * METHODS[cfg.method]
+    rows = []
+    for name, (layers, criterion) in lsac_sets(split, cfg.lsac_sets).items():
+        for what in cfg.reuse_kinds:
+            for start in cfg.lsac_starts:
+                starts = (warmup_starts(split, layers, criterion, E) if start == "warmup"
+                          else tuple(int(start) for _ in layers))
+                for N in sorted({int(n) for n in cfg.lsac_refresh}):
+                    rows.append(Reuse(self_sites(layers), what, start=starts, refresh=N,
+                                      label=f"{name}|{start}"))
+    return rows
 
 
-@torch.no_grad()
-def _run_one(ctx: ProtocolContext, pclip, c: dict) -> tuple[torch.Tensor, dict]:
-    model, cfg = ctx.model, ctx.config
-    clip = pclip.clip
-    inputs = model.prepare(clip.mixture, clip.sample_rate, clip.prompt, seed=cfg.noise_seed)
-    if c["layers"]:
-        config = LSACConfig(layers=c["layers"], refresh=c["refresh"])
-        config.check(model.config.n_layers)
-        policy = lsac_policy(config)
+def naive_runs(ctx: ProtocolContext) -> list[tuple[str, int]]:
+    cfg = ctx.config
+    runs = [("midpoint", int(s)) for s in cfg.naive_midpoint_steps] + [("euler", int(s)) for s in cfg.naive_euler_steps]
+    full = cfg.steps * METHODS[cfg.method]
+    # step reduction: fewer evaluations than the full run (others are dropped, e.g. in --quick)
+    return [r for r in dict.fromkeys(runs) if r[1] * METHODS[r[0]] < full]
+
+
+def evaluations_per_clip(ctx: ProtocolContext, split: dict) -> int:
+    """Network evaluations P6 runs per clip beyond the shared clean run: noise floor, naive runs, and each
+    LSAC row from its branch evaluation on (its cost)."""
+    cfg = ctx.config
+    E = cfg.steps * METHODS[cfg.method]
+    naive = sum(steps * METHODS[method] for method, steps in naive_runs(ctx))
+    firsts = [r.first_reuse(E) for r in lsac_rows(ctx, split)]
+    return E + naive + sum(E - (E - 1 if f is None else f - 1) for f in firsts)
+
+
+def saved_flops_per_call(what: str, frames: int, dim: int) -> int:
+    """FLOPs (2 per multiply-add) the engine skips for one reused self-attention call."""
+    return (4 if what == "output" else 2) * frames * frames * dim
+
+
+# ---------------------------------------------------------------------------------------------- run
+def _sdr(out: torch.Tensor, full: torch.Tensor, ref) -> dict:
+    row = {"si_sdr_to_full_db": float(metrics.si_sdr(out, full))}
+    if ref is not None:
+        ref = torch.as_tensor(ref, dtype=torch.float32).reshape(-1)
+        row.update(si_sdr_db=float(metrics.si_sdr(out, ref)), full_si_sdr_db=float(metrics.si_sdr(full, ref)))
     else:
-        policy = lambda layer, evaluation: False  # noqa: E731
-    result, stats = sample_with_cache(model, inputs, policy, steps=c["steps"], method=cfg.method)
-    target, _ = model.decode(result.final, inputs)
-    return target.reshape(-1), stats.as_dict()
+        row.update(si_sdr_db=math.nan, full_si_sdr_db=math.nan)
+    row["degradation_db"] = row["full_si_sdr_db"] - row["si_sdr_db"]
+    return row
+
+
+def _quality(out: torch.Tensor, full: torch.Tensor, pclip) -> dict:
+    """Quality of one output against the full-step output and the clip's reference stem (module docstring)."""
+    out, full = out.reshape(-1).float(), full.reshape(-1).float()
+    return {"mrstft_to_full": float(metrics.multi_resolution_stft_distance(out[None], full[None])[0]),
+            **_sdr(out, full, pclip.clip.target)}
+
+
+def quality_end_metrics(target, residual, traj) -> list[dict]:
+    """SI-SDR columns of each branched row against the full run (the trajectory's own output) and the
+    clip's reference stem, for ProbeEngine.sweep(end_metrics=...) (module level: picklable). The MR-STFT
+    distance to the full run is the engine's end_mrstft_to_clean."""
+    full = traj.target.reshape(-1).float()
+    return [_sdr(target[r].reshape(-1).float(), full, traj.clip.target) for r in range(target.shape[0])]
+
+
+QUALITY = ("si_sdr_to_full_db", "si_sdr_db", "full_si_sdr_db", "degradation_db")
+
+
+def clip_rows(ctx: ProtocolContext, pclip, split: dict, rows: list[Reuse]) -> list[dict]:
+    """Every P6 row of one clip (full, noise floor, naive, LSAC)."""
+    cfg, engine, model = ctx.config, ctx.engine, ctx.model
+    E = cfg.steps * METHODS[cfg.method]
+    L = model.config.n_layers
+    clean = ctx.clean_trajectory(pclip)
+    full = clean.target
+    T, tokens = clean.states[0].shape[1], clean.inputs.text.shape[1]
+    flops_eval = model.config.flops_per_evaluation(T, tokens)
+    base = {"clip_id": pclip.clip.clip_id, "group": pclip.group}
+
+    def plain(seed, steps, method):
+        traj = engine.trajectory(pclip.clip, steps=steps, method=method, seed=seed, cache_heads=())
+        return traj.target, traj.sampling_seconds, traj.num_evaluations
+
+    floor_out, full_wall, _ = plain(cfg.noise_seed + 1, cfg.steps, cfg.method)
+    out = [{**base, "probe_id": "full", "variant": "full", "method": cfg.method, "steps": cfg.steps,
+            "evaluations": E, "self_attention_calls": L * E, "flops": flops_eval * E, "wall_seconds": full_wall,
+            "clean_si_sdri_db": separation_gain_db(full, pclip), **_quality(full, full, pclip)}]
+    floor = _quality(floor_out, full, pclip)
+    out.append({**base, "probe_id": f"floor-seed{cfg.noise_seed + 1}", "variant": "noise_floor", "method": cfg.method,
+                "steps": cfg.steps, "evaluations": E, "self_attention_calls": L * E, "flops": flops_eval * E,
+                "wall_seconds": full_wall, **floor})
+    for method, steps in naive_runs(ctx):
+        target, wall, evaluations = plain(cfg.noise_seed, steps, method)
+        out.append({**base, "probe_id": f"naive-{method}-{steps}", "variant": "naive", "method": method,
+                    "steps": steps, "evaluations": evaluations, "self_attention_calls": L * evaluations,
+                    "flops": flops_eval * evaluations, "wall_seconds": wall, **_quality(target, full, pclip)})
+    per_evaluation = full_wall / E
+    for reuse in rows:
+        # one row per batch, in this process (shard given): its sampling time is this variant's alone
+        df = engine.sweep(clean, [reuse], end_effect=True, progress=False, batch_size=1, timing=True,
+                          shard=(0, 1), end_metrics=quality_end_metrics)
+        result = df.iloc[0]
+        branch_wall = float(result["batch_sampling_seconds"])
+        b = engine.branch_evaluation(reuse, clean)
+        reused = reuse.reused_calls(E)
+        name, start = reuse.label.split("|")
+        out.append({**base, "probe_id": reuse.probe_id, "variant": "lsac", "method": cfg.method, "steps": cfg.steps,
+                    "evaluations": E, "layer_set": name, "layers": ",".join(s.split(".")[1] for s in reuse.sites),
+                    "what": reuse.what, "start": start,
+                    "starts": ",".join(map(str, reuse.starts().values())), "refresh": int(reuse.refresh),
+                    "self_attention_calls": L * E - reused, "reused_calls": reused,
+                    "engine_skipped_calls": int(df["batch_attention_calls_skipped"].iloc[0]),
+                    "flops": flops_eval * E - reused * saved_flops_per_call(reuse.what, T, model.config.dim),
+                    "branch_evaluation": b, "wall_seconds": b * per_evaluation + branch_wall,
+                    "mrstft_to_full": float(result["end_mrstft_to_clean"]), **{k: float(result[k]) for k in QUALITY}})
+    for row in out:
+        row.update(calls_fraction=row["self_attention_calls"] / (L * E), flops_fraction=row["flops"] / (flops_eval * E),
+                   wall_fraction=row["wall_seconds"] / full_wall, floor_sdr_db=abs(floor["degradation_db"]),
+                   floor_mrstft=floor["mrstft_to_full"])
+    return out
 
 
 def run(ctx: ProtocolContext) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
-    cfg = ctx.config
-    L = ctx.model.config.n_layers
-    per_step = METHODS[cfg.method]
-    E_full = cfg.steps * per_step
-    split = layer_split(ctx)
-    todo_conditions = conditions(ctx, split)
+    split = p3_split(ctx)
+    rows = lsac_rows(ctx, split)
     store = ctx.store("p6")
     done = store.done_keys()
-    total = sum((p.clip.clip_id, c["probe_id"]) not in done for p in ctx.clips for c in todo_conditions)
-    bar = tqdm(total=total, unit="run", desc="p6 lsac", disable=not ctx.progress, dynamic_ncols=True)
+    bar = tqdm(total=len(ctx.clips), unit="clip", desc="p6 lsac", disable=not ctx.progress, dynamic_ncols=True)
     try:
         for pclip in ctx.clips:
-            todo = [c for c in todo_conditions if (pclip.clip.clip_id, c["probe_id"]) not in done]
-            if not todo:
-                continue
-            # The full run is the reference of every other row: always (re)computed, stored if missing.
-            full_c = todo_conditions[0]
-            full, full_stats = _run_one(ctx, pclip, full_c)
-            ref = pclip.clip.target
-            ref = None if ref is None else torch.as_tensor(ref, dtype=torch.float32).reshape(-1)
-            mixture = pclip.clip.mixture.reshape(-1)
-            rows = []
-            for c in todo:
-                out, stats = (full, full_stats) if c is full_c else _run_one(ctx, pclip, c)
-                row = {
-                    "clip_id": pclip.clip.clip_id, "probe_id": c["probe_id"], "group": pclip.group,
-                    "gain_group": pclip.meta.get("gain_group", ""), "variant": c["variant"], "steps": c["steps"],
-                    "evaluations": c["steps"] * per_step, "layers": ",".join(map(str, c["layers"])),
-                    "refresh": c["refresh"],
-                    "self_attention_calls": stats["self_attention_computed"],
-                    "self_attention_skipped": stats["self_attention_skipped"],
-                    "expected_calls": c.get("expected_calls", L * c["steps"] * per_step),
-                    "compute_fraction": stats["self_attention_computed"] / (L * E_full),
-                    "wall_seconds": stats["wall_seconds"], "full_wall_seconds": full_stats["wall_seconds"],
-                    "mrstft_to_full": float(metrics.multi_resolution_stft_distance(out, full)),
-                    "si_sdr_to_full_db": float(metrics.si_sdr(out, full)),
-                }
-                if ref is not None:
-                    row["si_sdr_db"] = float(metrics.si_sdr(out, ref))
-                    row["full_si_sdr_db"] = float(metrics.si_sdr(full, ref))
-                    row["si_sdri_db"] = float(metrics.si_sdr_improvement(out, ref, mixture))
-                else:
-                    row["si_sdr_db"] = row["full_si_sdr_db"] = row["si_sdri_db"] = math.nan
-                row["degradation_db"] = row["full_si_sdr_db"] - row["si_sdr_db"]
-                rows.append(row)
-                bar.update(1)
-            store.write(rows)
+            clip_id = pclip.clip.clip_id
+            if not any(c == clip_id for c, _ in done):  # a clip's rows are written in one shard: present = complete
+                store.write(clip_rows(ctx, pclip, split, rows))
+            bar.update(1)
     finally:
         bar.close()
     return store.load()
 
 
-def _mean(series) -> Optional[float]:
-    values = pd.to_numeric(series, errors="coerce").dropna()
-    return float(values.mean()) if len(values) else None
+# ---------------------------------------------------------------------------------------------- summary
+def _mean_ci(values, ctx) -> dict:
+    v = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce").dropna(), dtype=float)
+    if not v.size:
+        return {"mean": None, "ci95": [None, None]}
+    lo, hi = bootstrap_ci(v, resamples=ctx.config.bootstrap)
+    return {"mean": float(v.mean()), "ci95": [lo, hi]}
 
 
-def _num(value, spec: str = ".3f") -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+def frontier(df: pd.DataFrame, clip_id: str, x: str, y: str, method: str, full_method: str) -> Optional[callable]:
+    """Per-clip naive frontier y(x) (naive runs of `method` plus the full run), linearly interpolated."""
+    part = df[(df["clip_id"] == clip_id) & (((df["variant"] == "naive") & (df["method"] == method))
+                                           | ((df["variant"] == "full") & (method == full_method)))]
+    part = part.groupby(x)[y].mean().sort_index()
+    if len(part) < 2:
+        return None
+    xs, ys = part.index.to_numpy(dtype=float), part.to_numpy(dtype=float)
+    return lambda value: float(np.interp(value, xs, ys))
 
 
-def _variant_summary(part: pd.DataFrame) -> dict:
-    return {
-        "steps": int(part["steps"].iloc[0]), "self_attention_calls": int(part["self_attention_calls"].iloc[0]),
-        "compute_fraction": float(part["compute_fraction"].iloc[0]),
-        "mean_si_sdr_db": _mean(part["si_sdr_db"]), "median_si_sdri_db": (
-            float(part["si_sdri_db"].median()) if part["si_sdri_db"].notna().any() else None),
-        "mean_degradation_db": _mean(part["degradation_db"]), "mean_mrstft_to_full": _mean(part["mrstft_to_full"]),
-        "wall_ratio_to_full": float(part["wall_seconds"].sum() / part["full_wall_seconds"].sum()),
-        # per clip (in clip order): the spread tells a real saving from timing noise (protocol.limitations)
-        "wall_ratio_by_clip": [float(w / f) for _, w, f in sorted(
-            zip(part["clip_id"], part["wall_seconds"], part["full_wall_seconds"]))],
-    }
+def _verdict(d_lsac: float, d_naive: float, floor: float) -> dict:
+    if d_lsac is None or d_naive is None or floor is None:
+        return {"verdict": "not testable"}
+    if abs(d_lsac) < floor and abs(d_naive) < floor:
+        return {"verdict": "indistinguishable"}
+    out = {"verdict": "lsac_better" if d_lsac < d_naive else "naive_better"}
+    if d_lsac >= floor and d_naive >= floor:
+        out["ratio_naive_over_lsac"] = d_naive / d_lsac
+    return out
 
 
 def summarize(df: pd.DataFrame, ctx: ProtocolContext) -> dict:
-    split = layer_split(ctx)
-    if df.empty:
-        return {**split, "rows": 0}
+    split = p3_split(ctx)
     cfg = ctx.config
-    L = ctx.model.config.n_layers
-    per_step = METHODS[cfg.method]
-    E = cfg.steps * per_step
-    summary: dict = {**split, "rows": int(len(df)), "clips": int(df["clip_id"].nunique()),
-                     "degradation_floor_db": DEGRADATION_FLOOR_DB}
-    full = df[df["variant"] == "full"]
-    summary["full"] = _variant_summary(full) if len(full) else None
-    naive = {int(s): _variant_summary(p) for s, p in df[df["variant"] == "naive"].groupby("steps")}
-    summary["naive"] = {str(s): v for s, v in naive.items()}
-    results = {}
-    for (variant, N), part in df[df["variant"].isin(["lsac", "lsac_fast"])].groupby(["variant", "refresh"]):
-        entry = _variant_summary(part)
-        layers = [int(x) for x in str(part["layers"].iloc[0]).split(",") if x != ""]
-        expected = expected_saved_fraction(L, E, LSACConfig(layers=tuple(layers), refresh=int(N)))
-        counted_saved = float(part["self_attention_skipped"].iloc[0] / (L * E))
-        entry.update(layers=layers, refresh=int(N), counted_saved_fraction=counted_saved,
-                     expected_saved_fraction_exact=expected["exact"], paper_formula_saved_fraction=expected["paper"],
-                     count_matches_formula=bool(abs(counted_saved - expected["exact"]) < 1e-12),
-                     measured_wall_saved_fraction=1.0 - entry["wall_ratio_to_full"])
-        if variant == "lsac":
-            s = matched_steps(entry["self_attention_calls"], L, cfg.steps, per_step)
-            match = naive.get(s) if s != cfg.steps else summary["full"]
-            entry["matched_naive_steps"] = s
-            if match is not None:
-                d_lsac, d_naive = entry["mean_degradation_db"], match["mean_degradation_db"]
-                if d_lsac is not None and d_naive is not None:
-                    entry["matched_naive_degradation_db"] = d_naive
-                    entry["retention_ratio"] = max(d_naive, DEGRADATION_FLOOR_DB) / max(d_lsac, DEGRADATION_FLOOR_DB)
-                    entry["lsac_degradation_at_floor"] = bool(d_lsac <= DEGRADATION_FLOOR_DB)
-                m_lsac, m_naive = entry["mean_mrstft_to_full"], match["mean_mrstft_to_full"]
-                entry["matched_naive_mrstft_to_full"] = m_naive
-                entry["retention_ratio_mrstft"] = max(m_naive, MRSTFT_FLOOR) / max(m_lsac, MRSTFT_FLOOR)
-                entry["matched_naive_calls"] = match["self_attention_calls"]
-                entry["matched_naive_wall_ratio_to_full"] = match["wall_ratio_to_full"]
-        results[f"{variant}_N{int(N)}"] = entry
-    summary["lsac"] = results
-    lsac_only = {k: v for k, v in results.items() if k.startswith("lsac_N")}
-    if lsac_only:
-        ratios = [v.get("retention_ratio") for v in lsac_only.values() if v.get("retention_ratio") is not None]
-        summary["max_retention_ratio"] = max(ratios) if ratios else None
-        summary["all_counts_match_formula"] = all(v["count_matches_formula"] for v in results.values())
-        parts = []
-        for v in sorted(lsac_only.values(), key=lambda v: v["refresh"]):
-            parts.append(
-                f"N={v['refresh']}: {100 * v['counted_saved_fraction']:.1f}% fewer self-attention calls, "
-                f"degradation {_num(v['mean_degradation_db'])} dB vs naive {v['matched_naive_steps']} steps "
-                f"{_num(v.get('matched_naive_degradation_db'))} dB (retention {_num(v.get('retention_ratio'), '.2f')})")
-        summary["headline"] = f"LSAC on stable layers {split['stable_layers']}: " + "; ".join(parts)
+    base = {"split_source": split["split_source"], "stable_layers": split["stable_layers"],
+            "fast_layers": split["fast_layers"], "no_split": split["no_split"],
+            "grid": {"run": {"lsac_refresh": [int(n) for n in cfg.lsac_refresh], "lsac_starts": list(cfg.lsac_starts),
+                             "reuse_kinds": list(cfg.reuse_kinds),
+                             "naive_midpoint_steps": [int(s) for s in cfg.naive_midpoint_steps],
+                             "naive_euler_steps": [int(s) for s in cfg.naive_euler_steps],
+                             "lsac_sets": list(cfg.lsac_sets),
+                             "evaluations_per_clip": evaluations_per_clip(ctx, split)}, "full": FULL_GRID}}
+    if split["no_split"]:
+        base["split_note"] = split_note(split)
+    if df.empty:
+        return {**base, "rows": 0}
+    clips = sorted(df["clip_id"].unique())
+    floor_rows = df[df["variant"] == "noise_floor"]
+    floor_sdr = float(floor_rows["degradation_db"].abs().mean())
+    floor_mrstft = float(floor_rows["mrstft_to_full"].mean())
+    summary = {**base, "rows": int(len(df)), "clips": len(clips),
+               "noise_floor": {"si_sdr_db": floor_sdr, "mrstft": floor_mrstft,
+                               "definition": "mean over clips of |SI-SDR(seed+1) - SI-SDR(seed)| and of the "
+                                             "MR-STFT distance between the two seeds' outputs"}}
+    variants = {}
+    keys = ["variant", "method", "steps", "layer_set", "what", "start", "refresh"]
+    df = df.copy()
+    for k in keys:
+        if k not in df:
+            df[k] = None
+    df["key"] = df.apply(lambda r: (f"{r['variant']}:{r['method']}:{int(r['steps'])}" if r["variant"] != "lsac" else
+                                    f"lsac:{r['layer_set']}:{r['what']}:{r['start']}:N{int(r['refresh'])}"), axis=1)
+    for key, part in df.groupby("key", sort=True):
+        entry = {"variant": part["variant"].iloc[0], "method": part["method"].iloc[0], "steps": int(part["steps"].iloc[0]),
+                 "calls_fraction": float(part["calls_fraction"].mean()), "flops_fraction": float(part["flops_fraction"].mean()),
+                 "wall_fraction": float(part["wall_seconds"].sum() / part["wall_seconds"].div(part["wall_fraction"]).sum()),
+                 "si_sdr_db": _mean_ci(part["si_sdr_db"], ctx), "degradation_db": _mean_ci(part["degradation_db"], ctx),
+                 "mrstft_to_full": _mean_ci(part["mrstft_to_full"], ctx)}
+        if entry["variant"] == "lsac":
+            entry.update(layer_set=part["layer_set"].iloc[0], layers=part["layers"].iloc[0], what=part["what"].iloc[0],
+                         start=part["start"].iloc[0], starts=part["starts"].iloc[0], refresh=int(part["refresh"].iloc[0]),
+                         counted_saved_fraction=1.0 - entry["calls_fraction"],
+                         count_matches_engine=bool((part["reused_calls"] == part["engine_skipped_calls"]).all()),
+                         measured_wall_saved_fraction=1.0 - entry["wall_fraction"],
+                         wall_ratio_by_clip=[float(w) for _, w in sorted(zip(part["clip_id"], part["wall_fraction"]))])
+            # retention against the naive midpoint frontier at equal FLOPs, judged against the noise floor
+            d_naive, m_naive = [], []
+            for _, r in part.iterrows():
+                f_sdr = frontier(df, r["clip_id"], "flops_fraction", "degradation_db", "midpoint", cfg.method)
+                f_mr = frontier(df, r["clip_id"], "flops_fraction", "mrstft_to_full", "midpoint", cfg.method)
+                d_naive.append(f_sdr(r["flops_fraction"]) if f_sdr else math.nan)
+                m_naive.append(f_mr(r["flops_fraction"]) if f_mr else math.nan)
+            d_lsac, mr_lsac = entry["degradation_db"]["mean"], entry["mrstft_to_full"]["mean"]
+            dn = float(np.nanmean(d_naive)) if np.isfinite(d_naive).any() else None
+            mn = float(np.nanmean(m_naive)) if np.isfinite(m_naive).any() else None
+            entry["naive_at_equal_flops"] = {"degradation_db": dn, "mrstft_to_full": mn}
+            entry["retention_si_sdr"] = _verdict(d_lsac, dn, floor_sdr)
+            entry["retention_mrstft"] = _verdict(mr_lsac, mn, floor_mrstft)
+        variants[key] = entry
+    summary["variants"] = variants
+    lsac_keys = [k for k in variants if k.startswith("lsac:")]
+    # the limitations section reads the LSAC entries under "lsac"
+    summary["lsac"] = {k: variants[k] for k in lsac_keys}
+    summary["all_counts_match_engine"] = all(variants[k]["count_matches_engine"] for k in lsac_keys)
+    gains = df[df["variant"] == "full"].set_index("clip_id")["clean_si_sdri_db"]
+    summary["separated_clips"] = separated_ids(ctx, gains)
+    summary["claims"] = lsac_claims(df, ctx, split, summary["separated_clips"], floor_sdr, floor_mrstft)
+    if lsac_keys:
+        parts = [f"{k}: {100 * (1 - variants[k]['flops_fraction']):.1f}% fewer FLOPs, "
+                 f"{100 * variants[k]['counted_saved_fraction']:.1f}% fewer self-attention calls, "
+                 f"SI-SDR verdict {variants[k]['retention_si_sdr']['verdict']}" for k in lsac_keys]
+        summary["headline"] = "; ".join(parts)
     return summary
 
 
+def lsac_claims(df: pd.DataFrame, ctx: ProtocolContext, split: dict, separated: list, floor_sdr: float,
+                floor_mrstft: float) -> list:
+    """The P6 claims (module docstring) with the noise floors: an interval inside +-floor is "not testable
+    (floor)", i.e. LSAC and naive step reduction are indistinguishable."""
+    cfg = ctx.config
+    lsac = df[df["variant"] == "lsac"]
+    ids = ("P6.lsac_vs_naive.flops.sisdr", "P6.lsac_vs_naive.calls.sisdr", "P6.lsac_vs_naive.flops.mrstft")
+    if lsac.empty:
+        return [c for cid in ids for c in claim(
+            ctx, "p6", cid, "LSAC keeps quality better than naive step reduction at equal compute",
+            pd.Series(dtype=float), separated, not_testable=f"model: no LSAC layer set ({split['split_source']})")]
+    first = lsac.iloc[0]
+    primary = lsac[(lsac["layer_set"] == first["layer_set"]) & (lsac["what"] == cfg.reuse_kinds[0])
+                   & (lsac["start"] == str(cfg.lsac_starts[0])) & (lsac["refresh"] == lsac["refresh"].min())]
+    name = (f"LSAC on the {primary['layer_set'].iloc[0]} layers ({primary['layers'].iloc[0]}), cached "
+            f"{primary['what'].iloc[0]}s, start {primary['start'].iloc[0]}, N={int(primary['refresh'].iloc[0])}")
+    if split["no_split"]:
+        name += f" [{split_note(split)}]"
+    values = {cid: {} for cid in ids}
+    for _, r in primary.iterrows():
+        f1 = frontier(df, r["clip_id"], "flops_fraction", "si_sdr_db", "midpoint", cfg.method)
+        f2 = frontier(df, r["clip_id"], "calls_fraction", "si_sdr_db", "midpoint", cfg.method)
+        f3 = frontier(df, r["clip_id"], "flops_fraction", "mrstft_to_full", "midpoint", cfg.method)
+        if f1 is None:
+            continue
+        values[ids[0]][r["clip_id"]] = r["si_sdr_db"] - f1(r["flops_fraction"])
+        values[ids[1]][r["clip_id"]] = r["si_sdr_db"] - f2(r["calls_fraction"])
+        values[ids[2]][r["clip_id"]] = f3(r["flops_fraction"]) - r["mrstft_to_full"]
+    texts = {ids[0]: (f"{name}: higher SI-SDR than naive midpoint step reduction interpolated to equal FLOPs", "dB",
+                      floor_sdr),
+             ids[1]: (f"{name}: higher SI-SDR than naive midpoint step reduction interpolated to equal "
+                      "self-attention calls", "dB", floor_sdr),
+             ids[2]: (f"{name}: closer to the full-step output (MR-STFT) than naive midpoint step reduction at "
+                      "equal FLOPs", "MR-STFT distance", floor_mrstft)}
+    reason = None if values[ids[0]] else "model: no naive midpoint run to compare with (naive_midpoint_steps)"
+    out = []
+    for cid in ids:
+        text, units, floor = texts[cid]
+        floor = floor if floor is not None and math.isfinite(floor) else None
+        out += claim(ctx, "p6", cid, text, pd.Series(values[cid], dtype=float), separated, units=units, floor=floor,
+                     not_testable=reason)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- figures
 def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
     import matplotlib
 
@@ -241,57 +376,56 @@ def figures(df: pd.DataFrame, summary: dict, out_dir: Path) -> list:
     out_dir.mkdir(parents=True, exist_ok=True)
     if df.empty:
         return []
-    made = []
-    agg = df.groupby(["variant", "steps", "refresh", "layers"], as_index=False).agg(
-        compute=("compute_fraction", "mean"), sdr=("si_sdr_db", "mean"), mrstft=("mrstft_to_full", "mean"),
-        wall=("wall_seconds", "sum"), full_wall=("full_wall_seconds", "sum"))
-    agg["wall_ratio"] = agg["wall"] / agg["full_wall"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    styles = {"full": ("k", "*"), "naive": ("tab:blue", "o"), "lsac": ("tab:red", "s"), "lsac_fast": ("tab:gray", "^")}
-    labels = {"full": "full steps", "naive": "naive step reduction", "lsac": "LSAC (stable layers)",
-              "lsac_fast": "LSAC on fast layers (control)"}
-    for ax, column, title in ((axes[0], "sdr", "mean SI-SDR to reference (dB)"),
-                              (axes[1], "mrstft", "MR-STFT distance to full-step output")):
-        naive_curve = agg[agg["variant"].isin(["naive", "full"])].sort_values("compute")
-        ax.plot(naive_curve["compute"], naive_curve[column], color="tab:blue", lw=1, alpha=0.6)
-        for variant, part in agg.groupby("variant"):
-            color, marker = styles.get(variant, ("tab:green", "x"))
-            ax.scatter(part["compute"], part[column], color=color, marker=marker, label=labels.get(variant, variant),
-                       zorder=3)
-            if variant.startswith("lsac"):
-                for _, r in part.iterrows():
-                    ax.annotate(f"N={int(r['refresh'])}", (r["compute"], r[column]), fontsize=7,
-                                textcoords="offset points", xytext=(4, 3))
-        ax.set_xlabel("self-attention calls / full run")
-        ax.set_title(title, fontsize=10)
-    axes[0].legend(fontsize=7)
+    variants = summary.get("variants") or {}
+    floor = summary.get("noise_floor") or {}
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7), sharey="row")
+    xs = (("flops_fraction", "FLOPs / full run"), ("calls_fraction", "self-attention calls / full run"),
+          ("wall_fraction", "wall time / full run (measured)"))
+    ys = (("si_sdr_db", "SI-SDR to reference (dB)"), ("mrstft_to_full", "MR-STFT distance to full-step output"))
+    styles = {"midpoint": ("tab:blue", "o"), "euler": ("tab:green", "v")}
+    for row, (ycol, ylabel) in enumerate(ys):
+        for col, (xcol, xlabel) in enumerate(xs):
+            ax = axes[row][col]
+            for method, (color, marker) in styles.items():
+                pts = sorted((v[xcol], v[ycol]) for v in variants.values()
+                             if (v["variant"] == "naive" and v["method"] == method)
+                             or (v["variant"] == "full" and method == "midpoint"))
+                if pts:
+                    x = [p[0] for p in pts]
+                    ax.plot(x, [p[1]["mean"] for p in pts], "-", color=color, marker=marker, label=f"naive {method}")
+                    lo = [p[1]["ci95"][0] for p in pts]
+                    hi = [p[1]["ci95"][1] for p in pts]
+                    if None not in lo and None not in hi:
+                        ax.fill_between(x, lo, hi, color=color, alpha=0.15)
+            for key, v in variants.items():
+                if v["variant"] != "lsac" or v[ycol]["mean"] is None:
+                    continue
+                color = "tab:red" if v["what"] == "output" else "tab:purple"
+                marker = "s" if str(v["start"]) == "warmup" else "D"
+                lo, hi = v[ycol]["ci95"]
+                yerr = None if lo is None else [[v[ycol]["mean"] - lo], [hi - v[ycol]["mean"]]]
+                ax.errorbar([v[xcol]], [v[ycol]["mean"]], yerr=yerr, color=color, marker=marker, ms=5, capsize=2)
+                ax.annotate(f"N={v['refresh']}", (v[xcol], v[ycol]["mean"]), fontsize=6, textcoords="offset points",
+                            xytext=(3, 2))
+            if ycol == "mrstft_to_full" and floor.get("mrstft") is not None:
+                ax.axhline(floor["mrstft"], color="k", ls=":", lw=0.8, label="noise floor (other seed)")
+            ax.set_xlabel(xlabel, fontsize=8)
+            if col == 0:
+                ax.set_ylabel(ylabel, fontsize=8)
+    axes[0][0].plot([], [], "s", color="tab:red", label="LSAC outputs (square: warm-up start)")
+    axes[0][0].plot([], [], "s", color="tab:purple", label="LSAC maps (diamond: start 0)")
+    axes[0][0].legend(fontsize=6)
+    axes[1][0].legend(fontsize=6)
+    fig.suptitle("P6: quality vs compute (mean over clips, 95% bootstrap bands / bars)", fontsize=10)
     fig.tight_layout()
     path = out_dir / "p6_quality_vs_compute.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    made.append((str(path), "P6: quality vs self-attention compute (mean over clips). Blue: naive step "
-                 "reduction (fewer midpoint steps); red: LSAC over P3's stable layers with refresh N; grey: the "
-                 "same caching on the fast layers (control). Left: SI-SDR to the reference stem; right: distance "
-                 "to the full-step output."))
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    order = agg.sort_values("compute")
-    xs = np.arange(len(order))
-    ax.bar(xs - 0.2, 1 - order["compute"], width=0.4, label="self-attention calls saved (counted)")
-    ax.bar(xs + 0.2, 1 - order["wall_ratio"], width=0.4, label="sampling wall time saved (measured)")
-    names = [f"{r.variant}\n{'N=' + str(int(r.refresh)) if r.variant.startswith('lsac') else str(int(r.steps)) + ' st'}"
-             for r in order.itertuples()]
-    ax.set_xticks(xs, names, fontsize=7)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_ylabel("fraction saved vs full run")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "p6_compute_saved.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    made.append((str(path), "P6: compute saved by each variant relative to the full run: counted self-attention "
-                 "calls vs measured wall time of the sampling loop (single measurements on a shared CPU)."))
-    return made
+    return [(str(path), "P6: quality against compute counted three ways (FLOPs, self-attention calls, measured "
+             "wall time). Lines: naive step reduction (midpoint blue, Euler green) with 95% bootstrap bands over "
+             "clips; points: LSAC variants (red = cached outputs, purple = cached maps; squares = warm-up start, "
+             "diamonds = start 0). Dotted: the noise floor (MR-STFT between two noise seeds' full runs).")]
 
 
-EXPERIMENT = Experiment(name="p6", title="P6 Layer-Selective Attention Caching vs naive step reduction", run=run,
-                        summarize=summarize, figures=figures)
+EXPERIMENT = Experiment(name="p6", title="P6 Layer-Selective Attention Caching as a quality-vs-compute frontier",
+                        run=run, summarize=summarize, figures=figures)

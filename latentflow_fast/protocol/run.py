@@ -49,8 +49,8 @@ DEPENDS = {"p4": ("p3",), "p6": ("p3",)}
 
 def quick_config(**overrides) -> ProtocolConfig:
     """A very small configuration (2 clips, 4 midpoint steps = 8 evaluations) for smoke runs and tests."""
-    base = dict(num_clips=2, steps=4, time_bins=4, window=4, freeze_starts=(2, 4, 6), lsac_refresh=(2, 4),
-                bootstrap=200)
+    base = dict(num_clips=2, steps=4, time_bins=4, window=4, freeze_starts=(4,), lsac_refresh=(2, 4),
+                naive_midpoint_steps=(2,), naive_euler_steps=(4,), bootstrap=200)
     base.update(overrides)
     return ProtocolConfig(**base)
 
@@ -184,7 +184,6 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
         _check_folder(out_dir, manifest)
     engine = ProbeEngine(model, backend=config.backend, time_bins=config.time_bins)
     ctx = ProtocolContext(config=config, model=model, engine=engine, clips=clips, out_dir=out_dir, progress=progress)
-    ctx.summaries = {}  # earlier experiments' summaries (P4/P6 read P3's stable/fast split here)
     figure_dir = out_dir / "figures"
     figure_dir.mkdir(exist_ok=True)
     figures, timings = [], {}
