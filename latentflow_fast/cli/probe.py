@@ -58,6 +58,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="crop synthetic clips to their first SECONDS")
     p.add_argument("--backend", default=None, help='attention operator backend (default "auto")')
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=None,
+                   help="single-threaded worker processes for the probe sweeps (default: the number of CPU "
+                        "cores; 1 under torchrun or on a GPU); results do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--new", action="store_true",
                    help="if --out holds results made with other settings, keep this run separately in "
@@ -123,6 +126,7 @@ def check_args(args) -> None:
 
     c = "probe"
     checks.at_least(c, "--threads", args.threads, 1)
+    checks.at_least(c, "--workers", args.workers, 1)
     if args.audio is None and (args.prompt or args.counterfactual):
         checks.fail(c, "--prompt / --counterfactual need --audio")
     for path in args.audio or ():
@@ -144,18 +148,20 @@ def run(args) -> int:
 
     check_args(args)
     config = build_config(args)
-    distributed.init_from_env()  # under torchrun: sweeps shard over the ranks (see latentflow_fast.probe.distributed)
+    info = distributed.init_from_env()  # under torchrun: sweeps shard over the ranks (see latentflow_fast.probe.distributed)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     seconds = args.seconds if args.seconds is not None else (QUICK_CLIP_SECONDS if args.quick else None)
     started = time.perf_counter()
     model = checks.load_model("probe", "--model", config.model, loader=load_protocol_model)
     clips = _user_clips(args, model) if args.audio else None
+    workers = checks.workers("probe", args.workers, next(model.parameters()).device.type,
+                             distributed=info is not None)
     out = Path(args.out)
     try:
         summary = run_protocol(config, out, clips=clips, model=model, progress=not args.no_progress,
                                clip_seconds=None if clips else seconds, model_name=str(config.model),
-                               new=args.new)
+                               new=args.new, workers=workers)
     except NonFiniteError:
         raise  # the command's error handler prints it (exit 1)
     except ValueError as exc:

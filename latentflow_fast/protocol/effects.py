@@ -117,21 +117,30 @@ def make_end_metrics(pclip, clean, counterfactual=None, extra: Optional[dict] = 
 
     pclip: the ProtocolClip (stems, target/counterfactual indices); clean / counterfactual: Trajectory of the
     clean A-prompted run and of the B-prompted run (None: semantic effects are NaN). `extra`: constant
-    columns added to every row (e.g. the clip's complexity group).
+    columns added to every row (e.g. the clip's complexity group). The result is picklable (an instance of a
+    module-level class), so sweeps with worker processes can send it to them.
     """
     source_a = source_b = None
     if pclip.sources is not None and pclip.counterfactual_index is not None:
         source_a = pclip.sources[pclip.target_index]
         source_b = pclip.sources[pclip.counterfactual_index]
     cf_wave = None if counterfactual is None else counterfactual.target
-    constant = dict(clip_columns(pclip), **(extra or {}))
+    return EndMetrics(clean.target, cf_wave, source_a, source_b, dict(clip_columns(pclip), **(extra or {})))
 
-    def end_metrics(target_waves, residual_waves, traj):
-        rows = effect_rows(target_waves, clean.target, cf_wave, source_a, source_b,
+
+class EndMetrics:
+    """effect_rows of a sweep's decoded outputs against one clip's clean (and counterfactual) output,
+    plus constant columns (see make_end_metrics)."""
+
+    def __init__(self, clean_wave, cf_wave, source_a, source_b, constant: dict):
+        self.clean_wave, self.cf_wave = clean_wave, cf_wave
+        self.source_a, self.source_b = source_a, source_b
+        self.constant = constant
+
+    def __call__(self, target_waves, residual_waves, traj) -> list[dict]:
+        rows = effect_rows(target_waves, self.clean_wave, self.cf_wave, self.source_a, self.source_b,
                            sample_rate=traj.inputs.sample_rate)
-        return [dict(row, **constant) for row in rows]
-
-    return end_metrics
+        return [dict(row, **self.constant) for row in rows]
 
 
 def clip_columns(pclip) -> dict:
