@@ -41,6 +41,7 @@ from ..sampler import METHODS, evaluation_schedule, sample_ode
 from . import distributed
 from .batching import BatchSizer, is_out_of_memory
 from .invariance import batch_invariant, single_threaded
+from .interventions import logit_scale
 from .probes import MapRequest, Probe, expand_sites
 from .store import ResultStore
 
@@ -301,8 +302,8 @@ class ProbeEngine:
             kind = p.intervention
             if kind == "head_ablation":
                 tensor("head_gate", (R, H), 1.0)[r, heads] = p.value
-            elif kind == "temperature":
-                tensor("logit_scale", (R, H), 1.0)[r, heads] = p.value
+            elif kind in ("temperature", "logit_scale"):  # one meaning each: see interventions.py
+                tensor("logit_scale", (R, H), 1.0)[r, heads] = logit_scale(kind, p.value)
             elif kind in ("segment_knockout", "segment_bias"):
                 bias = -math.inf if kind == "segment_knockout" else p.value
                 seg_bias = tensor("segment_bias", (R, H, G), 0.0)
