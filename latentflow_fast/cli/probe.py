@@ -9,6 +9,8 @@ The output folder holds results/<exp>/*.parquet, figures/*.png, summary.json, ru
 Rerunning the same command into the same folder resumes (stored rows are skipped) and gives an identical
 summary.json. A folder made with other settings (model weights, audio content, prompts, protocol
 configuration, backend) is refused, naming what differs; --new keeps such a run in <out>-<settings digest>. Under torchrun the command runs as `python -m latentflow_fast.cli probe ...`.
+The experiments' probe sweeps run over --workers single-threaded worker processes (default: one per CPU
+core), which keeps them exact (the rows do not depend on the worker count) while using every core.
 """
 
 from __future__ import annotations
