@@ -35,6 +35,10 @@ def setup():
     torch.set_num_threads(threads)
 
 
+def _failing_end_metrics(target, residual, traj):
+    raise RuntimeError("boom in a worker")
+
+
 def _by_key(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["clip_id", "probe_id"], kind="stable").reset_index(drop=True)
 
@@ -51,6 +55,10 @@ def test_worker_pools_give_the_in_process_table_bitwise(setup, tmp_path):
         reversed_ = pooled.sweep(traj, probes[::-1], batch_size=7, progress=False)
         pd.testing.assert_frame_equal(_by_key(single), _by_key(reversed_), check_exact=True)
         assert pooled._pool is not None and len(pooled._pool.processes) == 2  # the pool is kept between sweeps
+        # an error in a worker reaches the caller with its type and message, and stops the pool
+        with pytest.raises(RuntimeError, match="boom in a worker"):
+            pooled.sweep(traj, probes, end_effect=True, end_metrics=_failing_end_metrics, progress=False)
+        assert not pooled._pool.alive()
     assert pooled._pool is None  # closed on leaving the block
     # three workers (another sharding) writing a store, with a fourth of the probes already stored by an
     # in-process run: nothing recomputed twice, the same table

@@ -147,7 +147,7 @@ class WorkerPool:
         self._owner = threading.get_ident()
 
     def alive(self) -> bool:
-        return all(p.is_alive() for p in self.processes)
+        return bool(self.processes) and all(p.is_alive() for p in self.processes)
 
     def close(self) -> None:
         """Stop the workers (those in the middle of a batch are killed: stored shards stay whole)."""
