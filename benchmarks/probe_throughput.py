@@ -4,7 +4,8 @@
 One clean trajectory (16 midpoint steps = 32 evaluations) of a shipped model on a held-out mixture, and the
 local-effect sweep of every single-head ablation and single-head logit-scale probe (values 0 and 2: uniform
 and sharpened attention, i.e. temperatures inf and 1/2) at every attention site, branching at a few
-evaluations. Local effect = the change of the predicted velocity at the branch evaluation. Variants, interleaved (round robin, medians over rounds):
+evaluations. Local effect = the change of the predicted velocity at the branch evaluation. Variants,
+interleaved (round robin, medians over rounds):
 
   engine              ProbeEngine.sweep, exact mode (bitwise batch invariant), prefix reuse on
   engine fast         the same with exact=False (all intra-op threads)

@@ -31,8 +31,10 @@ INTERVENTIONS = {
     "logit_scale": "softmax(`value` * logits): 0 = uniform attention over unmasked keys, 1 = no change",
     "segment_knockout": "keys of the listed `segments` get -inf logits (attention knockout)",
     "segment_bias": "`value` added to the logits of the listed `segments`",
-    "output_patch": "head output replaced by the cached output of run `source` (at `source_evaluation` or the same evaluation)",
-    "output_bias": "`value` * steering vector `source` (registered with ProbeEngine.add_vector) added to the head output",
+    "output_patch": "head output replaced by the cached output of run `source` (at `source_evaluation` or the "
+                    "same evaluation)",
+    "output_bias": "`value` * steering vector `source` (registered with ProbeEngine.add_vector) added to the "
+                   "head output",
     "additive_swap": "time-mean of the head output replaced by that of run `source` (the 'additive injection')",
     "routing_swap": "frame-varying part of the head output replaced by that of run `source` (the 'routing')",
 }
