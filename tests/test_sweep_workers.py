@@ -55,6 +55,9 @@ def test_worker_pools_give_the_in_process_table_bitwise(setup, tmp_path):
         reversed_ = pooled.sweep(traj, probes[::-1], batch_size=7, progress=False)
         pd.testing.assert_frame_equal(_by_key(single), _by_key(reversed_), check_exact=True)
         assert pooled._pool is not None and len(pooled._pool.processes) == 2  # the pool is kept between sweeps
+        # the second sweep named the trajectories the workers already held instead of sending them again
+        held = [ref() for ref in pooled._pool.trajectories.sent.values()]
+        assert any(t is traj for t in held) and any(t is engine.runs["other"] for t in held)
         # an error in a worker reaches the caller with its type and message, and stops the pool
         with pytest.raises(RuntimeError, match="boom in a worker"):
             pooled.sweep(traj, probes, end_effect=True, end_metrics=_failing_end_metrics, progress=False)

@@ -4,7 +4,7 @@ Exact mode (bitwise batch invariance) needs one intra-op thread per forward pass
 `invariance.single_threaded`), which leaves the other cores idle. `ProbeEngine(model, workers=N)` instead
 starts N worker processes (a persistent pool, started on the first sweep and kept for later ones), each
 running torch on one thread. A sweep computes the clean trajectory once in the calling process, sends it
-to the workers, and every worker runs the probes `shard_of(clip, probe, N)` assigns to it with the
+to the workers (once: later sweeps over the same trajectory name it by a token), and every worker runs the probes `shard_of(clip, probe, N)` assigns to it with the
 ordinary in-process sweep (`shard=(i, N)`), writing its own result shards (`part-r{i:03d}-...`). The
 calling process shows one progress bar and merges the results.
 
@@ -89,6 +89,7 @@ def _worker_main(index: int, world: int, parent: int, state: bytes, tasks, resul
         return os.getppid() == parent
 
     batches = engine.run_batch
+    cache = _TrajectoryCache()
     while True:
         try:
             task = tasks.get(timeout=POLL_SECONDS)
@@ -100,6 +101,8 @@ def _worker_main(index: int, world: int, parent: int, state: bytes, tasks, resul
             return
         try:
             traj, probes, runs, vectors, kwargs, store_path, pause = pickle.loads(task)
+            traj = cache.resolve(traj)
+            runs = {name: cache.resolve(run) for name, run in runs.items()}
             engine.runs, engine.vectors = runs, vectors
 
             def run_batch(*args, **kw):
@@ -124,6 +127,57 @@ def _worker_main(index: int, world: int, parent: int, state: bytes, tasks, resul
             results.put(("error", index, (payload, text)))
 
 
+# Trajectories (the clean run, patch sources) are the bulk of a task (up to hundreds of MB with prefix
+# records): each is sent to the workers once and named by a token afterwards, as long as it is among the
+# last CACHED_TRAJECTORIES sent. Both sides evict in the same order, so they always agree on what is held.
+CACHED_TRAJECTORIES = 4
+
+
+class _TrajectoryCache:
+    """The worker side: token -> trajectory, the last CACHED_TRAJECTORIES received."""
+
+    def __init__(self):
+        self.held: dict = {}
+
+    def resolve(self, entry):
+        kind, token, value = entry
+        if kind == "new" and token == 0:  # sent uncached (a task with more trajectories than the cache)
+            return value
+        if kind == "new":
+            self.held[token] = value
+            while len(self.held) > CACHED_TRAJECTORIES:
+                self.held.pop(next(iter(self.held)))
+            return value
+        return self.held[token]
+
+
+class _SentTrajectories:
+    """The caller's side: which trajectory objects the workers hold (by identity, checked by weak reference)."""
+
+    def __init__(self):
+        self.sent: dict = {}  # token -> weakref to the trajectory
+        self.counter = 0
+
+    def encode(self, traj, sending: list):
+        """("ref", token, None) if the workers hold `traj`, else ("new", token, traj) (recorded as held once
+        the task is sent: `sending` collects the tokens to commit)."""
+        for token, ref in self.sent.items():
+            if ref() is traj:
+                return ("ref", token, None)
+        for token, obj in sending:
+            if obj is traj:
+                return ("ref", token, None)
+        self.counter += 1
+        sending.append((self.counter, traj))
+        return ("new", self.counter, traj)
+
+    def commit(self, sending: list) -> None:
+        for token, traj in sending:
+            self.sent[token] = weakref.ref(traj)
+            while len(self.sent) > CACHED_TRAJECTORIES:
+                self.sent.pop(next(iter(self.sent)))
+
+
 class WorkerPool:
     """N worker processes holding a copy of one engine's model (see the module docstring)."""
 
@@ -145,6 +199,7 @@ class WorkerPool:
             p.start()
             self.processes.append(p)
         self._owner = threading.get_ident()
+        self.trajectories = _SentTrajectories()
 
     def alive(self) -> bool:
         return bool(self.processes) and all(p.is_alive() for p in self.processes)
@@ -245,14 +300,24 @@ def pooled_sweep(engine, traj, probes, *, end_effect: bool, store, batch_size: O
     vectors = {name: v for name, v in engine.vectors.items() if name in sources}
     pause = float(getattr(engine, "batch_pause", 0.0))
     store_path = None if store is None else str(store.path)
+    pool = pool_for(engine)
+    sending: list = []
+    sent_traj = pool.trajectories.encode(traj, sending)
+    sent_runs = {name: pool.trajectories.encode(run, sending) for name, run in runs.items()}
+    # the cache holds at most CACHED_TRAJECTORIES: a task naming more than that sends everything anew
+    if len({id(t) for t in [traj, *runs.values()]}) > CACHED_TRAJECTORIES:
+        sending = []
+        sent_traj = ("new", 0, traj)
+        sent_runs = {name: ("new", 0, run) for name, run in runs.items()}
     payloads = []
     for i in range(world):  # every worker gets only its share (shard_of is a stable hash of the ids)
         share = [p for p in todo if shard_of(clip_id, p.probe_id, world) == i]
-        payloads.append(pickle.dumps((traj, share, runs, vectors, kwargs, store_path, pause)))
+        payloads.append(pickle.dumps((sent_traj, share, sent_runs, vectors, kwargs, store_path, pause)))
     bar = tqdm(total=len(unique), initial=len(unique) - len(todo), unit="probe", disable=not progress,
                desc=f"probes {clip_id} ({world} workers)", dynamic_ncols=True)
     try:
-        frames = pool_for(engine).run(payloads, bar.update)
+        frames = pool.run(payloads, bar.update)
+        pool.trajectories.commit(sending)  # every worker received them (a failed run closes the pool)
     finally:
         bar.close()
     if store is not None:
