@@ -119,6 +119,14 @@ SWEEP = [sys.executable, "-m", "latentflow_fast.cli", "sweep", "--steps", "2", "
          "--clip-seconds", "0.25", "--no-progress"]
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def test_killed_worker_sweep_resumes_with_another_worker_count(tmp_path):
     model_dir = save_small_model(tmp_path / "model")
     killed, complete = tmp_path / "killed", tmp_path / "complete"
@@ -130,9 +138,14 @@ def test_killed_worker_sweep_resumes_with_another_worker_count(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and len(list(shards.glob("part-*.parquet"))) < 3 and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the main process and its workers die at once
+    os.kill(proc.pid, signal.SIGKILL)  # only the main process: its workers must not outlive it
     proc.wait()
+    time.sleep(1.0)  # (a worker finishing its batch right now may still store it, whole)
     left = len(list(shards.glob("part-*.parquet")))
+    time.sleep(2.0)  # an orphaned worker would still be writing shards (one per 0.3 s batch)
+    assert len(list(shards.glob("part-*.parquet"))) == left, "a worker outlived the killed sweep"
+    if _group_alive(proc.pid):  # nothing should be left, but never leave a stray process behind
+        os.killpg(proc.pid, signal.SIGKILL)
     subprocess.run(args + ["--out", str(killed), "--workers", "1", "--batch-size", "5"], check=True, env=env,
                    timeout=300)
     subprocess.run(args + ["--out", str(complete), "--workers", "2", "--batch-size", "3"], check=True, env=env,

@@ -60,9 +60,9 @@ def check_workers(workers) -> int:
     return workers
 
 
-def _die_with_parent() -> None:
-    """Linux: ask the kernel to kill this process when its parent dies (no orphaned workers writing shards
-    after the sweep that started them was killed)."""
+def die_with_parent() -> None:
+    """Linux: ask the kernel to kill this process when its parent dies (no orphaned workers or torchrun ranks
+    writing shards after the sweep that started them was killed)."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -76,7 +76,7 @@ def _die_with_parent() -> None:
 
 def _worker_main(index: int, world: int, parent: int, state: bytes, tasks, results) -> None:
     """A worker: one torch thread, its own engine on the shared model, sweeps its shard of each task."""
-    _die_with_parent()
+    die_with_parent()
     torch.set_num_threads(1)  # this process is one core's worth of an exact sweep
 
     from .engine import ProbeEngine
