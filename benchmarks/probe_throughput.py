@@ -2,17 +2,20 @@
 """Probe throughput: the probe engine against a competent hook loop, and what the engine skips.
 
 One clean trajectory (16 midpoint steps = 32 evaluations) of a shipped model on a held-out mixture, and the
-local-effect sweep of every single-head ablation and single-head temperature probe (values 0 and 2: uniform
-and sharpened attention) at every attention site, branching at a few evaluations. Local effect = the change
-of the predicted velocity at the branch evaluation. Variants, interleaved (round robin, medians over rounds):
+local-effect sweep of every single-head ablation and single-head logit-scale probe (values 0 and 2: uniform
+and sharpened attention, i.e. temperatures inf and 1/2) at every attention site, branching at a few
+evaluations. Local effect = the change of the predicted velocity at the branch evaluation. Variants,
+interleaved (round robin, medians over rounds):
 
   engine              ProbeEngine.sweep, exact mode (bitwise batch invariant), prefix reuse on
   engine fast         the same with exact=False (all intra-op threads)
   engine no prefix    exact, prefix reuse off: every batch runs every layer
+  engine N workers    exact, the probes spread over N single-threaded worker processes (--workers; the pool
+                      is started before timing, its start-up time is printed separately)
   hook loop           what a competent hook user writes: one forward per probe at batch 1, torch SDPA at every
                       site; at the hooked site SDPA runs too and only the probed head is edited (its output
                       zeroed, or recomputed by SDPA with the scaled logit scale, or the mean of V for
-                      temperature 0). No attention map is materialised anywhere.
+                      logit scale 0). No attention map is materialised anywhere.
   batched hooks       the same hooks on batches of probes (one row per probe, rows indexed in the hook)
 
 Also measured: the engine's cost per probe against one plain batched forward (SDPA, nothing probed) of only
@@ -20,6 +23,7 @@ the layers the batch recomputes, and the clean trajectory with captures against 
 
     python benchmarks/probe_throughput.py --model small --evaluations 0,8,16,24
     python benchmarks/probe_throughput.py --model tiny --evaluations 8 --rounds 1   # quick
+    python benchmarks/probe_throughput.py --workers 2 --workers-only   # exact with 2 workers vs fast, 2 threads
 """
 
 from __future__ import annotations
@@ -39,17 +43,17 @@ from latentflow_fast.models.attention import sdpa
 from latentflow_fast.ops import backend_cpu
 from latentflow_fast.probe import Clip, Probe, ProbeEngine
 
-TEMPERATURES = (0.0, 2.0)
+LOGIT_SCALES = (0.0, 2.0)  # uniform, sharpened (temperature inf, 1/2)
 
 
 def sweep_probes(sites, num_heads: int, evaluations) -> list[Probe]:
-    """Every single-head ablation and temperature probe at every site and evaluation."""
+    """Every single-head ablation and logit-scale probe at every site and evaluation."""
     probes = []
     for e in evaluations:
         for site in sites:
             for h in range(num_heads):
                 probes.append(Probe(site, "head_ablation", heads=(h,), evaluation=e))
-                probes += [Probe(site, "temperature", heads=(h,), value=v, evaluation=e) for v in TEMPERATURES]
+                probes += [Probe(site, "logit_scale", heads=(h,), value=v, evaluation=e) for v in LOGIT_SCALES]
     return probes
 
 
@@ -107,7 +111,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--evaluations", default="0,8,16,24", help="comma list of branch evaluations")
     parser.add_argument("--hook-probes", type=int, default=64, help="probes timed in the batch-1 hook loop")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="also time exact mode over this many worker processes (default: --threads; 1 = not)")
+    parser.add_argument("--workers-only", action="store_true",
+                        help="time only engine, engine fast and engine with workers (the exact/fast comparison)")
     args = parser.parse_args(argv)
+    workers = args.threads if args.workers is None else args.workers
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     data = dataset_for(model)
@@ -116,6 +125,7 @@ def main(argv=None):
     engine = ProbeEngine(model)
     fast = ProbeEngine(model, exact=False)
     full = ProbeEngine(model, prefix_reuse=False)
+    pooled = ProbeEngine(model, workers=workers) if workers > 1 else None
     traj = engine.trajectory(clip, steps=16, method="midpoint")
     evaluations = [int(e) for e in args.evaluations.split(",")]
     if any(not 0 <= e < traj.num_evaluations for e in evaluations):
@@ -152,6 +162,16 @@ def main(argv=None):
         "hook loop": (hook_loop, len(subset)),
         "batched hooks": (batched_hooks, len(probes)),
     }
+    if pooled is not None:
+        from latentflow_fast.probe.workers import pool_for
+
+        started = time.perf_counter()
+        pool_for(pooled)  # worker start-up is paid once per engine, not per sweep: timed apart
+        print(f"# {workers} worker processes started in {time.perf_counter() - started:.1f} s")
+        variants[f"engine {workers} workers"] = (
+            lambda: pooled.sweep(traj, probes, progress=False, batch_size=R), len(probes))
+    if args.workers_only:
+        variants = {k: v for k, v in variants.items() if k.startswith("engine") and k != "engine no prefix"}
 
     # engine cost per probe vs a plain batched forward of only the layers a batch recomputes
     layer = model.config.n_layers // 2
@@ -174,6 +194,8 @@ def main(argv=None):
                     clip, capture=("entropy", "segment_mass"), capture_sites="*", cache_heads=()),
                 "plain sampler run": lambda: model.separate(clip.mixture, clip.sample_rate, clip.prompt, steps=16)}
     times: dict = {name: [] for name in list(variants) + list(forwards)}
+    if args.workers_only:
+        forwards = {}
     for _ in range(args.rounds):
         for name, (fn, _count) in variants.items():
             times[name].append(timed(fn))
@@ -181,10 +203,18 @@ def main(argv=None):
             times[name].append(statistics.median(timed(fn) for _ in range(3)))
 
     rate = {name: count / statistics.median(times[name]) for name, (_fn, count) in variants.items()}
-    print("\n| variant | probes timed | median s | probes/s | x hook loop |\n|---|---|---|---|---|")
+    base = "hook loop" if "hook loop" in rate else "engine fast"
+    print(f"\n| variant | probes timed | median s | probes/s | x {base} |\n|---|---|---|---|---|")
     for name, (_fn, count) in variants.items():
         print(f"| {name} | {count} | {statistics.median(times[name]):.3f} | {rate[name]:.1f} | "
-              f"{rate[name] / rate['hook loop']:.2f} |")
+              f"{rate[name] / rate[base]:.2f} |")
+    if pooled is not None:
+        print(f"\ntarget: exact mode with {workers} workers / fast mode ({args.threads} threads) >= 0.9: "
+              f"{rate[f'engine {workers} workers'] / rate['engine fast']:.2f} "
+              f"(exact in one process: {rate['engine'] / rate['engine fast']:.2f})")
+        pooled.close()
+    if args.workers_only:
+        return
     med = {name: statistics.median(times[name]) for name in forwards}
     print(f"\n| forward | ms |\n|---|---|")
     for name in forwards:

@@ -435,15 +435,9 @@ void validate_probed_attention_args(const ProbedAttentionArgs& args, bool for_ke
   }
 }
 
-static void set_device(int device) {
-  int current = -1;
-  check_cuda(cudaGetDevice(&current), "cudaGetDevice");
-  if (current != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-}
-
 void launch_probed_attention_forward(const ProbedAttentionArgs& args, void* stream) {
   validate_probed_attention_args(args, /*for_key_mass=*/false);
-  set_device(args.device);
+  DeviceGuard on_device(args.device);  // the caller's current device is restored on return
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool bf16 = args.dtype == ElementType::kBFloat16;
   if (args.head_dim == 64) {

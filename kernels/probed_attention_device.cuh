@@ -17,6 +17,8 @@
 #endif
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "probed_attention.cuh"
@@ -266,4 +268,34 @@ __device__ __forceinline__ float quad_max(float x) {
 }
 
 }  // namespace device
+
+// Host side: makes `device` current for one launch and puts the caller's current device back when the
+// launch returns or throws. The CUDA runtime's current device is per-thread state that torch and the
+// caller rely on; a launcher that switched it and left it would move their later work to another GPU.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) {
+      check(cudaSetDevice(device), "cudaSetDevice");
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);  // best effort: a destructor must not throw
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  static void check(cudaError_t status, const char* what) {
+    if (status != cudaSuccess) {
+      throw std::runtime_error(std::string("latentflow CUDA: ") + what + ": " + cudaGetErrorName(status) + ": " +
+                               cudaGetErrorString(status));
+    }
+  }
+  int previous_ = -1;
+  bool switched_ = false;
+};
+
 }  // namespace latentflow

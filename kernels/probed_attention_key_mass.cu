@@ -190,9 +190,7 @@ void launch_key_mass_typed(const ProbedAttentionArgs& args, cudaStream_t stream)
 
 void launch_probed_attention_key_mass(const ProbedAttentionArgs& args, void* stream) {
   validate_probed_attention_args(args, /*for_key_mass=*/true);
-  int current = -1;
-  check_cuda(cudaGetDevice(&current), "cudaGetDevice");
-  if (current != args.device) check_cuda(cudaSetDevice(args.device), "cudaSetDevice");
+  DeviceGuard on_device(args.device);  // the caller's current device is restored on return
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool bf16 = args.dtype == ElementType::kBFloat16;
   if (args.head_dim == 64) {

@@ -35,7 +35,8 @@ def small_clip(index: int = 0) -> Clip:
 def mixed_probes(sites, evaluations=(0, 1, 2)) -> list[Probe]:
     """A heterogeneous probe set touching every intervention kind the engine has."""
     probes = probe_grid("layers.*.self_attn", sites,
-                        [{"intervention": "head_ablation"}, {"intervention": "temperature", "value": 0.0},
+                        [{"intervention": "head_ablation"}, {"intervention": "logit_scale", "value": 0.0},
+                         {"intervention": "temperature", "value": 2.0},
                          {"intervention": "mean_ablation"}, {"intervention": "segment_knockout", "segments": (0, 1)},
                          {"intervention": "none"}],
                         evaluations=evaluations, heads=[(0,), None])

@@ -29,8 +29,10 @@ pytestmark = pytest.mark.slow
 def emu():
     if build_module.compiler() is None:
         pytest.skip("no host C++ compiler for the CUDA emulator")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return build_module.build()
+    yield build_module.build()
+    torch.set_num_threads(threads)  # no process-wide side effect left behind
 
 
 @pytest.fixture(params=backend_cuda.ROWS_PER_WARP_CHOICES, ids=lambda r: f"rows{r}")
@@ -164,6 +166,26 @@ def test_emulator_catches_planted_bug(name):
     outputs, refs = {"out": out, **caps}, {"out": ref_out, **ref_caps}
     failures = [f for n in refs for f in reference_errors(n, outputs[n], refs[n], torch.bfloat16)]
     assert failures, f"mutant {name} matched the reference"
+
+
+def test_launch_puts_back_the_callers_current_device(emu):
+    """The launcher makes the tensors' device current for the launch and restores the caller's (a
+    device guard), in the emulated runtime's per-thread current device."""
+    q, k, v, _ = _inputs(1, 2, 2, 20, 20, 64, torch.float16)
+    plan = build_plan(q, k, v, capture=("entropy", "key_mass"))
+    try:
+        emu._emu_set_current_device(1)
+        calls = emu._emu_set_device_calls()
+        backend_cuda.launch(plan, emu, stream=0, device=0)
+        assert emu._emu_current_device() == 1  # put back
+        switches = emu._emu_set_device_calls() - calls
+        assert switches >= 2 and switches % 2 == 0  # to device 0 and back, per launch
+        emu._emu_set_current_device(0)
+        calls = emu._emu_set_device_calls()
+        backend_cuda.launch(plan, emu, stream=0, device=0)
+        assert emu._emu_set_device_calls() == calls and emu._emu_current_device() == 0  # nothing to switch
+    finally:
+        emu._emu_set_current_device(0)
 
 
 def test_one_segment_per_key(emu, rows):

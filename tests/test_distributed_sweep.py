@@ -74,9 +74,11 @@ def test_killed_distributed_sweep_resumes_to_the_same_table(model_dir, tmp_path)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(shards.glob("part-*.parquet"))) < 3:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks die at once
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher dies; torchrun's ranks (own sessions) die with it
     proc.wait()
     left = len(list(shards.glob("part-*.parquet")))
+    time.sleep(2.0)  # a surviving rank would still be writing shards (one per 0.3 s batch)
+    assert len(list(shards.glob("part-*.parquet"))) == left, "a rank outlived its killed launcher"
     subprocess.run(_torchrun(2) + args + ["--out", str(killed)], check=True, env=_env(), timeout=300)
     subprocess.run(_torchrun(2) + args + ["--out", str(complete)], check=True, env=_env(), timeout=300)
     resumed = ResultStore(shards, rank=0).load()

@@ -349,7 +349,7 @@ def test_results_name_the_kind_the_user_asked_for():
     kinds = {p.describe()["probe_kind"] for p in probes}
     assert kinds == {"uniform", "text_knockout", "head_ablation"}
     uniform = next(p for p in probes if p.probe_kind == "uniform")
-    assert uniform.describe()["intervention"] == "temperature" and uniform.value == 0.0
+    assert uniform.describe()["intervention"] == "logit_scale" and uniform.value == 0.0
 
 
 def test_steering_vectors_are_registered_checked_and_applied(setup):

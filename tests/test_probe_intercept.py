@@ -334,3 +334,126 @@ def test_interceptor_argument_checks():
         Interceptor(object(), Recorder())
 
 
+# ----------------------------------------------------------------------------------- threads
+def _in_thread(fn):
+    """Run fn in a new thread; re-raise its exception here."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, box
+
+
+def _joined(thread, box):
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def test_two_threads_tracing_different_models_do_not_interfere():
+    """Thread A traces one encoder, thread B another; A leaves first, while B is still tracing. B's trace
+    still reaches its self-attention (the MHA fast-path switch is shared by count, not restored by A under
+    B), its ablation still applies, and afterwards the switch is back to what it was."""
+    import threading
+
+    torch.manual_seed(0)
+
+    def encoder():
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+    enc_a, enc_b = encoder(), encoder()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        plain_a, plain_b = enc_a(x), enc_b(x)
+    b_entered, a_left = threading.Event(), threading.Event()
+
+    def thread_a():
+        with torch.no_grad(), trace(enc_a, capture=("entropy",)) as tr:
+            b_entered.wait(60)
+            out = enc_a(x)
+        a_left.set()
+        return out, sorted(tr.records)
+
+    def thread_b():
+        with torch.no_grad(), trace(enc_b, capture=("entropy",)) as tr:
+            tr.ablate_heads("layers.0.self_attn", heads=[0, 1, 2, 3])
+            b_entered.set()
+            a_left.wait(60)
+            out = enc_b(x)  # A has left: its exit must not have switched B's interception off
+            # the other model, run here without a trace, is untouched by A's (gone) and B's traces
+            other = enc_a(x)
+        return out, sorted(tr.records), other
+
+    ta, box_a = _in_thread(thread_a)
+    tb, box_b = _in_thread(thread_b)
+    out_a, records_a = _joined(ta, box_a)
+    out_b, records_b, other = _joined(tb, box_b)
+    assert records_a == records_b == ["layers.0.self_attn", "layers.1.self_attn"]
+    torch.testing.assert_close(out_a, plain_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other, plain_a, rtol=1e-5, atol=1e-5)
+    assert (out_b - plain_b).abs().max() > 1e-3  # B's ablation applied after A left
+    assert torch.backends.mha.get_fastpath_enabled()  # restored once both left
+    for enc in (enc_a, enc_b):
+        assert all("forward" not in m.__dict__ for m in enc.modules())
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in enc.modules())
+
+
+def test_a_trace_acts_only_in_its_thread_and_chains_unwind_in_any_order():
+    """The same router model traced by two threads at once: each thread sees only its own interventions,
+    an untraced thread sees none, and the handlers are gone once both traces left (first-in left first)."""
+    import threading
+
+    model = RouterModel()
+    q, k, v = qkv(Nk=5)
+    plain = model(q, k, v)
+    site = "layers.0.self_attn"
+    inside, release = threading.Barrier(3), threading.Event()
+    a_left = threading.Event()
+
+    def traced(heads, wait_for=None):
+        def run():
+            with torch.no_grad(), trace(model) as tr:
+                tr.ablate_heads(site, heads=heads)
+                inside.wait(60)
+                first = model(q, k, v)
+                release.wait(60)
+                if wait_for is not None:
+                    wait_for.wait(60)
+                second = model(q, k, v)
+            if wait_for is None:
+                a_left.set()
+            return first, second
+
+        return run
+
+    ta, box_a = _in_thread(traced([0]))
+    tb, box_b = _in_thread(traced([1, 2], wait_for=a_left))
+    inside.wait(60)
+    untraced = model(q, k, v)  # this thread has no trace: plain attention
+    release.set()
+    first_a, second_a = _joined(ta, box_a)
+    first_b, second_b = _joined(tb, box_b)
+    torch.testing.assert_close(untraced, plain)
+    with torch.no_grad(), trace(model) as tr:
+        tr.ablate_heads(site, heads=[0])
+        expect_a = model(q, k, v)
+    with torch.no_grad(), trace(model) as tr:
+        tr.ablate_heads(site, heads=[1, 2])
+        expect_b = model(q, k, v)
+    assert not torch.equal(expect_a, expect_b)
+    for got in (first_a, second_a):
+        torch.testing.assert_close(got, expect_a)
+    for got in (first_b, second_b):  # second_b ran after A had left, through A's inactive handler
+        torch.testing.assert_close(got, expect_b)
+    assert model.attention_router.handlers == {}

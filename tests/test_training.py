@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latentflow_fast.models.tiny import DEFAULT_TINY_CONFIG, build_tiny_model
-from training.flow_matching import TrainConfig, data_seeds, learning_rate, train
+from training.flow_matching import TrainConfig, data_seeds, deterministic_torch, learning_rate, train
 
 
 def _small_model():
@@ -61,3 +61,22 @@ def test_schedule_and_seeds():
     assert max(seen) < 10_000_000  # training seed range, disjoint from the held-out seeds
     with pytest.raises(ValueError, match="phases"):
         TrainConfig(phases=((0.5, 0.5, 4),)).validate()
+
+
+def test_deterministic_block_restores_the_process_settings_even_after_an_error():
+    """train() runs inside deterministic_torch: its thread count and deterministic-algorithm flags are
+    scoped to the block (as found before it, warn_only included), also when the block raises."""
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    for found in ((False, False), (True, True)):
+        torch.use_deterministic_algorithms(found[0], warn_only=found[1])
+        try:
+            with pytest.raises(RuntimeError, match="inside"):
+                with deterministic_torch(1):
+                    assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+                    raise RuntimeError("inside")
+            assert torch.get_num_threads() == before[0]
+            assert (torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled()) == found
+        finally:
+            torch.use_deterministic_algorithms(before[1], warn_only=before[2])

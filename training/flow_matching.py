@@ -106,14 +106,16 @@ class deterministic_torch:
         self.threads = threads
 
     def __enter__(self):
-        self._saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+        self._saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                       torch.is_deterministic_algorithms_warn_only_enabled())
         torch.set_num_threads(self.threads)
         torch.use_deterministic_algorithms(True)
         return self
 
     def __exit__(self, *exc):
-        torch.set_num_threads(self._saved[0])
-        torch.use_deterministic_algorithms(self._saved[1])
+        threads, enabled, warn_only = self._saved
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)  # both flags, as found
         return False
 
 

@@ -120,3 +120,19 @@ def backend(command: str, name: str, value, device_type: str = "cpu") -> None:
     reason = unavailable_reason(value, device_type)
     if reason is not None:
         fail(command, f"{name}: {reason}")
+
+
+def workers(command: str, value, device_type: str, distributed: bool) -> int:
+    """--workers: default one per CPU core, on the CPU and outside torchrun (there: 1); explicit values that
+    cannot apply are refused."""
+    from ..probe.workers import default_workers
+
+    if value is None:
+        return default_workers() if device_type == "cpu" and not distributed else 1
+    if value > 1 and distributed:
+        fail(command, f"--workers {value}: under torchrun every rank is one worker; use --workers 1 or "
+                      "launch without torchrun")
+    if value > 1 and device_type != "cpu":
+        fail(command, f"--workers {value}: worker processes are for CPU runs (the model is on {device_type}); "
+                      "use --workers 1")
+    return value

@@ -11,6 +11,8 @@ REPORT.md (the Holm-corrected scorecard; `latentflow report FOLDER --markdown PA
 Rerunning the same command into the same folder resumes (stored rows are skipped) and gives an identical
 summary.json. A folder made with other settings (model weights, audio content, prompts, protocol
 configuration, backend) is refused, naming what differs; --new keeps such a run in <out>-<settings digest>. Under torchrun the command runs as `python -m latentflow_fast.cli probe ...`.
+The experiments' probe sweeps run over --workers single-threaded worker processes (default: one per CPU
+core), which keeps them exact (the rows do not depend on the worker count) while using every core.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="crop synthetic clips to their first SECONDS")
     p.add_argument("--backend", default=None, help='attention operator backend (default "auto")')
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=None,
+                   help="single-threaded worker processes for the probe sweeps (default: the number of CPU "
+                        "cores; 1 under torchrun or on a GPU); results do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--new", action="store_true",
                    help="if --out holds results made with other settings, keep this run separately in "
@@ -125,6 +130,7 @@ def check_args(args) -> None:
 
     c = "probe"
     checks.at_least(c, "--threads", args.threads, 1)
+    checks.at_least(c, "--workers", args.workers, 1)
     if args.audio is None and (args.prompt or args.counterfactual):
         checks.fail(c, "--prompt / --counterfactual need --audio")
     for path in args.audio or ():
@@ -146,18 +152,20 @@ def run(args) -> int:
 
     check_args(args)
     config = build_config(args)
-    distributed.init_from_env()  # under torchrun: sweeps shard over the ranks (see latentflow_fast.probe.distributed)
+    info = distributed.init_from_env()  # under torchrun: sweeps shard over the ranks (see latentflow_fast.probe.distributed)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     seconds = args.seconds if args.seconds is not None else (QUICK_CLIP_SECONDS if args.quick else None)
     started = time.perf_counter()
     model = checks.load_model("probe", "--model", config.model, loader=load_protocol_model)
     clips = _user_clips(args, model) if args.audio else None
+    workers = checks.workers("probe", args.workers, next(model.parameters()).device.type,
+                             distributed=info is not None)
     out = Path(args.out)
     try:
         summary = run_protocol(config, out, clips=clips, model=model, progress=not args.no_progress,
                                clip_seconds=None if clips else seconds, model_name=str(config.model),
-                               new=args.new)
+                               new=args.new, workers=workers)
     except NonFiniteError:
         raise  # the command's error handler prints it (exit 1)
     except ValueError as exc:

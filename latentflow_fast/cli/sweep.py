@@ -2,7 +2,13 @@
 
     latentflow sweep                                    # tiny model, 1 synthetic clip, standard probes
     latentflow sweep --kinds head_ablation --evaluations 0,8,16 --end-effect --out my-sweep
+    latentflow sweep --workers 4                        # 4 single-threaded worker processes
     torchrun --nproc-per-node 2 -m latentflow_fast.cli sweep --out my-sweep   # sharded over 2 ranks
+
+Sweeps are exact (bitwise the same table for any batch size, worker count, order and sharding). Exact mode
+runs each forward pass on one thread, so the probes are spread over --workers single-threaded worker
+processes (default: one per CPU core; 1 = everything in this process; under torchrun each rank is one
+worker). The clean trajectory is computed once, in this process.
 
 Rerunning the same command resumes: finished probes are skipped. A folder holding results made with other
 settings (model weights, audio content, prompts, clip length, sampler, backend) is refused, naming what
@@ -43,7 +49,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="if --out holds results made with other settings, keep this run separately in "
                         "<out>-<settings digest> instead of refusing")
     p.add_argument("--batch-size", type=int, default=None, help="probes per batch (default: from memory)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of this process")
+    p.add_argument("--workers", type=int, default=None,
+                   help="single-threaded worker processes for the probes (default: the number of CPU cores; "
+                        "1 under torchrun or on a GPU)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--pause-per-batch", type=float, default=0.0, help=argparse.SUPPRESS)  # interruption tests
@@ -104,6 +113,7 @@ def check_args(args) -> None:
     checks.at_least(c, "--clips", args.clips, 1)
     checks.at_least(c, "--steps", args.steps, 1)
     checks.at_least(c, "--threads", args.threads, 1)
+    checks.at_least(c, "--workers", args.workers, 1)
     checks.at_least(c, "--batch-size", args.batch_size, 1)
     checks.seed(c, "--seed", args.seed)
     checks.at_least(c, "--clip-seed-offset", args.clip_seed_offset, 0)
@@ -158,8 +168,10 @@ def run(args) -> int:
     if device.type != "cpu":
         checks.backend("sweep", "--backend", args.backend, device.type)
     model = checks.load_model("sweep", "--model", args.model, device=device)
-    engine = ProbeEngine(model, backend=args.backend)
+    workers = checks.workers("sweep", args.workers, device.type, distributed=info is not None)
+    engine = ProbeEngine(model, backend=args.backend, workers=workers)
     if args.pause_per_batch > 0:  # slows the sweep down so tests can kill it midway
+        engine.batch_pause = args.pause_per_batch  # (in the worker processes)
         run_batch = engine.run_batch
         engine.run_batch = lambda *a, **k: (run_batch(*a, **k), time.sleep(args.pause_per_batch))[0]
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -219,6 +231,7 @@ def run(args) -> int:
             top = frame.sort_values("local_effect", ascending=False).head(8)
             print(top[["clip_id", "site", "probe_kind", "heads", "segments", "evaluation", "local_effect"]]
                   .to_string(index=False))
+    engine.close()
     if info is not None:
         torch.distributed.destroy_process_group()
     return 0

@@ -56,6 +56,13 @@ def init_from_env(backend: Optional[str] = None) -> Optional[DistributedInfo]:
         return current()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        # torchrun starts every rank in a session of its own, so killing the launcher (kill -9, a killed
+        # job) would leave the ranks running and writing result shards behind a rerun's back (duplicated
+        # rows): a rank dies with its launcher instead.
+        from .workers import die_with_parent
+
+        die_with_parent()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -46,6 +46,7 @@ from ..sampler import METHODS, evaluation_schedule, sample_ode
 from . import distributed
 from .batching import BatchSizer, is_out_of_memory
 from .invariance import batch_invariant, single_threaded
+from .interventions import logit_scale
 from .probes import MapRequest, Probe, Reduction, Reuse, expand_sites
 from .store import ResultStore
 
@@ -153,11 +154,14 @@ class ProbeEngine:
         a probe's row has the same bits whatever else is in its batch (identity probes give effects of
         exactly 0; sweeps give identical tables however they are batched or sharded). With exact=False
         CPU forwards use all torch threads and such rows may differ in the last bits (~1e-7 relative).
-        Scale out with more processes instead (torchrun, one thread per rank). No effect on CUDA.
+        To use every core in exact mode, use workers. No effect on CUDA.
+    workers: sweeps run in this many single-threaded worker processes (CPU models; see `workers.py`):
+        exact mode on every core, same table bitwise as workers=1 (in-process). Call `close()` (or use the
+        engine as a context manager) to stop them early; they also stop with the process.
     """
 
     def __init__(self, model, backend: str = "auto", time_bins: int = 16, exact: bool = True,
-                 prefix_reuse: bool = True, prefix_cache_bytes: int = 2 << 30):
+                 prefix_reuse: bool = True, prefix_cache_bytes: int = 2 << 30, workers: int = 1):
         if not hasattr(model, "attention_router"):
             raise TypeError("model must expose an `attention_router` (a SAM-Audio-architecture model); "
                             "for other modules use latentflow_fast.probe.trace")
@@ -178,12 +182,34 @@ class ProbeEngine:
         if isinstance(prefix_cache_bytes, bool) or not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0:
             raise ValueError(f"prefix_cache_bytes must be a non-negative int, got {prefix_cache_bytes!r}")
         self.prefix_cache_bytes = prefix_cache_bytes
+        from .workers import check_workers
+
+        self.workers = check_workers(workers)
+        if self.workers > 1 and next(model.parameters()).device.type != "cpu":
+            raise ValueError(f"workers={workers}: worker processes are for CPU models (on a GPU exact mode keeps "
+                             "the device busy in one process); use workers=1")
+        self._pool = None
         self.sites = model_sites(model)
         self.site_layers = {s: site_layer(s) for s in self.sites}
         self.num_heads = model.config.n_heads
         self.runs: dict = {}  # name -> Trajectory: sources for output patches and swaps
         self.vectors: dict = {}  # name -> [H, hd] steering vectors
         self._ctx = _Context()
+
+    def close(self) -> None:
+        """Stop the worker processes, if any were started (a later sweep starts them again)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> "ProbeEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):  # a worker pool does not travel with the engine
+        return {**self.__dict__, "_pool": None}
 
     # ------------------------------------------------------------------ site handler
     @contextlib.contextmanager
@@ -351,8 +377,8 @@ class ProbeEngine:
             kind = p.intervention
             if kind == "head_ablation":
                 tensor("head_gate", (R, H), 1.0)[r, heads] = p.value
-            elif kind == "temperature":
-                tensor("logit_scale", (R, H), 1.0)[r, heads] = p.value
+            elif kind in ("temperature", "logit_scale"):  # one meaning each: see interventions.py
+                tensor("logit_scale", (R, H), 1.0)[r, heads] = logit_scale(kind, p.value)
             elif kind in ("segment_knockout", "segment_bias"):
                 bias = -math.inf if kind == "segment_knockout" else p.value
                 seg_bias = tensor("segment_bias", (R, H, G), 0.0)
@@ -680,8 +706,16 @@ class ProbeEngine:
         `probes` may mix `Probe` and `Reuse` rows (Reuse needs end_effect=True). `timing=True` adds the
         measured `batch_sampling_seconds` of each batch to its rows.
         Returns the results of this call's probes.
+        With `workers` > 1 (and no shard / torch.distributed), the probes run in the engine's worker
+        processes (see `workers.py`); the result is the same.
         """
         from tqdm.auto import tqdm
+
+        if self.workers > 1 and shard is None and distributed.current() is None:
+            from .workers import pooled_sweep
+
+            return pooled_sweep(self, traj, probes, end_effect=end_effect, store=store, batch_size=batch_size,
+                                memory_budget=memory_budget, progress=progress, end_metrics=end_metrics)
 
         unique = list({p.probe_id: p for p in probes}.values())
         for p in unique:

@@ -62,6 +62,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..ops import CAPTURE_NAMES, probed_attention
+from . import interventions as vocabulary
 from .intercept import AttentionCall, Interceptor, UnsupportedAttentionError, intercept, static_sites
 
 __all__ = [
@@ -89,7 +90,7 @@ HOOK_KINDS = INPUT_HOOKS + MAP_HOOKS + ("hook_z",) + STAT_HOOKS
 GRAD_HOOKS = INPUT_HOOKS + ("hook_z",)  # values on the path from inputs to the output: bwd_hooks reach them
 _ALTERNATIVES = (
     "editing the operator's statistics or hook_result from a hook is not supported; change the distribution "
-    "with the trace's interventions instead: ablate_heads, set_temperature (float('inf') = uniform), "
+    "with the trace's interventions instead: ablate_heads, set_temperature (float('inf') = uniform), scale_logits, "
     "knockout_segments, bias_segments, knockout_keys, or edit the head outputs (hook_z: return a tensor, or "
     "Trace.patch_output / steer) or the inputs (hook_q / hook_k / hook_v)"
 )
@@ -453,12 +454,16 @@ class Trace:
 
     def set_temperature(self, site: SiteSpec, temperature: float, heads: Selector = None,
                         rows: Selector = None) -> "Trace":
-        """Softmax temperature: logits / temperature (logit_scale = 1 / T); float('inf') = uniform attention."""
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (float('inf') = uniform), got {temperature}")
-        return self._add(site, "logit_scale", heads, rows, 1.0 / float(temperature))
+        """Softmax temperature T: softmax(logits / T) (logit_scale = 1 / T); float('inf') = uniform attention.
+        The same word means the same as `Probe(intervention="temperature")` (see `interventions.py`)."""
+        temperature = vocabulary.check_temperature(temperature)
+        return self._add(site, "logit_scale", heads, rows, vocabulary.logit_scale("temperature", temperature))
+
+    def scale_logits(self, site: SiteSpec, factor: float, heads: Selector = None, rows: Selector = None) -> "Trace":
+        """softmax(factor * logits): the operator's logit_scale (0 = uniform attention, 1 = no change); the
+        same as `Probe(intervention="logit_scale")`."""
+        factor = vocabulary.check_logit_scale(factor, "factor")
+        return self._add(site, "logit_scale", heads, rows, vocabulary.logit_scale("logit_scale", factor))
 
     def knockout_segments(self, site: SiteSpec, segments: Selector, heads: Selector = None,
                           rows: Selector = None) -> "Trace":

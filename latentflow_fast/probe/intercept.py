@@ -286,12 +286,52 @@ def static_sites(model: nn.Module) -> list[str]:
     return names
 
 
+# ---------------------------------------------------------------------------------- process-wide state
+# torch.backends.mha's fast-path switch is one flag for the whole process. Interceptors in several threads
+# share it through a count: the first one to need it off turns it off, the last one to leave restores the
+# value it found (a per-interceptor save/restore would let one thread switch it back on under another).
+_FASTPATH_LOCK = threading.Lock()
+_fastpath_users = 0
+_fastpath_saved = True
+
+
+def _fastpath_off() -> None:
+    global _fastpath_users, _fastpath_saved
+    with _FASTPATH_LOCK:
+        if _fastpath_users == 0:
+            _fastpath_saved = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _fastpath_users += 1
+
+
+def _fastpath_release() -> None:
+    global _fastpath_users
+    with _FASTPATH_LOCK:
+        _fastpath_users -= 1
+        if _fastpath_users == 0:
+            torch.backends.mha.set_fastpath_enabled(_fastpath_saved)
+
+
+def _live(fn):
+    """Skip handlers / forwards of interceptors that have exited (left in a chain by a later one)."""
+    while fn is not None and getattr(fn, "_latentflow_interceptor", None) is not None \
+            and not fn._latentflow_interceptor._active:
+        fn = fn._latentflow_previous
+    return fn
+
+
 # ---------------------------------------------------------------------------------- the interceptor
 class Interceptor:
     """Context manager: while active, attention calls of `model` that `handler.wants` go to `handler.attend`.
 
     intercept_sdpa: catch F.scaled_dot_product_attention calls (None = yes, except for router models,
     whose router already names every attention call).
+
+    Scope: an interceptor acts only on calls made in the thread that entered it, and only while it is
+    active; it leaves nothing behind. Calls of the same model from other threads run as if it were not
+    there (or reach those threads' own interceptors), so two threads can trace different models, or the
+    same one, at once, and leave in any order. The only process-wide setting it touches, torch's MHA fast
+    path switch, is shared by count (off while any interceptor needs it, then restored).
     """
 
     def __init__(self, model: nn.Module, handler: SiteHandler, intercept_sdpa: Optional[bool] = None):
@@ -305,6 +345,12 @@ class Interceptor:
         self._local = threading.local()
         self._undo: list[Callable[[], None]] = []
         self._mode: Optional[_SDPAMode] = None
+        self._owner: Optional[int] = None  # the thread that entered
+        self._active = False
+
+    def _mine(self) -> bool:
+        """Whether the current call is this interceptor's to handle (active, and in the entering thread)."""
+        return self._active and threading.get_ident() == self._owner
 
     # -- bookkeeping
     @property
@@ -330,8 +376,10 @@ class Interceptor:
 
     # -- install / remove
     def __enter__(self) -> "Interceptor":
-        if self._undo or self._mode is not None:
+        if self._undo or self._mode is not None or self._active:
             raise RuntimeError("this Interceptor is already active; create a new one to nest")
+        self._owner = threading.get_ident()
+        self._active = True
         try:
             if self.router is not None:
                 self._install_router()
@@ -346,12 +394,15 @@ class Interceptor:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._owner is not None and threading.get_ident() != self._owner:
+            raise RuntimeError("an Interceptor must be exited in the thread that entered it")
         if self._mode is not None:
             self._mode.__exit__(*exc)
             self._mode = None
         self._remove()
 
     def _remove(self) -> None:
+        self._active = False  # from now on, any of our handlers still in a chain pass calls through
         while self._undo:
             self._undo.pop()()
 
@@ -359,23 +410,40 @@ class Interceptor:
         router = self.router
         for site in router_sites(self.model, router):
             previous = router.handlers.get(site)
-            router.handlers[site] = self._router_handler(previous)
-            self._undo.append(lambda s=site, p=previous: router.handlers.__setitem__(s, p) if p is not None
-                              else router.handlers.pop(s, None))
+            handler = self._router_handler(previous)
+            router.handlers[site] = handler
+
+            def undo(s=site, mine=handler, p=previous):
+                # Another interceptor installed after us and still active keeps its handler (which passes
+                # through ours, now inactive); else put back the first live one before us.
+                if router.handlers.get(s) is mine:
+                    p = _live(p)
+                    if p is None:
+                        router.handlers.pop(s, None)
+                    else:
+                        router.handlers[s] = p
+
+            self._undo.append(undo)
 
     def _router_handler(self, previous):
         def handle(site, q, k, v, key_padding_mask=None):
-            self._see(site)
-            if not self.handler.wants(site):
+            if not self._mine() or not self._want(site):
+                before = _live(previous)
                 with self._suspended():
-                    if previous is not None:
-                        return previous(site, q, k, v, key_padding_mask)
+                    if before is not None:
+                        return before(site, q, k, v, key_padding_mask)
                     return _plain_router_attention(q, k, v, key_padding_mask)
             with self._suspended():
                 out, _ = self.handler.attend(AttentionCall(site, q, k, v, key_padding_mask))
             return out
 
+        handle._latentflow_interceptor = self
+        handle._latentflow_previous = previous
         return handle
+
+    def _want(self, site: str) -> bool:
+        self._see(site)
+        return self.handler.wants(site)
 
     def _install_mha(self) -> None:
         found = False
@@ -383,40 +451,54 @@ class Interceptor:
             if not isinstance(module, nn.MultiheadAttention):
                 continue
             if not found:  # the fused TransformerEncoderLayer / MHA eval path would skip the swapped forward
-                found, fastpath = True, torch.backends.mha.get_fastpath_enabled()
-                torch.backends.mha.set_fastpath_enabled(False)
-                self._undo.append(lambda f=fastpath: torch.backends.mha.set_fastpath_enabled(f))
+                found = True
+                _fastpath_off()
+                self._undo.append(_fastpath_release)
             site = path or ROOT_SITE
             had_own = "forward" in module.__dict__
             own = module.__dict__.get("forward")
             original = own if had_own else type(module).forward.__get__(module)
-            module.forward = self._mha_forward(module, site, original)
-            self._undo.append(lambda m=module, h=had_own, o=own: setattr(m, "forward", o) if h
-                              else m.__dict__.pop("forward", None))
+            forward = self._mha_forward(module, site, original)
+            module.forward = forward
+
+            def undo(m=module, mine=forward, h=had_own, o=own):
+                if m.__dict__.get("forward") is not mine:
+                    return  # a later, still active interceptor's forward passes through ours (inactive)
+                live = _live(o) if h else None
+                if live is not None:
+                    m.forward = live
+                else:
+                    m.__dict__.pop("forward", None)
+
+            self._undo.append(undo)
 
     def _mha_forward(self, module, site, original):
         def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                     average_attn_weights=True, is_causal=False):
-            self._see(site)
-            if not self.handler.wants(site):
+            if not self._mine() or not self._want(site):
                 with self._suspended():
-                    return original(query, key, value, key_padding_mask=key_padding_mask,
-                                    need_weights=need_weights, attn_mask=attn_mask,
-                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
+                    return _live(original)(query, key, value, key_padding_mask=key_padding_mask,
+                                           need_weights=need_weights, attn_mask=attn_mask,
+                                           average_attn_weights=average_attn_weights, is_causal=is_causal)
             with self._suspended():
                 return probed_mha_forward(module, site, self.handler, query, key, value, key_padding_mask,
                                           need_weights, attn_mask, average_attn_weights, is_causal)
 
+        forward._latentflow_interceptor = self
+        forward._latentflow_previous = original
         return forward
 
     def _install_path_stack(self) -> None:
         def push(path):
             def pre_hook(module, args):
-                self._state.stack.append(_Frame(path))
+                if self._mine():  # other threads' forward passes are not ours to name
+                    self._state.stack.append(_Frame(path))
 
             return pre_hook
 
         def pop(module, args, output):
+            if not self._mine():
+                return
             stack = self._state.stack
             if stack:
                 stack.pop()

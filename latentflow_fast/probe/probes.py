@@ -15,20 +15,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Optional, Sequence
 
-INTERVENTIONS = {
-    "none": "no change (a control row; its effects are exactly zero)",
-    "head_ablation": "head output multiplied by `value` (default 0): head_gate",
-    "mean_ablation": "head output replaced by its time-mean in the clean run at the same evaluation",
-    "temperature": "logits multiplied by `value` (0 = uniform attention over unmasked keys): logit_scale",
-    "segment_knockout": "keys of the listed `segments` get -inf logits (attention knockout)",
-    "segment_bias": "`value` added to the logits of the listed `segments`",
-    "output_patch": "head output replaced by the cached output of run `source` (at `source_evaluation` or the same evaluation)",
-    "output_bias": "`value` * steering vector `source` (registered on the engine) added to the head output",
-    "additive_swap": "time-mean of the head output replaced by that of run `source` (the 'additive injection')",
-    "routing_swap": "frame-varying part of the head output replaced by that of run `source` (the 'routing')",
-}
-NEEDS_SOURCE = {"output_patch", "output_bias", "additive_swap", "routing_swap"}
-NEEDS_SEGMENTS = {"segment_knockout", "segment_bias"}
+# The vocabulary (one meaning per word) lives in interventions.py, shared with the hook-style Trace.
+from .interventions import INTERVENTIONS, NEEDS_SEGMENTS, NEEDS_SOURCE  # noqa: E402
+from . import interventions as _vocabulary  # noqa: E402
 
 
 @functools.lru_cache(maxsize=4096)
@@ -43,12 +32,13 @@ class Probe:
     site: a site name, e.g. "layers.3.cross_attn", or a glob pattern such as "layers.*.cross_attn": the
         intervention then acts at every matching site at once, in the same batch row (to sweep over
         sites one at a time, expand the pattern with `probe_grid` instead).
-    intervention: a key of INTERVENTIONS.
+    intervention: a key of INTERVENTIONS (meanings in `interventions.py`; "temperature" divides the logits,
+        "logit_scale" multiplies them).
     heads: affected heads (None = all heads of the site).
     evaluation: evaluation index at which the sweep branches from the clean trajectory.
     window: number of evaluations, from `evaluation` on, during which the intervention stays active when
         the branch is continued to t=1 (None = until the end). The local effect only uses `evaluation`.
-    value: the intervention's scalar (gate, temperature, bias or steering scale).
+    value: the intervention's scalar (gate, temperature, logit scale, bias or steering scale).
     segments: key-segment indices for knockout/bias (self-attention: time bins; cross-attention: text tokens).
     source: name of a cached run (patch/swaps) or of a steering vector (output_bias).
     source_evaluation: patch from this evaluation of `source` instead of the same evaluation.
@@ -86,10 +76,16 @@ class Probe:
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window must be None or a positive int, got {self.window!r}")
         object.__setattr__(self, "value", float(self.value))
+        _vocabulary.check_probe_value(self.intervention, self.value)
 
     @property
     def probe_id(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True, default=list)
+        fields = asdict(self)
+        if self.intervention == "temperature":
+            # temperature used to multiply the logits: new ids, so rows stored under the old meaning are
+            # never taken for results of the new one
+            fields["meaning"] = "softmax(s / T)"
+        text = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     @property
@@ -112,17 +108,15 @@ class Probe:
 
     @property
     def is_identity(self) -> bool:
-        """True for interventions that change nothing by construction (a gate or temperature of 1, a bias
-        of 0, or "none"): the engine runs them as control rows, on the unprobed path."""
-        kind = self.intervention
-        return (kind == "none" or (kind in ("head_ablation", "temperature") and self.value == 1.0)
-                or (kind in ("segment_bias", "output_bias") and self.value == 0.0))
+        """True for interventions that change nothing by construction (a gate, temperature or logit scale of
+        1, a bias of 0, or "none"): the engine runs them as control rows, on the unprobed path."""
+        return _vocabulary.is_identity(self.intervention, self.value)
 
     @property
     def probe_kind(self) -> str:
-        """The name a user asked for: STANDARD_KINDS' "uniform" (temperature 0) and "text_knockout"
-        (segment knockout at a cross-attention site), else the intervention itself."""
-        if self.intervention == "temperature" and self.value == 0.0:
+        """The name a user asked for: STANDARD_KINDS' "uniform" (logit scale 0 or temperature inf) and
+        "text_knockout" (segment knockout at a cross-attention site), else the intervention itself."""
+        if _vocabulary.is_uniform(self.intervention, self.value):
             return "uniform"
         if self.intervention == "segment_knockout" and self.kind == "cross_attn":
             return "text_knockout"
@@ -178,7 +172,7 @@ def probe_grid(
     """Cartesian product of sites x heads x evaluations x interventions.
 
     interventions: dicts of Probe fields, e.g. {"intervention": "head_ablation"} or
-    {"intervention": "temperature", "value": 0.0}. `heads` lists head selections (None = all heads).
+    {"intervention": "logit_scale", "value": 0.0} (uniform attention). `heads` lists head selections (None = all heads).
     """
     if isinstance(interventions, dict):
         interventions = [interventions]
@@ -211,7 +205,7 @@ class MapRequest:
 STANDARD_KINDS = {
     "head_ablation": "zero one head's output (every head separately with per_head, else all heads)",
     "mean_ablation": "replace one head's output by its clean time-mean",
-    "uniform": "uniform self-attention (temperature 0) on one head / all heads",
+    "uniform": "uniform self-attention (logit scale 0) on one head / all heads",
     "text_knockout": "cross-attention: knock out one text token (every token separately)",
 }
 
@@ -236,7 +230,7 @@ def standard_probes(sites: Sequence[str], num_heads: int, num_text_tokens: int, 
                 if kind in ("head_ablation", "mean_ablation"):
                     probes += [Probe(site, kind, heads=h, evaluation=evaluation, label=label) for h in head_sets]
                 elif kind == "uniform" and not is_cross:
-                    probes += [Probe(site, "temperature", heads=h, value=0.0, evaluation=evaluation, label=label)
+                    probes += [Probe(site, "logit_scale", heads=h, value=0.0, evaluation=evaluation, label=label)
                                for h in head_sets]
                 elif kind == "text_knockout" and is_cross:
                     probes += [Probe(site, "segment_knockout", segments=(tok,), evaluation=evaluation, label=label)

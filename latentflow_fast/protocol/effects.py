@@ -203,28 +203,49 @@ def make_end_metrics(pclip, clean, counterfactual=None, extra: Optional[dict] = 
 
     pclip: the ProtocolClip (stems, target/counterfactual indices); clean / counterfactual: Trajectory of the
     clean A-prompted run and of the B-prompted run (None: semantic effects are NaN). `extra`: constant
-    columns added to every row (e.g. the clip's complexity group).
+    columns added to every row (e.g. the clip's complexity group). The result is picklable (an instance of a
+    module-level class), so sweeps with worker processes can send it to them.
     """
     source_a = source_b = None
     if pclip.sources is not None and pclip.counterfactual_index is not None:
         source_a = pclip.sources[pclip.target_index]
         source_b = pclip.sources[pclip.counterfactual_index]
     cf_wave = None if counterfactual is None else counterfactual.target
-    constant = dict(clip_columns(pclip), **(extra or {}))
-
     others = ()
     if source_a is not None:
         others = tuple(pclip.sources[i] for i in range(pclip.sources.shape[0])
                        if i not in (pclip.target_index, pclip.counterfactual_index))
+    return EndMetrics(clean.target, cf_wave, source_a, source_b, dict(clip_columns(pclip), **(extra or {})),
+                      others=others, pclip=pclip)
 
-    def end_metrics(target_waves, residual_waves, traj):
-        rows = effect_rows(target_waves, clean.target, cf_wave, source_a, source_b,
+
+
+class EndMetrics:
+    """effect_rows and the v2 identity effects of a sweep's decoded outputs against one clip's clean (and
+    counterfactual) output, plus constant columns (see make_end_metrics). A module-level class, so that
+    sweeps with worker processes can pickle it."""
+
+    def __init__(self, clean_wave, cf_wave, source_a, source_b, constant: dict, others=(), pclip=None):
+        self.clean_wave, self.cf_wave = clean_wave, cf_wave
+        self.source_a, self.source_b = source_a, source_b
+        self.constant = constant
+        self.others = others
+        self.intervals = _Intervals(pclip)
+
+    def __call__(self, target_waves, residual_waves, traj) -> list[dict]:
+        rows = effect_rows(target_waves, self.clean_wave, self.cf_wave, self.source_a, self.source_b,
                            sample_rate=traj.inputs.sample_rate)
-        v2 = identity_effects(target_waves, clean.target, cf_wave, source_a, source_b, others,
-                              active=_active_mask(pclip, target_waves.shape[-1]))
-        return [dict(row, **extra_row, **constant) for row, extra_row in zip(rows, v2)]
+        v2 = identity_effects(target_waves, self.clean_wave, self.cf_wave, self.source_a, self.source_b,
+                              self.others, active=_active_mask(self.intervals, target_waves.shape[-1]))
+        return [dict(row, **extra_row, **self.constant) for row, extra_row in zip(rows, v2)]
 
-    return end_metrics
+
+class _Intervals:
+    """The part of a ProtocolClip that _active_mask reads (its meta), small enough to pickle."""
+
+    def __init__(self, pclip):
+        meta = (pclip.meta or {}) if pclip is not None else {}
+        self.meta = {k: meta[k] for k in ("target_interval", "counterfactual_interval") if k in meta}
 
 
 def clip_columns(pclip) -> dict:

@@ -57,7 +57,7 @@ VARIANTS = {
     "additive": {"intervention": "additive_swap", "source": COUNTERFACTUAL_RUN},
     "routing": {"intervention": "routing_swap", "source": COUNTERFACTUAL_RUN},
     "full patch": {"intervention": "output_patch", "source": COUNTERFACTUAL_RUN},
-    "uniform": {"intervention": "temperature", "value": 0.0},
+    "uniform": {"intervention": "logit_scale", "value": 0.0},
     "text knockout": {"intervention": "segment_knockout"},  # segments filled per clip
     "additive (identity)": {"intervention": "additive_swap", "source": CLEAN_RUN},
     "routing (identity)": {"intervention": "routing_swap", "source": CLEAN_RUN},

@@ -140,7 +140,7 @@ def protocol_manifest(config: ProtocolConfig, model, clips, clip_seconds, spec) 
 
 def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-report", clips=None, model=None,
                  progress: bool = True, clip_seconds: Optional[float] = None, model_name: Optional[str] = None,
-                 new: bool = False) -> dict:
+                 new: bool = False, workers: int = 1) -> dict:
     """Run config.experiments (plus dependencies) and write the output folder; returns the summary dict.
 
     A folder holding results made with another setup is refused (fingerprint.SettingsMismatch, a
@@ -149,6 +149,8 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
 
     clips: ProtocolClip list (default: `clips.default_clips(config, model, clip_seconds)`).
     model: a loaded model (default: `load_protocol_model(config.model)`); model_name labels it in the report.
+    workers: the engine's sweeps run in this many single-threaded worker processes (CPU; see
+    `latentflow_fast.probe.workers`): the same rows, on every core. 1 = in this process.
     """
     from tqdm.auto import tqdm
 
@@ -182,7 +184,8 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
         out_dir = separate_folder(out_dir, manifest)
         out_dir.mkdir(parents=True, exist_ok=True)
         _check_folder(out_dir, manifest)
-    engine = ProbeEngine(model, backend=config.backend, time_bins=config.time_bins)
+    # worker processes (if any) stop at engine.close() below, or when the engine is collected / we exit
+    engine = ProbeEngine(model, backend=config.backend, time_bins=config.time_bins, workers=workers)
     ctx = ProtocolContext(config=config, model=model, engine=engine, clips=clips, out_dir=out_dir, progress=progress)
     figure_dir = out_dir / "figures"
     figure_dir.mkdir(exist_ok=True)
@@ -216,6 +219,7 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
     write_json(out_dir / "run_info.json", run_info)
     write_report(out_dir, json_ready(summary), figures, run_info)
     write_markdown(out_dir / "REPORT.md", json_ready(summary))
+    engine.close()
     return {**json_ready(summary), "out_dir": str(out_dir)}
 
 

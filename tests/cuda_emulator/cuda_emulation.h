@@ -131,11 +131,27 @@ inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+// The calling thread's current device, as in the real runtime (a per-thread setting); tests read and set
+// it through the module's _emu_* functions to check that launches put it back.
+namespace latentflow_emu {
+inline int& current_device() {
+  thread_local int device = 0;
+  return device;
+}
+inline int& set_device_calls() {
+  thread_local int calls = 0;
+  return calls;
+}
+}  // namespace latentflow_emu
 inline cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = latentflow_emu::current_device();
   return cudaSuccess;
 }
-inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int device) {
+  latentflow_emu::current_device() = device;
+  ++latentflow_emu::set_device_calls();
+  return cudaSuccess;
+}
 inline cudaError_t cudaRuntimeGetVersion(int* version) {
   *version = 0;
   return cudaSuccess;
