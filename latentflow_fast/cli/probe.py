@@ -11,8 +11,8 @@ REPORT.md (the Holm-corrected scorecard; `latentflow report FOLDER --markdown PA
 Rerunning the same command into the same folder resumes (stored rows are skipped) and gives an identical
 summary.json. A folder made with other settings (model weights, audio content, prompts, protocol
 configuration, backend) is refused, naming what differs; --new keeps such a run in <out>-<settings digest>. Under torchrun the command runs as `python -m latentflow_fast.cli probe ...`.
-The experiments' probe sweeps run over --workers single-threaded worker processes (default: one per CPU
-core), which keeps them exact (the rows do not depend on the worker count) while using every core.
+The clips are split over --workers single-threaded processes (default: one per CPU core), which keeps every
+row exact (the rows do not depend on the worker count) while using every core.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help='attention operator backend (default "auto")')
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=None,
-                   help="single-threaded worker processes for the probe sweeps (default: the number of CPU "
+                   help="single-threaded processes the clips are split over (default: the number of CPU "
                         "cores; 1 under torchrun or on a GPU); results do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--new", action="store_true",

@@ -84,10 +84,12 @@ class ProtocolContext:
     _trajectories: dict = field(default_factory=dict)
     summaries: dict = field(default_factory=dict)  # name -> summary of the experiments run so far (P3 -> P4..P6)
     clean_runs: dict = field(default_factory=dict)  # clip_id -> the clean trajectory P4, P5 and P6 share
+    store_rank: Optional[int] = None  # shard-name rank of this process's writes (clip-sharded protocol processes)
 
     def store(self, experiment: str) -> ResultStore:
         """The resumable result store of one experiment (refuses a folder made with another config)."""
-        return ResultStore(self.out_dir / "results" / experiment, fingerprint=self.config.fingerprint())
+        return ResultStore(self.out_dir / "results" / experiment, rank=self.store_rank,
+                           fingerprint=self.config.fingerprint())
 
     def clean_trajectory(self, pclip: ProtocolClip) -> Trajectory:
         """The one clean trajectory of a clip that P4, P5 and P6 share: P5's per-evaluation map reductions

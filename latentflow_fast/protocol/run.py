@@ -149,8 +149,9 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
 
     clips: ProtocolClip list (default: `clips.default_clips(config, model, clip_seconds)`).
     model: a loaded model (default: `load_protocol_model(config.model)`); model_name labels it in the report.
-    workers: the engine's sweeps run in this many single-threaded worker processes (CPU; see
-    `latentflow_fast.probe.workers`): the same rows, on every core. 1 = in this process.
+    workers: on a CPU, the clips are split over this many single-threaded processes that compute and store
+        every experiment's rows (P4-P6 after P3's split is known), and this process then summarises them:
+        the same rows bitwise as workers=1 (everything in this process), on every core.
     """
     from tqdm.auto import tqdm
 
@@ -184,6 +185,11 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
         out_dir = separate_folder(out_dir, manifest)
         out_dir.mkdir(parents=True, exist_ok=True)
         _check_folder(out_dir, manifest)
+    if _clip_sharding(workers, clips, model):
+        # Every core busy, bitwise as one process: the clips are split over `workers` single-threaded
+        # processes, which compute and store every experiment's rows; this process then only loads them.
+        _run_clip_sharded(plan, config, model, clips, out_dir, workers, progress)
+        workers = 1
     # worker processes (if any) stop at engine.close() below, or when the engine is collected / we exit
     engine = ProbeEngine(model, backend=config.backend, time_bins=config.time_bins, workers=workers)
     ctx = ProtocolContext(config=config, model=model, engine=engine, clips=clips, out_dir=out_dir, progress=progress)
@@ -221,6 +227,99 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
     write_markdown(out_dir / "REPORT.md", json_ready(summary))
     engine.close()
     return {**json_ready(summary), "out_dir": str(out_dir)}
+
+
+# ---------------------------------------------------------------------------------- clip-sharded processes
+# Experiments whose rows depend on an earlier experiment's summary (P4/P6 use P3's layer split) run in a
+# second phase, after this process has summarised the first phase's rows of every clip. P5 shares P4/P6's
+# clean trajectory per clip, so it runs with them.
+SECOND_PHASE = ("p4", "p5", "p6")
+
+
+def _clip_sharding(workers: int, clips: list, model) -> bool:
+    from ..probe import distributed
+
+    return (int(workers) > 1 and len(clips) > 1 and distributed.current() is None
+            and next(model.parameters()).device.type == "cpu")
+
+
+def _run_clip_sharded(plan: list, config: ProtocolConfig, model, clips: list, out_dir: Path, workers: int,
+                      progress: bool) -> None:
+    """Compute every row of `plan` in min(workers, clips) processes, each owning clips[rank::world]. Rows are
+    per clip and computed in exact (single-threaded, batch invariant) mode, so they are bitwise the rows
+    one process would store; each process writes its own result shards (rank in the shard name)."""
+    import multiprocessing
+
+    from ..probe import ProbeEngine, ResultStore
+
+    world = min(int(workers), len(clips))
+    phases = [[n for n in plan if n not in SECOND_PHASE], [n for n in plan if n in SECOND_PHASE]]
+    summaries = {}
+    for phase in phases:
+        if not phase:
+            continue
+        needed = sorted({d for n in phase for d in DEPENDS.get(n, ()) if d in plan})
+        if needed:  # summaries of earlier phases' experiments, from the rows of every clip
+            ctx = ProtocolContext(config=config, model=model, clips=clips, out_dir=out_dir, progress=False,
+                                  engine=ProbeEngine(model, backend=config.backend, time_bins=config.time_bins))
+            for name in needed:
+                experiment = load_experiment(name)
+                summaries[name] = json_ready(experiment.summarize(experiment.run(ctx), ctx))
+        if progress:
+            print(f"[protocol] {','.join(phase)} on {len(clips)} clips in {world} processes "
+                  f"(progress shown for process 0's {len(clips[0::world])} clips)", flush=True)
+        for name in phase:  # the stores' manifests, written here once (check_manifest) before any shard
+            ResultStore(out_dir / "results" / name, rank=0, fingerprint=config.fingerprint())
+        spawn = multiprocessing.get_context("spawn")
+        errors = [out_dir / f".protocol-process-{rank}.err" for rank in range(world)]
+        processes = []
+        for rank in range(world):
+            errors[rank].unlink(missing_ok=True)
+            processes.append(spawn.Process(
+                target=_clip_shard_main, name=f"latentflow-protocol-{rank}",
+                args=(rank, phase, config, model, clips[rank::world], str(out_dir), summaries,
+                      progress and rank == 0, str(errors[rank]), torch.get_num_threads())))
+        for process in processes:
+            process.start()
+        try:
+            for process in processes:
+                process.join()
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+        failed = [(rank, p.exitcode) for rank, p in enumerate(processes) if p.exitcode != 0]
+        if failed:
+            rank, code = failed[0]
+            detail = errors[rank].read_text() if errors[rank].exists() else f"exit code {code}"
+            raise RuntimeError(f"protocol process {rank} of {world} failed (rerunning the command resumes from "
+                               f"the stored rows):\n{detail}")
+        for path in errors:
+            path.unlink(missing_ok=True)
+
+
+def _clip_shard_main(rank: int, phase: list, config, model, clips: list, out_dir: str, summaries: dict,
+                     progress: bool, error_path: str, threads: int) -> None:
+    """One clip-sharded process: run (not summarise) the phase's experiments on its clips. The forward passes
+    are single-threaded (exact mode) as in one process; the rest (map statistics, metrics) runs on the
+    parent's thread count, so that its reductions, and hence the rows, are bitwise the parent's."""
+    import traceback
+
+    from ..probe import ProbeEngine
+    from ..probe.workers import die_with_parent
+
+    die_with_parent()  # a killed run leaves no process writing shards behind the rerun
+    torch.set_num_threads(threads)
+    try:
+        engine = ProbeEngine(model.eval(), backend=config.backend, time_bins=config.time_bins)
+        ctx = ProtocolContext(config=config, model=model, engine=engine, clips=clips, out_dir=Path(out_dir),
+                              progress=progress, store_rank=rank)
+        ctx.summaries.update(summaries)
+        for name in phase:
+            load_experiment(name).run(ctx)
+    except BaseException:
+        Path(error_path).write_text(traceback.format_exc())
+        raise
 
 
 def _first_paragraph(experiment) -> str:
