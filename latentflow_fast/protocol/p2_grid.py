@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..probe import Probe
+from ..sampler import num_evaluations
 from .base import Experiment, ProtocolContext
 from .effects import json_ready, make_end_metrics
 from .clips import separation_gain_db
@@ -115,15 +116,19 @@ def run(ctx: ProtocolContext) -> pd.DataFrame:
     engine = ctx.engine
     num_layers = engine.model.config.n_layers
     groups = int(getattr(ctx.config, "p2_layer_groups", 0))
+    evaluations = num_evaluations(ctx.config.steps, ctx.config.method)
+    if groups:
+        probes = group_probes(num_layers, evaluations, ctx.config.window, groups,
+                              tuple(getattr(ctx.config, "p2_types", ("full patch",))))
+    else:
+        probes = grid_probes(num_layers, engine.num_heads, evaluations, ctx.config.window)
+    done = store.done_keys()
     for pclip in ctx.clips:
         if not pclip.counterfactual_prompt:
             continue
+        if all((pclip.clip.clip_id, p.probe_id) in done for p in probes):
+            continue  # stored: no clean / counterfactual runs needed
         clean, counterfactual = prepare_runs(ctx, pclip)
-        if groups:
-            probes = group_probes(num_layers, clean.num_evaluations, ctx.config.window, groups,
-                                  tuple(getattr(ctx.config, "p2_types", ("full patch",))))
-        else:
-            probes = grid_probes(num_layers, engine.num_heads, clean.num_evaluations, ctx.config.window)
         engine.sweep(clean, probes, end_effect=True, store=store, progress=ctx.progress,
                      end_metrics=make_end_metrics(pclip, clean, counterfactual,
                                                   extra={"clean_si_sdri": separation_gain_db(clean.target, pclip)}))

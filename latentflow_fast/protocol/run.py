@@ -185,10 +185,11 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
         out_dir = separate_folder(out_dir, manifest)
         out_dir.mkdir(parents=True, exist_ok=True)
         _check_folder(out_dir, manifest)
+    sharded_seconds = {}
     if _clip_sharding(workers, clips, model):
         # Every core busy, bitwise as one process: the clips are split over `workers` single-threaded
         # processes, which compute and store every experiment's rows; this process then only loads them.
-        _run_clip_sharded(plan, config, model, clips, out_dir, workers, progress)
+        sharded_seconds = _run_clip_sharded(plan, config, model, clips, out_dir, workers, progress)
         workers = 1
     # worker processes (if any) stop at engine.close() below, or when the engine is collected / we exit
     engine = ProbeEngine(model, backend=config.backend, time_bins=config.time_bins, workers=workers)
@@ -219,7 +220,9 @@ def run_protocol(config: Optional[ProtocolConfig] = None, out_dir="latentflow-re
     summary["scorecard"] = json_ready(scorecard(json_ready(summary)))
     summary["limitations"] = limitations(json_ready(summary))
     write_json(out_dir / "summary.json", summary)
-    run_info = {"seconds_per_experiment": timings, "total_seconds": round(sum(timings.values()), 2),
+    run_info = {"seconds_per_experiment": timings,
+                "clip_sharded_seconds": sharded_seconds,  # phase -> wall seconds of the clip-sharded processes
+                "total_seconds": round(sum(timings.values()) + sum(sharded_seconds.values()), 2),
                 "torch": torch.__version__, "python": platform.python_version(),
                 "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     write_json(out_dir / "run_info.json", run_info)
@@ -244,20 +247,22 @@ def _clip_sharding(workers: int, clips: list, model) -> bool:
 
 
 def _run_clip_sharded(plan: list, config: ProtocolConfig, model, clips: list, out_dir: Path, workers: int,
-                      progress: bool) -> None:
+                      progress: bool) -> dict:
     """Compute every row of `plan` in min(workers, clips) processes, each owning clips[rank::world]. Rows are
     per clip and computed in exact (single-threaded, batch invariant) mode, so they are bitwise the rows
-    one process would store; each process writes its own result shards (rank in the shard name)."""
+    one process would store; each process writes its own result shards (rank in the shard name).
+    Returns {phase: wall seconds}."""
     import multiprocessing
 
     from ..probe import ProbeEngine, ResultStore
 
     world = min(int(workers), len(clips))
     phases = [[n for n in plan if n not in SECOND_PHASE], [n for n in plan if n in SECOND_PHASE]]
-    summaries = {}
+    summaries, seconds = {}, {}
     for phase in phases:
         if not phase:
             continue
+        started = time.perf_counter()
         needed = sorted({d for n in phase for d in DEPENDS.get(n, ()) if d in plan})
         if needed:  # summaries of earlier phases' experiments, from the rows of every clip
             ctx = ProtocolContext(config=config, model=model, clips=clips, out_dir=out_dir, progress=False,
@@ -296,6 +301,8 @@ def _run_clip_sharded(plan: list, config: ProtocolConfig, model, clips: list, ou
                                f"the stored rows):\n{detail}")
         for path in errors:
             path.unlink(missing_ok=True)
+        seconds[",".join(phase)] = round(time.perf_counter() - started, 2)
+    return seconds
 
 
 def _clip_shard_main(rank: int, phase: list, config, model, clips: list, out_dir: str, summaries: dict,
