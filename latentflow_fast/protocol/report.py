@@ -220,6 +220,14 @@ def scorecard_markdown(summary: dict, title: str = "Protocol report") -> str:
     reductions = [(name, (entry.get("summary") or {}).get("grid_reduction"))
                   for name, entry in (summary.get("experiments") or {}).items()]
     reductions = [(n, r) for n, r in reductions if r]
+    for name, entry in (summary.get("experiments") or {}).items():  # P4/P6: the grid run vs the full grid
+        grid = (entry.get("summary") or {}).get("grid") or {}
+        if isinstance(grid, dict) and grid.get("full") and grid.get("run"):
+            ran = {k: v for k, v in grid["run"].items() if k in grid["full"]}
+            cut = {k: grid["full"][k] for k in ran if ran[k] != grid["full"][k]}
+            if cut:
+                reductions.append((name, "ran " + "; ".join(f"{k} {ran[k]}" for k in cut) + " of the full grid's "
+                                   + "; ".join(f"{k} {v}" for k, v in cut.items()) + " (time budget)"))
     if reductions:
         lines += ["", "## Reductions made to fit the time budget", ""]
         lines += [f"- {name}: {text}" for name, text in reductions]
