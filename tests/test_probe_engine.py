@@ -419,3 +419,58 @@ def test_single_threaded_is_per_thread_and_restores():
         assert seen == {"main inside": 1, "main after": 2, "worker inside": 1, "worker after": 2}
     finally:
         torch.set_num_threads(before)
+
+
+def test_engine_handlers_act_only_in_their_thread_and_keep_other_handlers(setup):
+    """While the engine runs a batch in this thread, another thread's forward pass of the same model is the
+    plain model (it reaches the handler installed before the engine, here a counter), and on exit the
+    engine puts back exactly what it replaced."""
+    import threading
+
+    from latentflow_fast.models.attention import sdpa
+
+    engine, traj = setup
+    model, router = engine.model, engine.model.attention_router
+    site = "layers.0.self_attn"
+    calls = {"other": 0}
+
+    def counting(s, q, k, v, mask):
+        if threading.current_thread().name == "other":
+            calls["other"] += 1
+        return sdpa(q, k, v, mask)
+
+    args = (traj.states[1], torch.full((1,), traj.schedule[1][1]), traj.inputs.mixture, traj.inputs.text,
+            traj.inputs.text_mask)
+    with torch.no_grad():
+        plain = model(*args)
+    router.handlers[site] = counting
+    inside, box = threading.Event(), {}
+    original = engine._handle
+
+    def handle(*a, **kw):  # the engine's handler, paused once so that the other thread runs meanwhile
+        if not inside.is_set():
+            inside.set()
+            other.join(60)
+        return original(*a, **kw)
+
+    def run_other():
+        inside.wait(60)
+        with torch.no_grad():
+            box["out"] = model(*args)
+
+    other = threading.Thread(target=run_other, name="other")
+    other.start()
+    engine._handle = handle
+    try:
+        row = engine.run_batch(traj, 1, [Probe(site, "head_ablation", value=0.0, heads=(0,), evaluation=1)])[0]
+    finally:
+        engine._handle = original
+        other.join(60)
+    try:
+        assert not other.is_alive()
+        assert torch.equal(box["out"], plain)  # the other thread ran the model unprobed
+        assert calls["other"] >= 1  # through the handler the engine had replaced
+        assert row["local_effect"] > 0  # and the engine's own batch was probed
+        assert router.handlers == {site: counting}  # put back exactly
+    finally:
+        router.handlers.clear()
