@@ -133,7 +133,10 @@ def test_ctrl_c_prints_one_line(broken_models, tmp_path):
         [sys.executable, "-m", "latentflow_fast.cli", "sweep", "--model", str(broken_models["good"]), "--steps", "2",
          "--clip-seconds", "0.125", "--sites", "layers.0.self_attn", "--kinds", "uniform", "--batch-size", "1",
          "--pause-per-batch", "2", "--workers", "1", "--no-progress", "--out", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A suite started in the background of a non-interactive shell inherits SIGINT = ignored, and Python
+        # then installs no KeyboardInterrupt handler in the child: give the child the default disposition.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not any(out.glob("results/part-*.parquet")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
