@@ -12,8 +12,14 @@ output is still scaled by the current evaluation's adaLN gate.
 What is cached, and what a cached evaluation skips: the output of the whole self-attention module
 (`layers.{l}.attention`, i.e. after `wo`) is stored per layer. A cached evaluation returns it without
 running the module at all, so it skips the q/k/v projections, the q/k RMSNorm and RoPE, the attention
-itself (the router is never called) and the output projection `wo`. Since `wo` is linear and
-deterministic, returning the stored post-`wo` output is bitwise what `wo(cached head outputs)` would give.
+itself (no attention-level router handler is called) and the output projection `wo`. Since `wo` is linear
+and deterministic, returning the stored post-`wo` output is bitwise what `wo(cached head outputs)` would give.
+
+How: through the attention router's module-level entry (models/attention.py). Each attention module asks
+`router.module_output(site, compute)` for its output; the cache installs a module handler at every
+`layers.{l}.self_attn` site that either returns the stored output or calls `compute()` and stores it. The
+installation is scoped like the probe engine's (same `AttentionRouter.install`): only the entering thread,
+only while entered, and on exit each site gets back the handler it had. No `forward` is replaced.
 
 Counting: every self-attention call of every layer is counted as computed or skipped. Per layer in the
 cached set S, with E evaluations, ceil(E / N) evaluations compute (0, N, 2N, ...); the fraction of all
@@ -110,9 +116,17 @@ def lsac_policy(config: LSACConfig) -> ReusePolicy:
 
 
 class SelfAttentionCache:
-    """Context manager: routes every layer's self-attention module through a cache with a reuse policy.
+    """Context manager: answers every layer's self-attention module through a cache with a reuse policy.
 
     Inside the context, set `evaluation` before each network evaluation (or use `velocity_fn`).
+
+    Mechanism: a module-level handler of the attention router (`AttentionRouter.install(module_handlers=...)`
+    at the sites `layers.{l}.self_attn`), the same router and the same scoping as the probe engine's
+    handlers: the cache acts only on forward passes made in the thread that entered it and only while it
+    is entered; another thread's forward of the same model runs as if it were not there. On exit each site
+    gets back the handler it had (unless another installation took it meanwhile). Caches nest: the
+    innermost active one of the calling thread answers. Attention-level handlers (a probe engine, an
+    Interceptor) still see every call the cache computes, and none of those it skips.
     """
 
     def __init__(self, model, policy: ReusePolicy):
@@ -121,41 +135,46 @@ class SelfAttentionCache:
             raise TypeError("model must be a SAM-Audio-architecture model (model.transformer.layers)")
         if not callable(policy):
             raise TypeError("policy must be callable: policy(layer, evaluation) -> bool")
-        self.modules = [block.attention for block in layers]
+        modules = [block.attention for block in layers]
+        self.router = modules[0].router if modules else None
+        if any(getattr(m, "router", None) is not self.router or not isinstance(getattr(m, "site", None), str)
+               for m in modules) or not hasattr(self.router, "install"):
+            raise TypeError("model must be a SAM-Audio-architecture model whose self-attention modules share "
+                            "one attention router (latentflow_fast.models)")
+        self.sites = [m.site for m in modules]  # layer l's self-attention module: layers.{l}.self_attn
         self.policy = policy
         self.evaluation = 0
         self.cache: dict = {}  # layer -> last output [B, T, D]
-        self.stats = CacheStats({l: 0 for l in range(len(self.modules))}, {l: 0 for l in range(len(self.modules))})
+        self.stats = CacheStats({l: 0 for l in range(len(modules))}, {l: 0 for l in range(len(modules))})
+        self._installation = None
 
-    def _wrap(self, layer: int, module):
-        original = module.forward
-
-        def forward(x, context=None, key_padding_mask=None, rope=None):
+    def _handler(self, layer: int):
+        def handle(site, compute):
             reuse = bool(self.policy(layer, self.evaluation))
             cached = self.cache.get(layer)
             if reuse and cached is None:
                 raise RuntimeError(f"layer {layer}: reuse requested at evaluation {self.evaluation} "
                                    "but nothing was computed before")
-            if reuse:
+            if reuse:  # the module does not run: no projections, no attention, no `wo`
                 self.stats.skipped[layer] += 1
                 return cached
             self.stats.computed[layer] += 1
-            out = original(x, context=context, key_padding_mask=key_padding_mask, rope=rope)
-            self.cache[layer] = out
+            out = self.cache[layer] = compute()
             return out
 
-        return forward
+        return handle
 
     def __enter__(self):
-        for layer, module in enumerate(self.modules):
-            if "forward" in module.__dict__:
-                raise RuntimeError(f"layer {layer}: self-attention forward is already overridden (nested cache?)")
-            module.forward = self._wrap(layer, module)
+        if self._installation is not None:
+            raise RuntimeError("this SelfAttentionCache is already entered; create a new one to nest")
+        self._installation = self.router.install(
+            module_handlers={site: self._handler(layer) for layer, site in enumerate(self.sites)})
         return self
 
     def __exit__(self, *exc):
-        for module in self.modules:
-            module.__dict__.pop("forward", None)
+        installation, self._installation = self._installation, None
+        if installation is not None:
+            installation.remove()
         return False
 
     def velocity_fn(self, fn: Callable) -> Callable:

@@ -104,3 +104,146 @@ def test_bad_arguments(model, audio):
     with pytest.raises(TypeError, match="lsac"):
         model.separate(audio, 16000, "chirp", steps=2, lsac={"layers": (0,)})
 
+
+
+# ---------------------------------------------------------------- the mechanism: module-level router handlers
+from latentflow_fast.lsac import SelfAttentionCache, lsac_policy, sample_with_lsac  # noqa: E402
+from latentflow_fast.sampler import sample_ode  # noqa: E402
+
+
+def _hook_loop_lsac(model, inputs, config, steps):
+    """Independent LSAC: forward hooks on `layers.l.attention` keep its last output and substitute it (the
+    module still runs; only its output is replaced), evaluation counted by the velocity function."""
+    state = {"evaluation": 0}
+    cache = {}
+
+    def hook(module, args, kwargs, out, layer):
+        e = state["evaluation"]
+        if layer in config.layers and e % config.refresh != 0:
+            return cache[layer]
+        cache[layer] = out
+        return out
+
+    handles = [model.transformer.layers[l].attention.register_forward_hook(
+        lambda m, a, kw, o, l=l: hook(m, a, kw, o, l), with_kwargs=True) for l in range(N_LAYERS)]
+    fn = model.velocity_fn(inputs)
+
+    def velocity(x, t, evaluation):
+        state["evaluation"] = evaluation
+        return fn(x, t, evaluation)
+
+    try:
+        return sample_ode(velocity, inputs.noise, steps=steps, method="midpoint").final
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("layers,refresh", [((0, 2), 2), ((1,), 3), ((0, 1, 2), 4)])
+def test_lsac_is_bitwise_a_hook_loop_that_caches_module_outputs(model, audio, layers, refresh):
+    config = LSACConfig(layers=layers, refresh=refresh)
+    inputs = model.prepare(audio, 16000, "sine tone", 0)
+    with torch.no_grad():
+        expected = _hook_loop_lsac(model, inputs, config, steps=3)
+        result, stats = sample_with_lsac(model, inputs, config, steps=3)
+    assert torch.equal(result.final, expected)
+    assert stats.total_skipped > 0
+
+
+def test_the_cache_patches_no_forward_and_leaves_no_handler(model):
+    router = model.attention_router
+    with SelfAttentionCache(model, lsac_policy(LSACConfig(layers=(0,), refresh=2))):
+        assert sorted(router.module_handlers) == [f"layers.{l}.self_attn" for l in range(N_LAYERS)]
+        assert not any("forward" in m.__dict__ for m in model.modules())
+    assert router.module_handlers == {} and router.handlers == {}
+
+
+def _one_forward(model, inputs, evaluation=0):
+    """The velocity of the model at the noise, t = 0 (one network evaluation)."""
+    with torch.no_grad():
+        return model.velocity_fn(inputs)(inputs.noise, torch.tensor(0.0), evaluation)
+
+
+def test_another_threads_forward_is_unaffected(model, audio):
+    import threading
+
+    inputs = model.prepare(audio, 16000, "chirp", 0)
+    other = model.prepare(audio, 16000, "sine tone", 3)  # a different input: reusing would change its output
+    plain_other = _one_forward(model, other)
+    cache = SelfAttentionCache(model, lambda layer, evaluation: evaluation > 0)  # reuse everything after 0
+    seen = {}
+    with cache:
+        cache.evaluation = 0
+        first = _one_forward(model, inputs)
+        thread = threading.Thread(target=lambda: seen.__setitem__("v", _one_forward(model, other)))
+        cache.evaluation = 1  # from now on this thread's forwards answer from the cache
+        thread.start()
+        thread.join()
+        again = _one_forward(model, inputs)
+    assert torch.equal(seen["v"], plain_other)  # the other thread computed everything itself
+    assert torch.equal(again, first)  # same input, every self-attention reused: the same velocity
+    assert cache.stats.computed == {l: 1 for l in range(N_LAYERS)}
+    assert cache.stats.skipped == {l: 1 for l in range(N_LAYERS)}
+
+
+def test_pre_installed_handlers_are_restored_and_nesting_uses_the_innermost(model, audio):
+    router = model.attention_router
+    inputs = model.prepare(audio, 16000, "chirp", 0)
+    site = "layers.1.self_attn"
+    calls = []
+
+    def pre(s, compute):
+        calls.append(s)
+        return compute()
+
+    router.module_handlers[site] = pre
+    try:
+        outer = SelfAttentionCache(model, lambda layer, evaluation: False)
+        inner = SelfAttentionCache(model, lambda layer, evaluation: False)
+        with outer:
+            _one_forward(model, inputs)
+            with inner:
+                _one_forward(model, inputs)
+            _one_forward(model, inputs)
+            assert router.module_handlers[site] is not pre
+        assert router.module_handlers[site] is pre  # put back
+        assert calls == []  # while ours were installed, this thread's calls went to them
+        assert outer.stats.computed == {l: 2 for l in range(N_LAYERS)}
+        assert inner.stats.computed == {l: 1 for l in range(N_LAYERS)}
+        _one_forward(model, inputs)
+        assert calls == [site]
+    finally:
+        router.module_handlers.pop(site, None)
+
+
+def test_out_of_order_exit_keeps_the_later_installation(model, audio):
+    router = model.attention_router
+    inputs = model.prepare(audio, 16000, "chirp", 0)
+    first = SelfAttentionCache(model, lambda layer, evaluation: False)
+    second = SelfAttentionCache(model, lambda layer, evaluation: False)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # second still holds the sites; first's handler stays inactive in its chain
+    _one_forward(model, inputs)
+    assert second.stats.total_computed == N_LAYERS and first.stats.total_computed == 0
+    second.__exit__(None, None, None)
+    assert router.module_handlers == {}
+
+
+def test_cache_errors(model, audio):
+    inputs = model.prepare(audio, 16000, "chirp", 0)
+    with pytest.raises(TypeError, match="policy"):
+        SelfAttentionCache(model, policy=3)
+    with pytest.raises(TypeError, match="model"):
+        SelfAttentionCache(torch.nn.Linear(2, 2), lsac_policy(LSACConfig(layers=(0,))))
+    cache = SelfAttentionCache(model, lambda layer, evaluation: layer == 0)
+    with cache:
+        with pytest.raises(RuntimeError, match="already entered"):
+            cache.__enter__()
+        with pytest.raises(RuntimeError, match="layer 0: reuse requested at evaluation 0"):
+            _one_forward(model, inputs)
+    assert model.attention_router.module_handlers == {}
+    with pytest.raises(TypeError, match=r"module_handlers\['layers.0.self_attn'\] must be callable"):
+        model.attention_router.install(module_handlers={"layers.0.self_attn": 1})
+    with pytest.raises(TypeError, match="site names must be strings"):
+        model.attention_router.install(handlers={0: lambda *a: None})

@@ -105,6 +105,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 key_padding_mask: Optional[torch.Tensor] = None,
                 rope: Optional[RotaryEmbedding] = None) -> torch.Tensor:
+        # The module-level entry of the router: a handler there may answer without running the module
+        # (LSAC). With none, one dict lookup and no closure: the plain path costs what it did before.
+        if self.site not in self.router.module_handlers:
+            return self.compute(x, context, key_padding_mask, rope)
+        return self.router.module_output(self.site, lambda: self.compute(x, context, key_padding_mask, rope))
+
+    def compute(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None,
+                rope: Optional[RotaryEmbedding] = None) -> torch.Tensor:
+        """The module's output, computed (projections, norms, RoPE, the router's attention call, `wo`)."""
         kv_in = x if context is None else context
         q = split_heads(self.wq(x), self.n_heads)
         k = split_heads(self.wk(kv_in), self.n_heads)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -145,14 +144,6 @@ class _Context:
     reduced: dict = field(default_factory=dict)  # (reduction name, site) -> reduced value of this evaluation
 
 
-@dataclass
-class _Installation:
-    """One installation of an engine's router handlers: the thread it serves, and whether it is still on."""
-
-    owner: int
-    _active: bool = True
-
-
 class ProbeEngine:
     """Run probes on a SAM-Audio-architecture model (anything with an `attention_router`).
 
@@ -223,44 +214,16 @@ class ProbeEngine:
     # ------------------------------------------------------------------ site handler
     @contextlib.contextmanager
     def _installed(self, ctx: _Context):
-        # Scoped like the Interceptor (probe/intercept.py): our handlers act only in this thread and only
-        # while installed; other threads' calls, and calls after we left, go to the handler we replaced.
-        # On exit we put back only sites still holding our handler, so handlers another thread installed
-        # meanwhile are left alone.
-        from .intercept import _live
-
-        router = self.model.attention_router
-        installation = _Installation(owner=threading.get_ident())
-        ours, previous = {}, {}
+        # Scoped by the router (AttentionRouter.install, shared with LSAC): our handlers act only in this
+        # thread and only while installed; other threads' calls, and calls after we left, go to the handler
+        # we replaced. On exit only sites still holding our handler are put back, so handlers another
+        # thread installed meanwhile are left alone.
         self._ctx = ctx
-        for site in self.sites:
-            previous[site] = router.handlers.get(site)
-            ours[site] = router.handlers[site] = self._scoped_handler(installation, previous[site])
         try:
-            yield ctx
+            with self.model.attention_router.install(handlers={site: self._handle for site in self.sites}):
+                yield ctx
         finally:
-            installation._active = False
-            for site, handler in ours.items():
-                if router.handlers.get(site) is handler:
-                    before = _live(previous[site])
-                    if before is None:
-                        router.handlers.pop(site, None)
-                    else:
-                        router.handlers[site] = before
             self._ctx = _Context()
-
-    def _scoped_handler(self, installation: "_Installation", previous):
-        from .intercept import _live
-
-        def handle(site, q, k, v, key_padding_mask=None):
-            if installation._active and threading.get_ident() == installation.owner:
-                return self._handle(site, q, k, v, key_padding_mask)
-            before = _live(previous)
-            return sdpa(q, k, v, key_padding_mask) if before is None else before(site, q, k, v, key_padding_mask)
-
-        handle._latentflow_interceptor = installation  # the chain protocol of intercept._live
-        handle._latentflow_previous = previous
-        return handle
 
     def _segments(self, site: str, num_keys: int) -> list[int]:
         if site.endswith("cross_attn"):

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from ..models.attention import live
+
 _SDPA = torch._C._nn.scaled_dot_product_attention
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 ROOT_SITE = "root"
@@ -312,12 +314,9 @@ def _fastpath_release() -> None:
             torch.backends.mha.set_fastpath_enabled(_fastpath_saved)
 
 
-def _live(fn):
-    """Skip handlers / forwards of interceptors that have exited (left in a chain by a later one)."""
-    while fn is not None and getattr(fn, "_latentflow_interceptor", None) is not None \
-            and not fn._latentflow_interceptor._active:
-        fn = fn._latentflow_previous
-    return fn
+# Skip handlers / forwards of interceptors that have exited (left in a chain by a later one); the chain
+# protocol is shared with the router's scoped installations (models/attention.py).
+_live = live
 
 
 # ---------------------------------------------------------------------------------- the interceptor
