@@ -7,6 +7,7 @@
 #include <map>
 #include <string>
 
+#include "dit_fused_cpu.h"
 #include "probed_attention_cpu.h"
 
 namespace py = pybind11;
@@ -84,11 +85,57 @@ void probed_attention_cpu_py(const py::kwargs& fields) {
   latentflow::probed_attention_cpu(args);
 }
 
+// The DiT's fused element-wise passes take positional arguments: they run ~30 times per network
+// evaluation, so the keyword parsing of probed_attention_cpu would be a visible part of their cost.
+void head_norm_rope_cpu_py(uint64_t x, int64_t x_batch_stride, int64_t x_frame_stride, int64_t batch,
+                           int64_t frames, int64_t heads, int64_t head_dim, uint64_t weight, float eps,
+                           uint64_t cos, uint64_t sin, uint64_t out, int num_threads) {
+  latentflow::HeadNormRopeArgs a;
+  a.x = reinterpret_cast<const float*>(static_cast<uintptr_t>(x));
+  a.x_batch_stride = x_batch_stride;
+  a.x_frame_stride = x_frame_stride;
+  a.batch = batch;
+  a.frames = frames;
+  a.heads = heads;
+  a.head_dim = head_dim;
+  a.weight = reinterpret_cast<const float*>(static_cast<uintptr_t>(weight));
+  a.eps = eps;
+  a.cos = reinterpret_cast<const float*>(static_cast<uintptr_t>(cos));
+  a.sin = reinterpret_cast<const float*>(static_cast<uintptr_t>(sin));
+  a.out = reinterpret_cast<float*>(static_cast<uintptr_t>(out));
+  a.num_threads = num_threads;
+  py::gil_scoped_release release;
+  latentflow::head_norm_rope_cpu(a);
+}
+
+void norm_modulate_cpu_py(uint64_t x, int64_t batch, int64_t frames, int64_t dim, uint64_t weight, float eps,
+                          uint64_t shift, uint64_t scale, int64_t modulation_batch_stride, uint64_t out,
+                          int num_threads) {
+  latentflow::NormModulateArgs a;
+  a.x = reinterpret_cast<const float*>(static_cast<uintptr_t>(x));
+  a.batch = batch;
+  a.frames = frames;
+  a.dim = dim;
+  a.weight = reinterpret_cast<const float*>(static_cast<uintptr_t>(weight));
+  a.eps = eps;
+  a.shift = reinterpret_cast<const float*>(static_cast<uintptr_t>(shift));
+  a.scale = reinterpret_cast<const float*>(static_cast<uintptr_t>(scale));
+  a.modulation_batch_stride = modulation_batch_stride;
+  a.out = reinterpret_cast<float*>(static_cast<uintptr_t>(out));
+  a.num_threads = num_threads;
+  py::gil_scoped_release release;
+  latentflow::norm_modulate_cpu(a);
+}
+
 }  // namespace
 
 void register_cpu_bindings(py::module_& m) {
   m.def("probed_attention_cpu", &probed_attention_cpu_py,
         "Fused CPU probed attention on raw pointers (see latentflow_fast/ops/backend_cpu.py).");
+  m.def("head_norm_rope_cpu", &head_norm_rope_cpu_py,
+        "DiT q/k pass: strided head split + RMSNorm + RoPE (see latentflow_fast/ops/dit_cpu.py).");
+  m.def("norm_modulate_cpu", &norm_modulate_cpu_py,
+        "DiT adaLN pass: RMSNorm + modulate (see latentflow_fast/ops/dit_cpu.py).");
   m.def("cpu_has_avx512", &latentflow::cpu_has_avx512, "True when the AVX-512 micro-kernels can run here.");
   m.def("cpu_has_avx2", &latentflow::cpu_has_avx2, "True when the AVX2 + FMA micro-kernels can run here.");
   m.def(

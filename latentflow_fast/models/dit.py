@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import dit_cpu
 from ..ops.profiling import nvtx_range
 from .attention import AttentionRouter, site_name
 from .config import SAMAudioConfig
@@ -42,6 +43,15 @@ class RMSNorm(nn.Module):
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
+
+
+def norm_modulate(norm: RMSNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """modulate(norm(x), shift, scale), in one native pass on CPU float32 inference (ops/dit_cpu.py)."""
+    if dit_cpu.applies(x, norm.weight, shift, scale):
+        out = dit_cpu.norm_modulate(x, norm.weight, norm.eps, shift, scale)
+        if out is not None:
+            return out
+    return modulate(norm(x), shift, scale)
 
 
 class RotaryEmbedding(nn.Module):
@@ -77,6 +87,21 @@ def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[B, T, D] -> [B, H, T, D/H] with STRIDED heads: head h holds channels h, h+H, ... (SAM Audio)."""
     B, T, D = x.shape
     return x.reshape(B, T, D // n_heads, n_heads).permute(0, 3, 1, 2)
+
+
+def project_heads(x: torch.Tensor, n_heads: int, norm: Optional[RMSNorm],
+                  rope: Optional["RotaryEmbedding"]) -> torch.Tensor:
+    """[B, T, D] projections -> [B, H, T, hd] strided heads, RMSNorm'd (norm) and rotated (rope).
+
+    On CPU float32 inference one native pass (ops/dit_cpu.py) does all three and returns them contiguous."""
+    weight = None if norm is None else norm.weight
+    if dit_cpu.applies(x, weight):
+        cos, sin = rope.tables(x.shape[1], x.device) if rope is not None else (None, None)
+        return dit_cpu.head_norm_rope(x, n_heads, weight, 0.0 if norm is None else norm.eps, cos, sin)
+    heads = split_heads(x, n_heads)
+    if norm is not None:
+        heads = norm(heads)
+    return heads if rope is None else rope(heads)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -116,13 +141,9 @@ class Attention(nn.Module):
                 rope: Optional[RotaryEmbedding] = None) -> torch.Tensor:
         """The module's output, computed (projections, norms, RoPE, the router's attention call, `wo`)."""
         kv_in = x if context is None else context
-        q = split_heads(self.wq(x), self.n_heads)
-        k = split_heads(self.wk(kv_in), self.n_heads)
+        q = project_heads(self.wq(x), self.n_heads, self.q_norm if self.qk_norm else None, rope)
+        k = project_heads(self.wk(kv_in), self.n_heads, self.k_norm if self.qk_norm else None, rope)
         v = split_heads(self.wv(kv_in), self.n_heads)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = rope(q), rope(k)
         if k.shape[0] != q.shape[0]:  # a context shared by every row: keys/values computed once
             k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
             if key_padding_mask is not None:
@@ -242,13 +263,13 @@ class DiTBlock(nn.Module):
         mods = self.scale_shift_table[None] + t0.reshape(t0.shape[0], 6, -1)  # [B or 1, 6, D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
         x = self.hook_resid_pre(x)
-        h = x + self.hook_attn_out(gate_msa * self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa),
+        h = x + self.hook_attn_out(gate_msa * self.attention(norm_modulate(self.attention_norm, x, shift_msa, scale_msa),
                                                              key_padding_mask=padding_mask, rope=rope))
         # no norm, no gate on the cross-attention
         h = self.hook_resid_mid(h + self.hook_cross_attn_out(self.cross_attention(h, context=y,
                                                                                   key_padding_mask=memory_mask)))
         return self.hook_resid_post(
-            h + self.hook_mlp_out(gate_mlp * self.feed_forward(modulate(self.ffn_norm(h), shift_mlp, scale_mlp))))
+            h + self.hook_mlp_out(gate_mlp * self.feed_forward(norm_modulate(self.ffn_norm, h, shift_mlp, scale_mlp))))
 
 
 class DiT(nn.Module):
@@ -295,5 +316,5 @@ class DiT(nn.Module):
             with nvtx_range(self._range_names[i]):  # latentflow.layer.<i>: Nsight / torch profiler
                 h = self.layers[i](h, y, t0, padding_mask, memory_mask, self.rope)
         shift, scale = (self.final_layer_scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
-        h = modulate(self.norm(h), shift, scale)
+        h = norm_modulate(self.norm, h, shift, scale)
         return self.output(F.dropout(h, self.dropout, self.training))
