@@ -225,6 +225,7 @@ class _SitePlan:
     hooks: dict = field(default_factory=dict)  # kind -> [fn]
     bwd_hooks: dict = field(default_factory=dict)  # kind -> [fn], called with gradients
     cache: tuple = ()  # kinds cached
+    output_edit: dict = field(default_factory=dict)  # (B, H, Dv, device, dtype) -> (gate, bias): output_transform
 
     @property
     def active(self) -> bool:
@@ -548,6 +549,39 @@ class Trace:
 
     def wants(self, site: str) -> bool:
         return self._plan(site).active
+
+    def output_transform(self, site: str):
+        """At a site whose only interventions act on the head outputs (ablate_heads / scale_heads: head_gate,
+        steer: out_bias) and where nothing is captured, hooked or cached, the probed kernel buys nothing: the
+        model's own attention followed by out * gate + bias is the operator's contract exactly (its step order:
+        gate, then bias). This returns that edit, so the interceptor runs plain SDPA there -- as fast as the
+        model untraced. backend="auto" only: a named backend runs the operator at every probed site."""
+        if self.backend != "auto":
+            return None
+        plan = self._plan(site)
+        if (plan.record or plan.hooks or plan.bwd_hooks or plan.cache or not plan.interventions
+                or any(iv.kind not in ("gate", "bias") for iv in plan.interventions)):
+            return None
+
+        def edit(out: Tensor) -> Tensor:
+            B, H, Nq, Dv = out.shape
+            key = (B, H, Dv, out.device, out.dtype)
+            found = plan.output_edit.get(key)
+            if found is None:  # per shape, once per configuration (plans are dropped when it changes)
+                args = self._operator_args(plan, site, None, B, H, Nq, 0, Dv, out)
+                gate, bias = args.get("head_gate"), args.get("out_bias")
+                found = plan.output_edit[key] = (None if gate is None else gate.to(out.dtype)[:, :, None, None],
+                                                 None if bias is None else bias.to(out.dtype)[:, :, None, :])
+            gate, bias = found
+            # the interceptor hands over a fresh output nobody else holds: edit in place unless autograd needs it
+            in_place = not out.requires_grad
+            if gate is not None:
+                out = out.mul_(gate) if in_place else out * gate
+            if bias is not None:
+                out = out.add_(bias) if in_place else out + bias
+            return out
+
+        return edit
 
     def attend(self, call: AttentionCall) -> tuple[Tensor, Optional[Tensor]]:
         plan = self._plan(call.site)

@@ -80,6 +80,18 @@ class SiteHandler(Protocol):
     def attend(self, call: AttentionCall) -> tuple[Tensor, Optional[Tensor]]:
         """-> (out [B, H, Nq, Dv] in q's dtype, probabilities [B, H, Nq, Nk] if call.need_weights else None)."""
 
+    # Optional: `output_transform(site)` -> None, or a function f(out [B, H, Nq, Dv]) -> out. Where it returns a
+    # function, the interceptor runs the model's own attention (SDPA / the router's plain path) and applies f to
+    # its output instead of building an AttentionCall: interventions that only act on the head outputs (a head
+    # ablation is SDPA with the head's rows zeroed) need no probed kernel. The output handed to f is fresh (no
+    # other handler or trace has seen it), so f may edit it in place. nn.MultiheadAttention sites always go
+    # through `attend` (the native forward does not expose the per-head outputs).
+
+
+def _output_transform(handler, site: str):
+    transform = getattr(handler, "output_transform", None)
+    return None if transform is None else transform(site)
+
 
 # ---------------------------------------------------------------------------------------------- masks
 def _bias_from_mask(mask: Tensor, blocked_is_true: bool) -> Tensor:
@@ -433,7 +445,10 @@ class Interceptor:
                     if before is not None:
                         return before(site, q, k, v, key_padding_mask)
                     return _plain_router_attention(q, k, v, key_padding_mask)
+            post = _output_transform(self.handler, site)
             with self._suspended():
+                if post is not None:  # the plain path, then the output edit (we handle the site, as attend would)
+                    return post(_plain_router_attention(q, k, v, key_padding_mask))
                 out, _ = self.handler.attend(AttentionCall(site, q, k, v, key_padding_mask))
             return out
 
@@ -524,6 +539,13 @@ class Interceptor:
             if name not in _SDPA_ARGS:
                 raise TypeError(f"scaled_dot_product_attention got an unexpected argument {name!r}")
             bound[name] = value
+        post = _output_transform(self.handler, site)
+        if post is not None and not bound.get("dropout_p") and bound["query"].dim() >= 4:
+            # output-only interventions: the model's own SDPA call, unchanged (same kernel, same bits as an
+            # untraced run), then the edit on a [B, H, Nq, Dv] view of its output
+            with torch._C.DisableTorchFunction():  # outer traces' modes: the innermost that wants a site handles it
+                out = func(*args, **kwargs)
+            return post(out.reshape((-1,) + tuple(out.shape[-3:]))).reshape(out.shape)
         call, batch_shape = sdpa_to_call(site, **bound)
         out, _ = self.handler.attend(call)
         return out.reshape(batch_shape + tuple(out.shape[1:]))
