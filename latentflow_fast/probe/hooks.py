@@ -54,6 +54,7 @@ import fnmatch
 import math
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -290,29 +291,42 @@ class Trace:
         self.pattern_slice = (None, None)
         self._plans: dict[str, _SitePlan] = {}
         self._interceptor = Interceptor(model, self, intercept_sdpa)
-        self._points = activation_points(model)  # hook name -> (how, module)
+        self._points, self._out_projs = _structure(model)  # hook name -> (how, module); site -> out projection
         self._point_plans: dict[str, tuple] = {}
-        self._point_handles: list = []
-        self._out_projs = output_projections(model)  # site -> the nn.Linear after its attention
+        self._point_handles: dict = {}  # name -> handle, for the points installed (see _install_wanted_points)
+        self._inside = False
 
     # -- context
     def __enter__(self) -> "Trace":
         self._forwards = 0
         self._count_handle = self.model.register_forward_pre_hook(self._count_forward)
-        self._point_handles = []
+        self._point_handles = {}
+        self._inside = True
         try:
-            for name, (how, module) in self._points.items():
-                self._point_handles.append(self._install_point(name, how, module))
+            self._install_wanted_points()
             self._interceptor.__enter__()
         except BaseException:
             self._remove_points()
             raise
         return self
 
+    def _install_wanted_points(self) -> None:
+        """Residual-stream points get a module hook only once a hook function or the cache names them (also
+        when that happens inside the context): an unhooked point costs nothing."""
+        if not self._inside:
+            return
+        for name, (how, module) in self._points.items():
+            if name in self._point_handles:
+                continue
+            if any(test(name) for test, _, _ in self._hooks) or (self._cache_filter is not None
+                                                                  and self._cache_filter(name)):
+                self._point_handles[name] = self._install_point(name, how, module)
+
     def _remove_points(self) -> None:
+        self._inside = False
         self._count_handle.remove()
         while self._point_handles:
-            self._point_handles.pop().remove()
+            self._point_handles.popitem()[1].remove()
 
     def _install_point(self, name: str, how: str, module: nn.Module):
         """A forward (pre-)hook that hands the activation to `_on_point` and puts back its replacement."""
@@ -514,6 +528,7 @@ class Trace:
         self._hooks.append((_name_filter(name), fn, dir))
         self._hook_specs.append((name, fn))
         self._changed()
+        self._install_wanted_points()
         return self
 
     def cache_hooks(self, names_filter=None, pattern_slice=None) -> "Trace":
@@ -522,6 +537,7 @@ class Trace:
         self._cache_spec = names_filter if isinstance(names_filter, (str, list, tuple)) else None
         self.pattern_slice = _check_pattern_slice(pattern_slice)
         self._changed()
+        self._install_wanted_points()
         return self
 
     # -- SiteHandler protocol
@@ -846,6 +862,24 @@ class Trace:
 
 
 # ---------------------------------------------------------------------------------- hook points
+_STRUCTURE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (fingerprint, points, projections)
+
+
+def _structure(model: nn.Module) -> tuple[dict, dict]:
+    """(activation_points, output_projections) of `model`, recomputed only when its module tree changed (the
+    fingerprint: every (path, module) pair): a trace per probe in a loop would otherwise classify every module
+    each time. Read-only: callers must not modify the dicts."""
+    fingerprint = tuple((path, id(module)) for path, module in model.named_modules())
+    found = _STRUCTURE.get(model)
+    if found is None or found[0] != fingerprint:
+        points, projections = activation_points(model), output_projections(model)
+        found = (fingerprint, points, projections)
+        # a value holding the model itself (a root-level block) would keep the weak key alive forever
+        if all(module is not model for _, module in points.values()):
+            _STRUCTURE[model] = found
+    return found[1], found[2]
+
+
 def activation_points(model: nn.Module) -> dict:
     """Residual-stream hook names of the model -> (how, module): "out" = the module's output, "out0" = the
     first element of its output tuple, "pre" = its first input.
