@@ -253,7 +253,9 @@ class Trace:
         backend: the operator backend ("auto", "reference", "cpu", "triton", "cuda").
         history: keep every call's record in `tr.history[site]` (a sampler calls each site once per step);
             `tr[site]` is always the last call.
-        intercept_sdpa: see `Interceptor`.
+        intercept_sdpa: see `Interceptor` (None: wrap torch.nn.functional.scaled_dot_product_attention unless
+            the model has an attention router; "mode": catch every SDPA call with a TorchFunctionMode, for code
+            that bound the function at import; False: no SDPA interception).
 
     Interventions (site: a name or glob pattern; heads / rows: None = all, an int, slice, list or tensor;
     rows index the batch of the attention call). They apply wherever their pattern matches, whether or not
@@ -262,7 +264,7 @@ class Trace:
 
     def __init__(self, model: nn.Module, sites: SiteSpec = "*", capture: Sequence[str] = (), *,
                  segments=None, backend: str = "auto", history: bool = False,
-                 intercept_sdpa: Optional[bool] = None):
+                 intercept_sdpa=None):
         self.model = model
         self.site_patterns = _patterns("sites", sites)
         if isinstance(capture, str):
@@ -431,7 +433,8 @@ class Trace:
             where = ("the model ran but made no attention call that can be probed (none through "
                      "F.scaled_dot_product_attention, nn.MultiheadAttention or an attention router): an eager "
                      "matmul/softmax attention implementation cannot be probed; switch the model to SDPA (for "
-                     "Hugging Face models: attn_implementation='sdpa')")
+                     "Hugging Face models: attn_implementation='sdpa'); code that bound "
+                     "scaled_dot_product_attention at import is only seen with intercept_sdpa='mode'")
         raise NothingMatchedError("matched nothing: " + "; ".join(problems) + ". " + where)
 
     def __getitem__(self, site: str) -> SiteRecord:
@@ -1144,7 +1147,7 @@ def pattern_from_scores(scores: Tensor, lse: Tensor, heads: Tensor, queries: Opt
 
 
 # ---------------------------------------------------------------------------------------------- functions
-def dry_trace(model: nn.Module, *inputs, meta: bool = True, intercept_sdpa: Optional[bool] = None,
+def dry_trace(model: nn.Module, *inputs, meta: bool = True, intercept_sdpa=None,
               **kwargs) -> Trace:
     """Learn a model's site and hook names without computing: `dry_trace(model, x).hook_names()`.
 
