@@ -27,14 +27,14 @@ write them:
                           `run_with_hooks` with a `blocks.{l}.attn.hook_z` hook zeroing z[r, :, h]
   trace batched / loop    as above, on the site `transformer.h.{l}.attn` / `bert.encoder.layer.{l}.attention.self`
 
-Memory: on CUDA, torch.cuda.max_memory_allocated over the timed call (in process). On CPU (--memory), each
-variant runs once in a subprocess of its own and prints the rise of its resident set over that call
-(ru_maxrss after the call minus the RSS just before it): the bytes the call itself needed, allocator caching
-included.
+Memory: on CUDA, torch.cuda.max_memory_allocated over the timed call. On CPU (--memory), one more untimed call
+per variant under torch.profiler(profile_memory=True): the peak of the live bytes of the tensors allocated
+during the call (its allocation/free records replayed in order) -- the same quantity, not RSS (which mostly
+shows the allocator's caching).
 
     python benchmarks/dropin_peers.py                       # 64..512 tokens, every model available
     python benchmarks/dropin_peers.py --tokens 64 --rounds 1 --layers 2 --threads 1   # quick
-    python benchmarks/dropin_peers.py --models hf-gpt2,hf-bert --memory              # + peak RSS per variant
+    python benchmarks/dropin_peers.py --models hf-gpt2,hf-bert --memory              # + CPU peak memory
 """
 
 from __future__ import annotations
@@ -42,12 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -251,29 +246,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def cpu_peak_bytes(fn) -> int:
+    """Peak live bytes of the CPU tensors allocated during one call of fn (torch.profiler's allocation records,
+    replayed in time order): what torch.cuda.max_memory_allocated measures on a GPU, without the allocator's
+    caching or the process's other memory."""
+    from torch.profiler import ProfilerActivity, profile
 
-
-def child(spec: str, args) -> None:
-    """--child model:N:variant -- run one variant once; print the rise of this process's peak RSS over it."""
-    name, n, label = spec.split(":", 2)
-    case = build_case(name, int(n), args, torch.device("cpu"))
-    fn = variants_for(case, args.backend)[label]
-    probes = case.probes()
-    fn(case, probes[:1])  # one-time costs (imports, wrappers) out of the measured call
-    before = _rss_bytes()
-    fn(case, probes)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(json.dumps({"rise": max(0, peak - before)}))
-
-
-def rss_rise(name, n, label, args) -> float:
-    cmd = [sys.executable, __file__, "--child", f"{name}:{n}:{label}", "--dim", str(args.dim), "--heads",
-           str(args.heads), "--layers", str(args.layers), "--backend", args.backend, "--threads", str(args.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["rise"]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in records:  # + allocation, - free
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def main() -> None:
@@ -289,18 +276,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op CPU threads (0 = torch's default; 1 on a shared, loaded machine)")
-    parser.add_argument("--memory", action="store_true", help="CPU: peak RSS rise per variant (a subprocess each)")
-    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help="CPU: peak live tensor bytes per variant (profiler)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.child:
-        return child(args.child, args)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, d={args.dim}, "
           f"H={args.heads}, layers={args.layers}, rounds={args.rounds} (median, variants interleaved)")
     print("peers: " + ", ".join(f"{k} {_version(k)}" for k in PEERS))
-    mem_label = "peak MiB" if device.type == "cuda" else ("RSS+ MiB" if args.memory else "mem")
+    mem_label = "peak MiB" if device.type == "cuda" or args.memory else "mem"
     print(f"{'model':8} {'N':>4} {'variant':16} {'probes/s':>9} {'x hooks':>8} {mem_label:>9} {'agreement':>10}")
     for name in args.models.split(","):
         if name.startswith("hf-") and not PEERS["transformers"]:
@@ -329,14 +313,14 @@ def main() -> None:
                     if device.type == "cuda":
                         peaks[label] = torch.cuda.max_memory_allocated(device)
             if device.type == "cpu" and args.memory:
-                peaks = {label: rss_rise(name, n, label, args) for label in variants}
+                peaks = {label: cpu_peak_bytes(lambda: fn(case, probes)) for label, fn in variants.items()}
             reference = outs["hooks batched"]
             effect = (reference - clean).abs().max().item()
             base = statistics.median(times["hooks batched"])
             for label in variants:
                 seconds = statistics.median(times[label])
                 agree = (outs[label] - reference).abs().max().item() / max(effect, 1e-30)
-                mem = f"{peaks[label] / 2**20:9.1f}" if label in peaks else f"{'n/a':>9}"
+                mem = f"{peaks[label] / 2**20:9.2f}" if label in peaks else f"{'n/a':>9}"
                 print(f"{name:8} {n:4d} {label:16} {len(probes) / seconds:9.1f} {base / seconds:8.2f} {mem} "
                       f"{agree:10.1e}", flush=True)
 
