@@ -268,9 +268,11 @@ def find_router(model: nn.Module):
     router = getattr(model, "attention_router", None)
     if router is None:
         for module in model.modules():
-            router = getattr(module, "attention_router", None)
-            if router is not None:
-                break
+            # look where an attribute can live before getattr: nn.Module.__getattr__ raises (slowly) on a miss
+            if "attention_router" in module.__dict__ or hasattr(type(module), "attention_router"):
+                router = getattr(module, "attention_router", None)
+                if router is not None:
+                    break
     return router if router is not None and isinstance(getattr(router, "handlers", None), dict) else None
 
 
@@ -403,9 +405,10 @@ class Interceptor:
         try:
             if self.router is not None:
                 self._install_router()
-            self._install_mha()
+            named = list(self.model.named_modules())  # one walk for everything below
+            self._install_mha(named)
             if self.intercept_sdpa:
-                self._paths = {id(m): (path or ROOT_SITE, m) for path, m in self.model.named_modules()}
+                self._paths = {id(m): (path or ROOT_SITE, m) for path, m in named}
                 self._counted = set()
                 if self.intercept_sdpa == "mode":
                     self._mode = _SDPAMode(self)
@@ -472,9 +475,9 @@ class Interceptor:
         self._see(site)
         return self.handler.wants(site)
 
-    def _install_mha(self) -> None:
+    def _install_mha(self, named: list) -> None:
         found = False
-        for path, module in self.model.named_modules():
+        for path, module in named:
             if not isinstance(module, nn.MultiheadAttention):
                 continue
             if not found:  # the fused TransformerEncoderLayer / MHA eval path would skip the swapped forward
