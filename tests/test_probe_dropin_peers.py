@@ -282,3 +282,21 @@ def test_hf_head_ablation_matches_transformer_lens_bridge(kind):
                                     **{k: v for k, v in kwargs.items() if k != "input_ids"})
     expected = traced(model, site, kwargs)
     assert (got - expected).abs().amax() <= 1e-5 * (expected - clean).abs().amax()
+
+
+def test_module_tree_changes_are_seen_by_the_next_trace():
+    """Trace caches what it derives from the module tree (hook points, output projections) per model; a
+    changed tree (a layer appended) must be seen, and residual points hooked once a hook names them."""
+    layer = nn.TransformerEncoderLayer(D, H, dim_feedforward=32, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(3))
+    names_before = set(trace(model).hook_names())
+    model.layers.append(copy.deepcopy(model.layers[0]))
+    model.num_layers = 2
+    names_after = set(trace(model).hook_names())
+    assert "layers.1.hook_resid_post" in names_after - names_before
+    seen = []
+    with torch.no_grad(), trace(model) as tr:
+        tr.add_hook("layers.1.hook_resid_post", lambda t, hook: seen.append(hook.name))  # added inside
+        model(x)
+    assert seen == ["layers.1.hook_resid_post"]

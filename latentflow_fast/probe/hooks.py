@@ -589,15 +589,23 @@ class Trace:
             if found is None:  # per shape, once per configuration (plans are dropped when it changes)
                 args = self._operator_args(plan, site, None, B, H, Nq, 0, Dv, out)
                 gate, bias = args.get("head_gate"), args.get("out_bias")
-                found = plan.output_edit[key] = (None if gate is None else gate.to(out.dtype)[:, :, None, None],
-                                                 None if bias is None else bias.to(out.dtype)[:, :, None, :])
-            gate, bias = found
-            # the interceptor hands over a fresh output nobody else holds: edit in place unless autograd needs it
-            in_place = not out.requires_grad
+                pairs = None
+                if gate is not None:
+                    rows, heads = (gate != 1).nonzero(as_tuple=True)  # the (row, head) pairs the gate changes
+                    pairs = (rows, heads, gate[rows, heads].to(out.dtype)[:, None, None])
+                    gate = gate.to(out.dtype)[:, :, None, None]
+                found = plan.output_edit[key] = (gate, pairs, None if bias is None else bias.to(out.dtype)[:, :, None, :])
+            gate, pairs, bias = found
             if gate is not None:
-                out = out.mul_(gate) if in_place else out * gate
+                if out.requires_grad:
+                    out = out * gate
+                else:
+                    # the interceptor hands over a fresh output nobody else holds: edit in place, and only the
+                    # gated (row, head) slices (a sweep ablates one head per row: 1/H of the output or less)
+                    rows, heads, values = pairs
+                    out[rows, heads] = out[rows, heads] * values
             if bias is not None:
-                out = out.add_(bias) if in_place else out + bias
+                out = out + bias if out.requires_grad else out.add_(bias)
             return out
 
         return edit
