@@ -12,7 +12,8 @@ with the head merge followed by an output projection `proj`. Variants:
   hooks loop      one plain-hook forward per probe at batch 1
 
 Printed per (model, tokens): probes/s of each variant (median over rounds, variants interleaved within a
-round), peak memory, and the agreement of each variant's output with the plain hooks relative to the probes'
+round), its speed relative to "hooks batched" in wall time (x hooks) and in process CPU time (x cpu: less
+sensitive to other load on a shared machine; with --threads 1), peak memory, and the agreement of each variant's output with the plain hooks relative to the probes'
 effect (max |variant - hooks| / max |hooks - clean|).
 
 Peers, when importable (`pip install -e .[peers]`; none is a runtime dependency): random-init Hugging Face
@@ -285,7 +286,8 @@ def main() -> None:
           f"H={args.heads}, layers={args.layers}, rounds={args.rounds} (median, variants interleaved)")
     print("peers: " + ", ".join(f"{k} {_version(k)}" for k in PEERS))
     mem_label = "peak MiB" if device.type == "cuda" or args.memory else "mem"
-    print(f"{'model':8} {'N':>4} {'variant':16} {'probes/s':>9} {'x hooks':>8} {mem_label:>9} {'agreement':>10}")
+    print(f"{'model':8} {'N':>4} {'variant':16} {'probes/s':>9} {'x hooks':>8} {'x cpu':>8} {mem_label:>9} "
+          f"{'agreement':>10}")
     for name in args.models.split(","):
         if name.startswith("hf-") and not PEERS["transformers"]:
             print(f"{name}: skipped (transformers is not installed; pip install -e .[peers])")
@@ -299,6 +301,7 @@ def main() -> None:
             with torch.no_grad():
                 clean = case.run(1)
             outs, times, peaks = {}, {label: [] for label in variants}, {}
+            cpu = {label: [] for label in variants}  # process CPU time: less sensitive to other load
             for label, fn in variants.items():  # warm-up (wrappers built, allocator primed); its output is compared
                 outs[label] = fn(case, probes)
             for _ in range(args.rounds):
@@ -306,10 +309,11 @@ def main() -> None:
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                     _sync(device)
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     fn(case, probes)
                     _sync(device)
                     times[label].append(time.perf_counter() - start)
+                    cpu[label].append(time.process_time() - start_cpu)
                     if device.type == "cuda":
                         peaks[label] = torch.cuda.max_memory_allocated(device)
             if device.type == "cpu" and args.memory:
@@ -317,12 +321,14 @@ def main() -> None:
             reference = outs["hooks batched"]
             effect = (reference - clean).abs().max().item()
             base = statistics.median(times["hooks batched"])
+            base_cpu = statistics.median(cpu["hooks batched"])
             for label in variants:
                 seconds = statistics.median(times[label])
+                cpu_ratio = base_cpu / statistics.median(cpu[label])
                 agree = (outs[label] - reference).abs().max().item() / max(effect, 1e-30)
                 mem = f"{peaks[label] / 2**20:9.2f}" if label in peaks else f"{'n/a':>9}"
-                print(f"{name:8} {n:4d} {label:16} {len(probes) / seconds:9.1f} {base / seconds:8.2f} {mem} "
-                      f"{agree:10.1e}", flush=True)
+                print(f"{name:8} {n:4d} {label:16} {len(probes) / seconds:9.1f} {base / seconds:8.2f} "
+                      f"{cpu_ratio:8.2f} {mem} {agree:10.1e}", flush=True)
 
 
 def _version(module: str) -> str:

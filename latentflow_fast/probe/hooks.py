@@ -148,6 +148,31 @@ def select_mask(selector: Selector, n: int, name: str, device=None) -> Tensor:
     return mask.to(device)
 
 
+def select_indices(selector: Selector, n: int, name: str) -> list:
+    """The indices `select_mask` would pick, as a Python list (no tensor work for int / slice / list
+    selectors: a sweep's trace sets one selector per probe)."""
+    if selector is None:
+        return list(range(n))
+    if isinstance(selector, int) and not isinstance(selector, bool):
+        if not -n <= selector < n:
+            raise ValueError(f"{name}: index {selector} out of range for {n} items")
+        return [selector % n]
+    if isinstance(selector, slice):
+        return list(range(n)[selector])
+    return select_mask(selector, n, name).nonzero().flatten().tolist()
+
+
+def _gate_of(interventions, B: int, H: int, device) -> Tensor:
+    """head_gate [B, H] of gate interventions (ablate_heads / scale_heads), as `_operator_args` builds it."""
+    gate = [[1.0] * H for _ in range(B)]
+    for iv in interventions:
+        heads = select_indices(iv.heads, H, "heads")
+        for r in select_indices(iv.rows, B, "rows"):
+            for h in heads:
+                gate[r][h] *= iv.value
+    return torch.tensor(gate, dtype=torch.float32, device=device)
+
+
 def _name_filter(names_filter) -> Callable[[str], bool]:
     if names_filter is None:
         return lambda name: True
@@ -587,8 +612,11 @@ class Trace:
             key = (B, H, Dv, out.device, out.dtype)
             found = plan.output_edit.get(key)
             if found is None:  # per shape, once per configuration (plans are dropped when it changes)
-                args = self._operator_args(plan, site, None, B, H, Nq, 0, Dv, out)
-                gate, bias = args.get("head_gate"), args.get("out_bias")
+                if all(iv.kind == "gate" for iv in plan.interventions):
+                    gate, bias = _gate_of(plan.interventions, B, H, out.device), None  # no tensor op per iv
+                else:
+                    args = self._operator_args(plan, site, None, B, H, Nq, 0, Dv, out)
+                    gate, bias = args.get("head_gate"), args.get("out_bias")
                 pairs = None
                 if gate is not None:
                     rows, heads = (gate != 1).nonzero(as_tuple=True)  # the (row, head) pairs the gate changes
