@@ -300,3 +300,19 @@ def test_module_tree_changes_are_seen_by_the_next_trace():
         tr.add_hook("layers.1.hook_resid_post", lambda t, hook: seen.append(hook.name))  # added inside
         model(x)
     assert seen == ["layers.1.hook_resid_post"]
+
+
+def test_output_edit_with_many_gated_pairs_matches_the_operator():
+    """Past 32 gated (row, head) pairs the edit is one indexed multiply instead of a loop over views."""
+    torch.manual_seed(0)
+    model = Model().double().eval()
+    x = torch.randn(9, N, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    keep = torch.ones(9, N, dtype=torch.bool)
+    results = []
+    with torch.no_grad():
+        for backend in ("reference", "auto"):
+            with trace(model, backend=backend) as tr:
+                tr.scale_heads("blocks.0", 0.5)  # 9 rows x 4 heads = 36 pairs
+                tr.ablate_heads("blocks.0", heads=2, rows=[0, 4])
+                results.append(model(x, keep))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)

@@ -317,8 +317,9 @@ class Trace:
         self._forwards = 0
         self.pattern_slice = (None, None)
         self._plans: dict[str, _SitePlan] = {}
-        self._interceptor = Interceptor(model, self, intercept_sdpa)
-        self._points, self._out_projs = _structure(model)  # hook name -> (how, module); site -> out projection
+        named = list(model.named_modules())  # one walk, shared by the router lookup and the structure cache
+        self._interceptor = Interceptor(model, self, intercept_sdpa, [m for _, m in named])
+        self._points, self._out_projs = _structure(model, named)  # hook name -> (how, module); site -> out projection
         self._point_plans: dict[str, tuple] = {}
         self._point_handles: dict = {}  # name -> handle, for the points installed (see _install_wanted_points)
         self._inside = False
@@ -576,7 +577,7 @@ class Trace:
             if self.capture and _matches(site, self.site_patterns):
                 plan.record = self.capture
             plan.interventions = [iv for iv in self._interventions if _matches(site, iv.sites)]
-            for kind in self._site_kinds(site):
+            for kind in self._site_kinds(site) if self._hooks else ():
                 name = f"{site}.{kind}"
                 for direction, hooks in (("fwd", plan.hooks), ("bwd", plan.bwd_hooks)):
                     fns = [fn for test, fn, d in self._hooks if d == direction and test(name)]
@@ -620,7 +621,9 @@ class Trace:
                 pairs = None
                 if gate is not None:
                     rows, heads = (gate != 1).nonzero(as_tuple=True)  # the (row, head) pairs the gate changes
-                    pairs = (rows, heads, gate[rows, heads].to(out.dtype)[:, None, None])
+                    pairs = list(zip(rows.tolist(), heads.tolist(), gate[rows, heads].tolist()))
+                    if len(pairs) > 32:  # many pairs: one indexed multiply instead of a Python loop
+                        pairs = (rows, heads, gate[rows, heads].to(out.dtype)[:, None, None])
                     gate = gate.to(out.dtype)[:, :, None, None]
                 found = plan.output_edit[key] = (gate, pairs, None if bias is None else bias.to(out.dtype)[:, :, None, :])
             gate, pairs, bias = found
@@ -630,8 +633,12 @@ class Trace:
                 else:
                     # the interceptor hands over a fresh output nobody else holds: edit in place, and only the
                     # gated (row, head) slices (a sweep ablates one head per row: 1/H of the output or less)
-                    rows, heads, values = pairs
-                    out[rows, heads] = out[rows, heads] * values
+                    if isinstance(pairs, list):
+                        for r, h, value in pairs:  # views: each touches only its [Nq, Dv] slice
+                            out[r, h].mul_(value)
+                    else:
+                        rows, heads, values = pairs
+                        out[rows, heads] = out[rows, heads] * values
             if bias is not None:
                 out = out + bias if out.requires_grad else out.add_(bias)
             return out
@@ -904,11 +911,11 @@ class Trace:
 _STRUCTURE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (fingerprint, points, projections)
 
 
-def _structure(model: nn.Module) -> tuple[dict, dict]:
+def _structure(model: nn.Module, named: list) -> tuple[dict, dict]:
     """(activation_points, output_projections) of `model`, recomputed only when its module tree changed (the
     fingerprint: every (path, module) pair): a trace per probe in a loop would otherwise classify every module
     each time. Read-only: callers must not modify the dicts."""
-    fingerprint = tuple((path, id(module)) for path, module in model.named_modules())
+    fingerprint = tuple((path, id(module)) for path, module in named)  # named: model.named_modules()
     found = _STRUCTURE.get(model)
     if found is None or found[0] != fingerprint:
         points, projections = activation_points(model), output_projections(model)

@@ -263,11 +263,12 @@ def probed_mha_forward(mha: nn.MultiheadAttention, site: str, handler: SiteHandl
 
 
 # ---------------------------------------------------------------------------------- router models
-def find_router(model: nn.Module):
-    """The model's attention router (an object with a `handlers` dict), or None."""
+def find_router(model: nn.Module, modules=None):
+    """The model's attention router (an object with a `handlers` dict), or None. `modules`: the model's
+    modules if the caller already walked them."""
     router = getattr(model, "attention_router", None)
     if router is None:
-        for module in model.modules():
+        for module in (model.modules() if modules is None else modules):
             # look where an attribute can live before getattr: nn.Module.__getattr__ raises (slowly) on a miss
             if "attention_router" in module.__dict__ or hasattr(type(module), "attention_router"):
                 router = getattr(module, "attention_router", None)
@@ -350,14 +351,14 @@ class Interceptor:
     path switch, is shared by count (off while any interceptor needs it, then restored).
     """
 
-    def __init__(self, model: nn.Module, handler: SiteHandler, intercept_sdpa=None):
+    def __init__(self, model: nn.Module, handler: SiteHandler, intercept_sdpa=None, modules=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if intercept_sdpa not in (None, True, False, "mode"):
             raise ValueError(f"intercept_sdpa must be None, True, False or 'mode', got {intercept_sdpa!r}")
         self.model = model
         self.handler = handler
-        self.router = find_router(model)
+        self.router = find_router(model, modules)  # modules: model.modules(), if the caller has them
         # "patch": wrap torch.nn.functional.scaled_dot_product_attention; "mode": a TorchFunctionMode; None: off
         via = self.router is None if intercept_sdpa is None else intercept_sdpa
         self.intercept_sdpa = "mode" if via == "mode" else ("patch" if via else None)
