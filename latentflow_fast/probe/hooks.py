@@ -54,6 +54,7 @@ import fnmatch
 import math
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -147,6 +148,31 @@ def select_mask(selector: Selector, n: int, name: str, device=None) -> Tensor:
     return mask.to(device)
 
 
+def select_indices(selector: Selector, n: int, name: str) -> list:
+    """The indices `select_mask` would pick, as a Python list (no tensor work for int / slice / list
+    selectors: a sweep's trace sets one selector per probe)."""
+    if selector is None:
+        return list(range(n))
+    if isinstance(selector, int) and not isinstance(selector, bool):
+        if not -n <= selector < n:
+            raise ValueError(f"{name}: index {selector} out of range for {n} items")
+        return [selector % n]
+    if isinstance(selector, slice):
+        return list(range(n)[selector])
+    return select_mask(selector, n, name).nonzero().flatten().tolist()
+
+
+def _gate_of(interventions, B: int, H: int, device) -> Tensor:
+    """head_gate [B, H] of gate interventions (ablate_heads / scale_heads), as `_operator_args` builds it."""
+    gate = [[1.0] * H for _ in range(B)]
+    for iv in interventions:
+        heads = select_indices(iv.heads, H, "heads")
+        for r in select_indices(iv.rows, B, "rows"):
+            for h in heads:
+                gate[r][h] *= iv.value
+    return torch.tensor(gate, dtype=torch.float32, device=device)
+
+
 def _name_filter(names_filter) -> Callable[[str], bool]:
     if names_filter is None:
         return lambda name: True
@@ -225,6 +251,7 @@ class _SitePlan:
     hooks: dict = field(default_factory=dict)  # kind -> [fn]
     bwd_hooks: dict = field(default_factory=dict)  # kind -> [fn], called with gradients
     cache: tuple = ()  # kinds cached
+    output_edit: dict = field(default_factory=dict)  # (B, H, Dv, device, dtype) -> (gate, bias): output_transform
 
     @property
     def active(self) -> bool:
@@ -251,7 +278,9 @@ class Trace:
         backend: the operator backend ("auto", "reference", "cpu", "triton", "cuda").
         history: keep every call's record in `tr.history[site]` (a sampler calls each site once per step);
             `tr[site]` is always the last call.
-        intercept_sdpa: see `Interceptor`.
+        intercept_sdpa: see `Interceptor` (None: wrap torch.nn.functional.scaled_dot_product_attention unless
+            the model has an attention router; "mode": catch every SDPA call with a TorchFunctionMode, for code
+            that bound the function at import; False: no SDPA interception).
 
     Interventions (site: a name or glob pattern; heads / rows: None = all, an int, slice, list or tensor;
     rows index the batch of the attention call). They apply wherever their pattern matches, whether or not
@@ -260,7 +289,7 @@ class Trace:
 
     def __init__(self, model: nn.Module, sites: SiteSpec = "*", capture: Sequence[str] = (), *,
                  segments=None, backend: str = "auto", history: bool = False,
-                 intercept_sdpa: Optional[bool] = None):
+                 intercept_sdpa=None):
         self.model = model
         self.site_patterns = _patterns("sites", sites)
         if isinstance(capture, str):
@@ -288,30 +317,44 @@ class Trace:
         self._forwards = 0
         self.pattern_slice = (None, None)
         self._plans: dict[str, _SitePlan] = {}
-        self._interceptor = Interceptor(model, self, intercept_sdpa)
-        self._points = activation_points(model)  # hook name -> (how, module)
+        named = list(model.named_modules())  # one walk, shared by the router lookup and the structure cache
+        self._interceptor = Interceptor(model, self, intercept_sdpa, [m for _, m in named])
+        self._points, self._out_projs = _structure(model, named)  # hook name -> (how, module); site -> out projection
         self._point_plans: dict[str, tuple] = {}
-        self._point_handles: list = []
-        self._out_projs = output_projections(model)  # site -> the nn.Linear after its attention
+        self._point_handles: dict = {}  # name -> handle, for the points installed (see _install_wanted_points)
+        self._inside = False
 
     # -- context
     def __enter__(self) -> "Trace":
         self._forwards = 0
         self._count_handle = self.model.register_forward_pre_hook(self._count_forward)
-        self._point_handles = []
+        self._point_handles = {}
+        self._inside = True
         try:
-            for name, (how, module) in self._points.items():
-                self._point_handles.append(self._install_point(name, how, module))
+            self._install_wanted_points()
             self._interceptor.__enter__()
         except BaseException:
             self._remove_points()
             raise
         return self
 
+    def _install_wanted_points(self) -> None:
+        """Residual-stream points get a module hook only once a hook function or the cache names them (also
+        when that happens inside the context): an unhooked point costs nothing."""
+        if not self._inside:
+            return
+        for name, (how, module) in self._points.items():
+            if name in self._point_handles:
+                continue
+            if any(test(name) for test, _, _ in self._hooks) or (self._cache_filter is not None
+                                                                  and self._cache_filter(name)):
+                self._point_handles[name] = self._install_point(name, how, module)
+
     def _remove_points(self) -> None:
+        self._inside = False
         self._count_handle.remove()
         while self._point_handles:
-            self._point_handles.pop().remove()
+            self._point_handles.popitem()[1].remove()
 
     def _install_point(self, name: str, how: str, module: nn.Module):
         """A forward (pre-)hook that hands the activation to `_on_point` and puts back its replacement."""
@@ -416,7 +459,8 @@ class Trace:
             where = ("the model ran but made no attention call that can be probed (none through "
                      "F.scaled_dot_product_attention, nn.MultiheadAttention or an attention router): an eager "
                      "matmul/softmax attention implementation cannot be probed; switch the model to SDPA (for "
-                     "Hugging Face models: attn_implementation='sdpa')")
+                     "Hugging Face models: attn_implementation='sdpa'); code that bound "
+                     "scaled_dot_product_attention at import is only seen with intercept_sdpa='mode'")
         raise NothingMatchedError("matched nothing: " + "; ".join(problems) + ". " + where)
 
     def __getitem__(self, site: str) -> SiteRecord:
@@ -513,6 +557,7 @@ class Trace:
         self._hooks.append((_name_filter(name), fn, dir))
         self._hook_specs.append((name, fn))
         self._changed()
+        self._install_wanted_points()
         return self
 
     def cache_hooks(self, names_filter=None, pattern_slice=None) -> "Trace":
@@ -521,6 +566,7 @@ class Trace:
         self._cache_spec = names_filter if isinstance(names_filter, (str, list, tuple)) else None
         self.pattern_slice = _check_pattern_slice(pattern_slice)
         self._changed()
+        self._install_wanted_points()
         return self
 
     # -- SiteHandler protocol
@@ -531,7 +577,7 @@ class Trace:
             if self.capture and _matches(site, self.site_patterns):
                 plan.record = self.capture
             plan.interventions = [iv for iv in self._interventions if _matches(site, iv.sites)]
-            for kind in self._site_kinds(site):
+            for kind in self._site_kinds(site) if self._hooks else ():
                 name = f"{site}.{kind}"
                 for direction, hooks in (("fwd", plan.hooks), ("bwd", plan.bwd_hooks)):
                     fns = [fn for test, fn, d in self._hooks if d == direction and test(name)]
@@ -548,6 +594,56 @@ class Trace:
 
     def wants(self, site: str) -> bool:
         return self._plan(site).active
+
+    def output_transform(self, site: str):
+        """At a site whose only interventions act on the head outputs (ablate_heads / scale_heads: head_gate,
+        steer: out_bias) and where nothing is captured, hooked or cached, the probed kernel buys nothing: the
+        model's own attention followed by out * gate + bias is the operator's contract exactly (its step order:
+        gate, then bias). This returns that edit, so the interceptor runs plain SDPA there -- as fast as the
+        model untraced. backend="auto" only: a named backend runs the operator at every probed site."""
+        if self.backend != "auto":
+            return None
+        plan = self._plan(site)
+        if (plan.record or plan.hooks or plan.bwd_hooks or plan.cache or not plan.interventions
+                or any(iv.kind not in ("gate", "bias") for iv in plan.interventions)):
+            return None
+
+        def edit(out: Tensor) -> Tensor:
+            B, H, Nq, Dv = out.shape
+            key = (B, H, Dv, out.device, out.dtype)
+            found = plan.output_edit.get(key)
+            if found is None:  # per shape, once per configuration (plans are dropped when it changes)
+                if all(iv.kind == "gate" for iv in plan.interventions):
+                    gate, bias = _gate_of(plan.interventions, B, H, out.device), None  # no tensor op per iv
+                else:
+                    args = self._operator_args(plan, site, None, B, H, Nq, 0, Dv, out)
+                    gate, bias = args.get("head_gate"), args.get("out_bias")
+                pairs = None
+                if gate is not None:
+                    rows, heads = (gate != 1).nonzero(as_tuple=True)  # the (row, head) pairs the gate changes
+                    pairs = list(zip(rows.tolist(), heads.tolist(), gate[rows, heads].tolist()))
+                    if len(pairs) > 32:  # many pairs: one indexed multiply instead of a Python loop
+                        pairs = (rows, heads, gate[rows, heads].to(out.dtype)[:, None, None])
+                    gate = gate.to(out.dtype)[:, :, None, None]
+                found = plan.output_edit[key] = (gate, pairs, None if bias is None else bias.to(out.dtype)[:, :, None, :])
+            gate, pairs, bias = found
+            if gate is not None:
+                if out.requires_grad:
+                    out = out * gate
+                else:
+                    # the interceptor hands over a fresh output nobody else holds: edit in place, and only the
+                    # gated (row, head) slices (a sweep ablates one head per row: 1/H of the output or less)
+                    if isinstance(pairs, list):
+                        for r, h, value in pairs:  # views: each touches only its [Nq, Dv] slice
+                            out[r, h].mul_(value)
+                    else:
+                        rows, heads, values = pairs
+                        out[rows, heads] = out[rows, heads] * values
+            if bias is not None:
+                out = out + bias if out.requires_grad else out.add_(bias)
+            return out
+
+        return edit
 
     def attend(self, call: AttentionCall) -> tuple[Tensor, Optional[Tensor]]:
         plan = self._plan(call.site)
@@ -812,6 +908,24 @@ class Trace:
 
 
 # ---------------------------------------------------------------------------------- hook points
+_STRUCTURE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (fingerprint, points, projections)
+
+
+def _structure(model: nn.Module, named: list) -> tuple[dict, dict]:
+    """(activation_points, output_projections) of `model`, recomputed only when its module tree changed (the
+    fingerprint: every (path, module) pair): a trace per probe in a loop would otherwise classify every module
+    each time. Read-only: callers must not modify the dicts."""
+    fingerprint = tuple((path, id(module)) for path, module in named)  # named: model.named_modules()
+    found = _STRUCTURE.get(model)
+    if found is None or found[0] != fingerprint:
+        points, projections = activation_points(model), output_projections(model)
+        found = (fingerprint, points, projections)
+        # a value holding the model itself (a root-level block) would keep the weak key alive forever
+        if all(module is not model for _, module in points.values()):
+            _STRUCTURE[model] = found
+    return found[1], found[2]
+
+
 def activation_points(model: nn.Module) -> dict:
     """Residual-stream hook names of the model -> (how, module): "out" = the module's output, "out0" = the
     first element of its output tuple, "pre" = its first input.
@@ -1076,7 +1190,7 @@ def pattern_from_scores(scores: Tensor, lse: Tensor, heads: Tensor, queries: Opt
 
 
 # ---------------------------------------------------------------------------------------------- functions
-def dry_trace(model: nn.Module, *inputs, meta: bool = True, intercept_sdpa: Optional[bool] = None,
+def dry_trace(model: nn.Module, *inputs, meta: bool = True, intercept_sdpa=None,
               **kwargs) -> Trace:
     """Learn a model's site and hook names without computing: `dry_trace(model, x).hook_names()`.
 

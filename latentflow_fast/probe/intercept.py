@@ -7,14 +7,21 @@ An `Interceptor` routes every attention call of a model to one `SiteHandler`, na
 - `nn.MultiheadAttention` modules: their `forward` is swapped, while the interceptor is active, for a faithful
   re-implementation that sends the core attention to the handler; site = the module's path
   ("encoder.layers.0.self_attn");
-- everything else that calls `torch.nn.functional.scaled_dot_product_attention`: a `TorchFunctionMode` catches
-  the call, and forward pre/post hooks keep a stack of module paths; site = the calling module's path, with
+- everything else that calls `torch.nn.functional.scaled_dot_product_attention`: while active, that attribute
+  of `torch.nn.functional` is a (thread-checked) wrapper, so only SDPA calls pay anything -- Hugging Face, timm,
+  diffusers and torch.nn code look the function up there at call time. Code that bound the function at import
+  (`from torch.nn.functional import scaled_dot_product_attention`) needs `intercept_sdpa="mode"`: a
+  `TorchFunctionMode` that sees every torch call (~1-4 us each, the cost of a catch-all). Either way the
+  site is the innermost module of the model whose method is on the Python stack at the call (found by walking
+  the frames, only at SDPA calls); site = the calling module's path, with
   "#1", "#2", ... for the second, third, ... call inside one forward of that module. A call made directly in
-  the root module's forward is named "root".
+  the root module's forward is named "root". (The count restarts at each forward of that module: a
+pre-hook goes on the modules that called SDPA, and on them only.)
 
 The handler says per site whether it wants the call (`wants(site)`); a call nobody wants runs the original
-code (plain SDPA / the native MultiheadAttention forward), so an unprobed site costs a dict lookup. The
-torch-function mode itself adds ~1-2 us of Python per torch call of the forward (router models skip it).
+code (plain SDPA / the native MultiheadAttention forward), so an unprobed site costs a dict lookup and a
+frame walk. No per-module hooks: a traced forward of a model whose sites are unprobed runs at the untraced
+speed (router models need no SDPA interception at all).
 While active on a model with MultiheadAttention modules, `torch.backends.mha` fast paths are switched off
 (restored on exit), so `nn.TransformerEncoderLayer`'s fused eval path reaches the swapped `self_attn`.
 
@@ -31,6 +38,7 @@ sites everything runs unchanged.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
@@ -81,6 +89,18 @@ class SiteHandler(Protocol):
 
     def attend(self, call: AttentionCall) -> tuple[Tensor, Optional[Tensor]]:
         """-> (out [B, H, Nq, Dv] in q's dtype, probabilities [B, H, Nq, Nk] if call.need_weights else None)."""
+
+    # Optional: `output_transform(site)` -> None, or a function f(out [B, H, Nq, Dv]) -> out. Where it returns a
+    # function, the interceptor runs the model's own attention (SDPA / the router's plain path) and applies f to
+    # its output instead of building an AttentionCall: interventions that only act on the head outputs (a head
+    # ablation is SDPA with the head's rows zeroed) need no probed kernel. The output handed to f is fresh (no
+    # other handler or trace has seen it), so f may edit it in place. nn.MultiheadAttention sites always go
+    # through `attend` (the native forward does not expose the per-head outputs).
+
+
+def _output_transform(handler, site: str):
+    transform = getattr(handler, "output_transform", None)
+    return None if transform is None else transform(site)
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -143,18 +163,12 @@ def sdpa_to_call(site: str, query: Tensor, key: Tensor, value: Tensor, attn_mask
     return AttentionCall(site, q, k, v, kpm, scale, attn_bias=bias, causal=bool(is_causal)), batch_shape
 
 
-# ---------------------------------------------------------------------------------- module path stack
-@dataclass
-class _Frame:
-    path: str
-    calls: int = 0
-
-
+# ---------------------------------------------------------------------------------- per-thread state
 @dataclass
 class _State:
     """Per-interceptor, per-thread bookkeeping."""
 
-    stack: list = field(default_factory=list)
+    calls: dict = field(default_factory=dict)  # id(module) -> SDPA calls so far in its current forward
     suspended: int = 0
 
 
@@ -251,14 +265,17 @@ def probed_mha_forward(mha: nn.MultiheadAttention, site: str, handler: SiteHandl
 
 
 # ---------------------------------------------------------------------------------- router models
-def find_router(model: nn.Module):
-    """The model's attention router (an object with a `handlers` dict), or None."""
+def find_router(model: nn.Module, modules=None):
+    """The model's attention router (an object with a `handlers` dict), or None. `modules`: the model's
+    modules if the caller already walked them."""
     router = getattr(model, "attention_router", None)
     if router is None:
-        for module in model.modules():
-            router = getattr(module, "attention_router", None)
-            if router is not None:
-                break
+        for module in (model.modules() if modules is None else modules):
+            # look where an attribute can live before getattr: nn.Module.__getattr__ raises (slowly) on a miss
+            if "attention_router" in module.__dict__ or hasattr(type(module), "attention_router"):
+                router = getattr(module, "attention_router", None)
+                if router is not None:
+                    break
     return router if router is not None and isinstance(getattr(router, "handlers", None), dict) else None
 
 
@@ -333,13 +350,19 @@ class Interceptor:
     path switch, is shared by count (off while any interceptor needs it, then restored).
     """
 
-    def __init__(self, model: nn.Module, handler: SiteHandler, intercept_sdpa: Optional[bool] = None):
+    def __init__(self, model: nn.Module, handler: SiteHandler, intercept_sdpa=None, modules=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if intercept_sdpa not in (None, True, False, "mode"):
+            raise ValueError(f"intercept_sdpa must be None, True, False or 'mode', got {intercept_sdpa!r}")
         self.model = model
         self.handler = handler
-        self.router = find_router(model)
-        self.intercept_sdpa = self.router is None if intercept_sdpa is None else bool(intercept_sdpa)
+        self.router = find_router(model, modules)  # modules: model.modules(), if the caller has them
+        # "patch": wrap torch.nn.functional.scaled_dot_product_attention; "mode": a TorchFunctionMode; None: off
+        via = self.router is None if intercept_sdpa is None else intercept_sdpa
+        self.intercept_sdpa = "mode" if via == "mode" else ("patch" if via else None)
+        self._paths: dict[int, tuple] = {}  # id(module) -> (path, module), for naming SDPA call sites
+        self._counted: set = set()  # ids of the modules given a call-count reset pre-hook
         self.seen: dict[str, None] = {}  # every site called while active, in first-call order
         self._local = threading.local()
         self._undo: list[Callable[[], None]] = []
@@ -382,11 +405,16 @@ class Interceptor:
         try:
             if self.router is not None:
                 self._install_router()
-            self._install_mha()
+            named = list(self.model.named_modules())  # one walk for everything below
+            self._install_mha(named)
             if self.intercept_sdpa:
-                self._install_path_stack()
-                self._mode = _SDPAMode(self)
-                self._mode.__enter__()
+                self._paths = {id(m): (path or ROOT_SITE, m) for path, m in named}
+                self._counted = set()
+                if self.intercept_sdpa == "mode":
+                    self._mode = _SDPAMode(self)
+                    self._mode.__enter__()
+                else:
+                    self._install_sdpa_patch()
         except BaseException:
             self._remove()
             raise
@@ -432,7 +460,10 @@ class Interceptor:
                     if before is not None:
                         return before(site, q, k, v, key_padding_mask)
                     return _plain_router_attention(q, k, v, key_padding_mask)
+            post = _output_transform(self.handler, site)
             with self._suspended():
+                if post is not None:  # the plain path, then the output edit (we handle the site, as attend would)
+                    return post(_plain_router_attention(q, k, v, key_padding_mask))
                 out, _ = self.handler.attend(AttentionCall(site, q, k, v, key_padding_mask))
             return out
 
@@ -444,9 +475,9 @@ class Interceptor:
         self._see(site)
         return self.handler.wants(site)
 
-    def _install_mha(self) -> None:
+    def _install_mha(self, named: list) -> None:
         found = False
-        for path, module in self.model.named_modules():
+        for path, module in named:
             if not isinstance(module, nn.MultiheadAttention):
                 continue
             if not found:  # the fused TransformerEncoderLayer / MHA eval path would skip the swapped forward
@@ -487,34 +518,65 @@ class Interceptor:
         forward._latentflow_previous = original
         return forward
 
-    def _install_path_stack(self) -> None:
-        def push(path):
-            def pre_hook(module, args):
-                if self._mine():  # other threads' forward passes are not ours to name
-                    self._state.stack.append(_Frame(path))
+    def _install_sdpa_patch(self) -> None:
+        previous = F.scaled_dot_product_attention  # the builtin, or an earlier interceptor's wrapper
 
-            return pre_hook
+        def sdpa(*args, **kwargs):
+            before = _live(previous)
+            if not self._mine():  # other threads, or after exit (a later interceptor's wrapper chains to us)
+                return before(*args, **kwargs)
+            return self._on_sdpa(before, args, kwargs)
 
-        def pop(module, args, output):
-            if not self._mine():
-                return
-            stack = self._state.stack
-            if stack:
-                stack.pop()
+        sdpa._latentflow_interceptor = self
+        sdpa._latentflow_previous = previous
+        F.scaled_dot_product_attention = sdpa
 
-        for path, module in self.model.named_modules():
-            handles = (module.register_forward_pre_hook(push(path or ROOT_SITE)),
-                       module.register_forward_hook(pop, always_call=True))
-            self._undo.extend(h.remove for h in handles)
+        def undo():
+            if F.scaled_dot_product_attention is sdpa:  # else a later, still active wrapper passes through ours
+                F.scaled_dot_product_attention = _live(previous)
+
+        self._undo.append(undo)
+
+    def _caller(self):
+        """(path, module) of the innermost module of the model with a method on this thread's Python stack (a
+        frame whose `self` is that module), or None: an SDPA call made outside the model's forward."""
+        frame = sys._getframe(2)
+        paths = self._paths
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if obj is not None:
+                found = paths.get(id(obj))
+                if found is not None and found[1] is obj:
+                    return found
+            frame = frame.f_back
+        return None
+
+    def _count_call(self, module: nn.Module) -> int:
+        """The index of this SDPA call within the module's current forward (0, 1, ...)."""
+        calls = self._state.calls
+        key = id(module)
+        if key not in self._counted:  # first call seen from this module: restart its count at each forward
+            self._counted.add(key)
+
+            def restart(mod, args, key=key):
+                if self._mine():
+                    self._state.calls[key] = 0
+
+            self._undo.append(module.register_forward_pre_hook(restart).remove)
+        n = calls.get(key, 0)
+        calls[key] = n + 1
+        return n
 
     # -- the SDPA path
     def _on_sdpa(self, func, args, kwargs):
-        state = self._state
-        if state.suspended or not state.stack:
+        if self._state.suspended:
             return func(*args, **kwargs)
-        frame = state.stack[-1]
-        site = frame.path if frame.calls == 0 else f"{frame.path}#{frame.calls}"
-        frame.calls += 1
+        found = self._caller()
+        if found is None:  # outside the model's forward: not a site
+            return func(*args, **kwargs)
+        path, module = found
+        n = self._count_call(module)
+        site = path if n == 0 else f"{path}#{n}"
         self._see(site)
         if not self.handler.wants(site):
             return func(*args, **kwargs)
@@ -523,6 +585,13 @@ class Interceptor:
             if name not in _SDPA_ARGS:
                 raise TypeError(f"scaled_dot_product_attention got an unexpected argument {name!r}")
             bound[name] = value
+        post = _output_transform(self.handler, site)
+        if post is not None and not bound.get("dropout_p") and bound["query"].dim() >= 4:
+            # output-only interventions: the model's own SDPA call, unchanged (same kernel, same bits as an
+            # untraced run), then the edit on a [B, H, Nq, Dv] view of its output
+            with torch._C.DisableTorchFunction():  # outer traces' wrappers / modes: the innermost that wants a
+                out = _SDPA(*args, **kwargs)           # site handles it
+            return post(out.reshape((-1,) + tuple(out.shape[-3:]))).reshape(out.shape)
         call, batch_shape = sdpa_to_call(site, **bound)
         out, _ = self.handler.attend(call)
         return out.reshape(batch_shape + tuple(out.shape[1:]))
