@@ -55,7 +55,6 @@ def batch_invariant():
     return _BatchInvariantMode()
 
 
-@contextlib.contextmanager
 def single_threaded():
     """Run torch CPU ops on one intra-op thread in the calling Python thread, restoring its previous count.
 
@@ -67,11 +66,18 @@ def single_threaded():
     torch's intra-op thread count is an OpenMP setting of the calling thread, so each Python thread sets
     and restores its own (tested): two threads in such blocks at once do not undo each other's setting.
     """
+    return intra_op_threads(1)
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    """Run torch CPU ops on `count` intra-op threads in the calling Python thread, restoring its previous
+    count (a per-thread setting, see `single_threaded`)."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == count:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
