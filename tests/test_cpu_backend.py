@@ -271,6 +271,31 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.latentflow.probed_attention.default, args)
 
 
+def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
+    """Plain eager calls without gradients run the backend directly (probed_attention._eager_plain); the
+    result is bitwise the custom op's, and calls needing gradients still go through the op."""
+    import importlib
+
+    module = importlib.import_module("latentflow_fast.ops.probed_attention")  # the name is also the function's
+    q, k, v, kwargs = _all_args(2, seed=6)
+    plan = build_plan(q, k, v, **kwargs)
+    flags = [n in plan.capture for n in CAPTURE_NAMES]
+    via_op = torch.ops.latentflow.probed_attention.default(
+        plan.q, plan.k, plan.v, plan.key_padding_mask, plan.scale, plan.segments, plan.logit_scale,
+        plan.segment_bias, plan.head_gate, plan.out_bias, plan.out_patch, plan.patch_mask, flags, "cpu")
+    calls = []
+    op = module._probed_attention_op
+    monkeypatch.setattr(module, "_probed_attention_op", lambda *a: calls.append(1) or op(*a))
+    out, caps = probed_attention(q, k, v, backend="cpu", **kwargs)
+    assert not calls  # the dispatcher was skipped
+    assert torch.equal(out, via_op[0])
+    assert caps.keys() == set(plan.capture)
+    for name in plan.capture:
+        assert torch.equal(caps[name], via_op[1 + CAPTURE_NAMES.index(name)])
+    out_grad, _ = probed_attention(q.clone().requires_grad_(), k, v, backend="cpu", **kwargs)
+    assert calls and out_grad.grad_fn is not None and torch.equal(out_grad.detach(), out)
+
+
 def test_torch_compile():
     q, k, v, kwargs = _all_args(2, seed=5)
 
