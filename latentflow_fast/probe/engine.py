@@ -46,7 +46,7 @@ from ..numerics import NonFiniteError, check_finite, first_nonfinite_module
 from ..sampler import METHODS, evaluation_schedule, sample_ode
 from . import distributed
 from .batching import BatchSizer, is_out_of_memory
-from .invariance import batch_invariant, intra_op_threads, single_threaded
+from .invariance import batch_invariant, intra_op_threads, layers_switch_themselves, single_threaded
 from .interventions import logit_scale
 from .probes import MapRequest, Probe, Reduction, Reuse, expand_sites
 from .store import ResultStore
@@ -237,6 +237,8 @@ class ProbeEngine:
             raise ValueError(f"workers={workers}: worker processes are for CPU models (on a GPU exact mode keeps "
                              "the device busy in one process); use workers=1")
         self._pool = None
+        # the model's layers are batch invariant by themselves: no TorchFunctionMode around every torch call
+        self._native_invariance = layers_switch_themselves(model)
         self.sites = model_sites(model)
         self.site_layers = {s: site_layer(s) for s in self.sites}
         self.num_heads = model.config.n_heads
@@ -503,7 +505,7 @@ class ProbeEngine:
             threads = single_threaded()
         else:
             threads = contextlib.nullcontext()
-        with self._installed(ctx), batch_invariant(), threads, nvtx_range(f"latentflow.evaluation.{evaluation}"):
+        with self._installed(ctx), batch_invariant(self._native_invariance), threads, nvtx_range(f"latentflow.evaluation.{evaluation}"):
             time_ = torch.full((1,), t, dtype=torch.float32, device=state.device)
             return self.model(state, time_, inputs.mixture, inputs.text, inputs.text_mask,
                               start_layer=start_layer, hidden=hidden, layer_inputs=layer_inputs)
