@@ -40,11 +40,24 @@ def isa(request, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
+def _two_threads(monkeypatch):
+    # every call of these small cases runs on two kernel threads (kernel_threads would give small calls one)
+    monkeypatch.setattr(backend_cpu, "MIN_WORK_PER_THREAD", 1)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+def test_small_calls_run_on_fewer_kernel_threads(monkeypatch):
+    monkeypatch.setattr(backend_cpu, "MIN_WORK_PER_THREAD", 32 << 20)
+    g = torch.Generator().manual_seed(0)
+    small = build_plan(*(torch.randn(1, 4, 200, 64, generator=g) for _ in range(3)))  # 20M multiply-adds
+    large = build_plan(*(torch.randn(4, 4, 200, 64, generator=g).expand(4, 4, 200, 64) for _ in range(3)))
+    assert backend_cpu.kernel_threads(small) == 1
+    assert backend_cpu.kernel_threads(large) == 2  # 82M: two threads, capped by torch's count
+    torch.set_num_threads(1)
+    assert backend_cpu.kernel_threads(large) == 1
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
