@@ -411,6 +411,35 @@ def test_steering_vectors_are_registered_checked_and_applied(setup):
     assert row["local_effect"] == pytest.approx(independent, rel=1e-3)
 
 
+def test_batch_invariance_flag_is_per_thread_and_restored():
+    """batch_invariant(native=True) switches the model's layers in the calling thread only, and restores."""
+    import threading
+
+    from latentflow_fast.models.invariant import batch_invariant_on
+    from latentflow_fast.probe.invariance import batch_invariant
+
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other():
+        inside.wait()
+        seen["other"] = batch_invariant_on()
+        done.set()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    with batch_invariant(native=True):
+        seen["inside"] = batch_invariant_on()
+        with batch_invariant(native=True):
+            pass
+        seen["nested exit"] = batch_invariant_on()
+        inside.set()
+        done.wait()
+    worker.join()
+    seen["after"] = batch_invariant_on()
+    assert seen == {"inside": True, "nested exit": True, "other": False, "after": False}
+
+
 def test_single_threaded_is_per_thread_and_restores():
     """Two Python threads in single_threaded() blocks at once: each runs on one intra-op thread, and
     closing one block does not change the other's setting; every thread gets its count back."""
