@@ -24,6 +24,7 @@ the layers the batch recomputes, and the clean trajectory with captures against 
     python benchmarks/probe_throughput.py --model small --evaluations 0,8,16,24
     python benchmarks/probe_throughput.py --model tiny --evaluations 8 --rounds 1   # quick
     python benchmarks/probe_throughput.py --workers 2 --workers-only   # exact with 2 workers vs fast, 2 threads
+    python benchmarks/probe_throughput.py --clean-only --rounds 5   # clean trajectory vs plain sampler only
 """
 
 from __future__ import annotations
@@ -97,6 +98,33 @@ def hooked_forward(model, inputs, state, t, probes):
         router.handlers.clear()
 
 
+CLEAN_CAPTURES = dict(capture=("entropy", "segment_mass"), capture_sites="*", cache_heads=())
+
+
+def clean_only(model, clip, rounds: int) -> None:
+    """The clean trajectory with the default captures (exact engine) against `model.separate`, interleaved."""
+    engine = ProbeEngine(model)
+    started = time.perf_counter()
+    first = engine.trajectory(clip, steps=16, **CLEAN_CAPTURES)  # a fresh engine: includes the thread check
+    first_s = time.perf_counter() - started
+    fns = {"clean trajectory, captures": lambda: engine.trajectory(clip, steps=16, **CLEAN_CAPTURES),
+           "plain sampler run": lambda: model.separate(clip.mixture, clip.sample_rate, clip.prompt, steps=16)}
+    fns["plain sampler run"]()  # warm-up
+    times: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    print(f"\n| run | median ms | rounds (ms) |\n|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {1e3 * statistics.median(ts):.0f} | {', '.join(f'{1e3 * t:.0f}' for t in ts)} |")
+    ratios = [a / b for a, b in zip(*times.values())]
+    print(f"\nfirst trajectory of a fresh engine (includes the one-evaluation thread check): {1e3 * first_s:.0f} ms; "
+          f"the clean trajectory ran on {first.threads} intra-op thread(s)")
+    print(f"target: clean trajectory with captures / plain sampler <= 1.3: "
+          f"{statistics.median(times['clean trajectory, captures']) / statistics.median(times['plain sampler run']):.2f} "
+          f"(medians); per-round ratios {', '.join(f'{r:.2f}' for r in ratios)}")
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -115,6 +143,8 @@ def main(argv=None):
                         help="also time exact mode over this many worker processes (default: --threads; 1 = not)")
     parser.add_argument("--workers-only", action="store_true",
                         help="time only engine, engine fast and engine with workers (the exact/fast comparison)")
+    parser.add_argument("--clean-only", action="store_true",
+                        help="time only the clean trajectory with captures against the plain sampler run")
     args = parser.parse_args(argv)
     workers = args.threads if args.workers is None else args.workers
     torch.set_num_threads(args.threads)
@@ -122,6 +152,11 @@ def main(argv=None):
     data = dataset_for(model)
     m = data.make_mixture(data.eval_seeds(1)[0])
     clip = Clip("bench", torch.from_numpy(m.mixture), m.sample_rate, m.prompt)
+    if args.clean_only:
+        print(f"model {args.model}: {model.config.n_layers} layers x {model.config.n_heads} heads, "
+              f"D={model.config.dim}, {args.threads} threads, torch {torch.__version__}, {args.rounds} rounds")
+        print(f"# {backend_cpu.describe_path()}")
+        return clean_only(model, clip, args.rounds)
     engine = ProbeEngine(model)
     fast = ProbeEngine(model, exact=False)
     full = ProbeEngine(model, prefix_reuse=False)
@@ -190,8 +225,7 @@ def main(argv=None):
     forwards = {"probed batch (engine, exact)": lambda: engine.run_batch(traj, e0, batch),
                 "probed batch (engine, fast)": lambda: fast.run_batch(traj, e0, batch),
                 "plain forward of the same layers": plain_partial,
-                "clean trajectory, captures": lambda: engine.trajectory(
-                    clip, capture=("entropy", "segment_mass"), capture_sites="*", cache_heads=()),
+                "clean trajectory, captures": lambda: engine.trajectory(clip, **CLEAN_CAPTURES),
                 "plain sampler run": lambda: model.separate(clip.mixture, clip.sample_rate, clip.prompt, steps=16)}
     times: dict = {name: [] for name in list(variants) + list(forwards)}
     if args.workers_only:

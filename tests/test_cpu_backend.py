@@ -40,11 +40,24 @@ def isa(request, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
+def _two_threads(monkeypatch):
+    # every call of these small cases runs on two kernel threads (kernel_threads would give small calls one)
+    monkeypatch.setattr(backend_cpu, "MIN_WORK_PER_THREAD", 1)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+def test_small_calls_run_on_fewer_kernel_threads(monkeypatch):
+    monkeypatch.setattr(backend_cpu, "MIN_WORK_PER_THREAD", 32 << 20)
+    g = torch.Generator().manual_seed(0)
+    small = build_plan(*(torch.randn(1, 4, 200, 64, generator=g) for _ in range(3)))  # 20M multiply-adds
+    large = build_plan(*(torch.randn(4, 4, 200, 64, generator=g).expand(4, 4, 200, 64) for _ in range(3)))
+    assert backend_cpu.kernel_threads(small) == 1
+    assert backend_cpu.kernel_threads(large) == 2  # 82M: two threads, capped by torch's count
+    torch.set_num_threads(1)
+    assert backend_cpu.kernel_threads(large) == 1
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
@@ -269,6 +282,31 @@ def test_opcheck():
             plan.segment_bias, plan.head_gate, plan.out_bias, plan.out_patch, plan.patch_mask,
             [n in plan.capture for n in CAPTURE_NAMES], "cpu")
     torch.library.opcheck(torch.ops.latentflow.probed_attention.default, args)
+
+
+def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
+    """Plain eager calls without gradients run the backend directly (probed_attention._eager_plain); the
+    result is bitwise the custom op's, and calls needing gradients still go through the op."""
+    import importlib
+
+    module = importlib.import_module("latentflow_fast.ops.probed_attention")  # the name is also the function's
+    q, k, v, kwargs = _all_args(2, seed=6)
+    plan = build_plan(q, k, v, **kwargs)
+    flags = [n in plan.capture for n in CAPTURE_NAMES]
+    via_op = torch.ops.latentflow.probed_attention.default(
+        plan.q, plan.k, plan.v, plan.key_padding_mask, plan.scale, plan.segments, plan.logit_scale,
+        plan.segment_bias, plan.head_gate, plan.out_bias, plan.out_patch, plan.patch_mask, flags, "cpu")
+    calls = []
+    op = module._probed_attention_op
+    monkeypatch.setattr(module, "_probed_attention_op", lambda *a: calls.append(1) or op(*a))
+    out, caps = probed_attention(q, k, v, backend="cpu", **kwargs)
+    assert not calls  # the dispatcher was skipped
+    assert torch.equal(out, via_op[0])
+    assert caps.keys() == set(plan.capture)
+    for name in plan.capture:
+        assert torch.equal(caps[name], via_op[1 + CAPTURE_NAMES.index(name)])
+    out_grad, _ = probed_attention(q.clone().requires_grad_(), k, v, backend="cpu", **kwargs)
+    assert calls and out_grad.grad_fn is not None and torch.equal(out_grad.detach(), out)
 
 
 def test_torch_compile():

@@ -49,6 +49,29 @@ def test_non_finite_inputs_are_refused(name):
     assert issubclass(NonFiniteError, ValueError)
 
 
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [math.inf, -math.inf])
+def test_infinite_inputs_are_refused_even_when_opposite_infinities_cancel(name, bad):
+    # the check sums each input first (plan._sum_finite): +inf and -inf together must still be caught
+    q, k, v = _qkv()
+    tensors = {"q": q, "k": k, "v": v}
+    tensors[name][0, 1, 1, 1] = bad
+    tensors[name][1, 0, 0, 0] = -bad
+    with pytest.raises(NonFiniteError, match=rf"^{name} holds 2 non-finite"):
+        lf.probed_attention(tensors["q"], tensors["k"], tensors["v"])
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_finite_inputs_whose_sum_overflows_are_accepted(name):
+    # huge finite values overflow the float32 sum of the quick check; the exact check then lets them pass
+    q, k, v = _qkv()
+    tensors = {"q": q, "k": k, "v": v}
+    tensors[name][:, :, :2] = 3e38
+    assert not math.isfinite(float(tensors[name].sum()))
+    out, _ = lf.probed_attention(tensors["q"], tensors["k"], tensors["v"], backend="reference")
+    assert out.shape == q.shape
+
+
 def test_minus_inf_segment_bias_still_knocks_out():
     q, k, v = _qkv()
     out, cap = lf.probed_attention(q, k, v, segments=[0, 3, 6], segment_bias=torch.tensor([-math.inf, 0.0]),

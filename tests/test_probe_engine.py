@@ -288,6 +288,29 @@ def test_shared_conditioning_is_bitwise_the_per_row_computation(setup):
     assert torch.equal(shared, per_row)
 
 
+def test_model_layers_switching_themselves_give_the_function_modes_bits(setup):
+    """The model's own layers compute per row when batch invariance is on (a thread-local flag); the
+    TorchFunctionMode that rewrites every F.linear (the fallback for other models) gives the same bits."""
+    from latentflow_fast.probe.invariance import layers_switch_themselves
+
+    engine, traj = setup
+    assert engine._native_invariance and layers_switch_themselves(engine.model)
+    moded = ProbeEngine(engine.model, time_bins=4)
+    moded._native_invariance = False  # force the TorchFunctionMode path
+    moded.add_run("clean", traj)
+    moded.add_run("other", engine.runs["other"])
+    probes = [p for p in mixed_probes(engine.sites, evaluations=(1,))][:12]
+    a = engine.sweep(traj, probes, progress=False, batch_size=5)
+    b = moded.sweep(traj, probes, progress=False, batch_size=5)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    again = moded.trajectory(traj.clip, steps=STEPS, capture=("entropy", "segment_mass"))
+    assert all(torch.equal(x, y) for x, y in zip(again.velocities, traj.velocities))
+    # outside batch_invariant() the layers are plain nn.Linear / nn.Conv1d
+    x = torch.randn(3, 5, engine.model.config.dim)
+    layer = engine.model.transformer.layers[0].attention.wq
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
 def test_unprobed_sites_run_native_attention_and_stay_exact(setup, monkeypatch):
     """Without captures the clean run uses torch SDPA at every site; in a batch only the rows that
     intervene at a site go through the probed kernel there. Identity rows stay exactly zero, and the
@@ -386,6 +409,35 @@ def test_steering_vectors_are_registered_checked_and_applied(setup):
     independent = float((expected - clean).norm() / clean.norm())
     assert row["local_effect"] > 0
     assert row["local_effect"] == pytest.approx(independent, rel=1e-3)
+
+
+def test_batch_invariance_flag_is_per_thread_and_restored():
+    """batch_invariant(native=True) switches the model's layers in the calling thread only, and restores."""
+    import threading
+
+    from latentflow_fast.models.invariant import batch_invariant_on
+    from latentflow_fast.probe.invariance import batch_invariant
+
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other():
+        inside.wait()
+        seen["other"] = batch_invariant_on()
+        done.set()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    with batch_invariant(native=True):
+        seen["inside"] = batch_invariant_on()
+        with batch_invariant(native=True):
+            pass
+        seen["nested exit"] = batch_invariant_on()
+        inside.set()
+        done.wait()
+    worker.join()
+    seen["after"] = batch_invariant_on()
+    assert seen == {"inside": True, "nested exit": True, "other": False, "after": False}
 
 
 def test_single_threaded_is_per_thread_and_restores():

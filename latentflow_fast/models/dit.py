@@ -21,6 +21,7 @@ from ..ops.profiling import nvtx_range
 from .attention import AttentionRouter, site_name
 from .config import SAMAudioConfig
 from .hook_points import HookPointModule
+from .invariant import Conv1d, Linear
 
 # Residual-stream hook points of every DiT block, in forward order (all [B, T, D]).
 HOOK_POINTS = ("hook_resid_pre", "hook_attn_out", "hook_cross_attn_out", "hook_resid_mid", "hook_mlp_out",
@@ -118,10 +119,10 @@ class Attention(nn.Module):
         self.head_dim = dim // n_heads
         self.site = site
         self.router = router  # shared plain object: not a submodule, adds no state-dict keys
-        self.wq = nn.Linear(dim, dim, bias=bias)
-        self.wk = nn.Linear(dim, dim, bias=bias)
-        self.wv = nn.Linear(dim, dim, bias=bias)
-        self.wo = nn.Linear(dim, dim, bias=bias)
+        self.wq = Linear(dim, dim, bias=bias)
+        self.wk = Linear(dim, dim, bias=bias)
+        self.wv = Linear(dim, dim, bias=bias)
+        self.wo = Linear(dim, dim, bias=bias)
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, norm_eps)
@@ -157,9 +158,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, bias: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.w1 = nn.Linear(in_dim, hidden_dim, bias=bias)
-        self.w2 = nn.Linear(hidden_dim, out_dim, bias=bias)
-        self.w3 = nn.Linear(in_dim, hidden_dim, bias=bias)
+        self.w1 = Linear(in_dim, hidden_dim, bias=bias)
+        self.w2 = Linear(hidden_dim, out_dim, bias=bias)
+        self.w3 = Linear(in_dim, hidden_dim, bias=bias)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,7 +214,7 @@ class ConvBlock(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 3):
         super().__init__()
         self.groupnorm = nn.GroupNorm(1, channels)
-        self.project = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.project = Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(F.silu(self.groupnorm(x)))
@@ -283,11 +284,11 @@ class DiT(nn.Module):
         self.layers = nn.ModuleList(DiTBlock(cfg, i, self.attention_router) for i in range(cfg.n_layers))
         self._range_names = [f"latentflow.layer.{i}" for i in range(cfg.n_layers)]
         self.norm = RMSNorm(D, cfg.norm_eps)
-        self.output = nn.Linear(D, cfg.out_channels, bias=cfg.fc_bias)
+        self.output = Linear(D, cfg.out_channels, bias=cfg.fc_bias)
         self.x_embedder = Patcher(D)
         self.y_embedder = ContextEmbedder(cfg.context_dim, D, cfg.fc_bias, cfg.context_norm, cfg.norm_eps)
         self.t_embedder = TimestepEmbedder(D, cfg.frequency_embedding_dim, cfg.fc_bias)
-        self.t_block = nn.Linear(D, 6 * D, bias=cfg.t_block_bias)
+        self.t_block = Linear(D, 6 * D, bias=cfg.t_block_bias)
         self.final_layer_scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
 
     def forward(self, x: Optional[torch.Tensor], time: torch.Tensor, memory: torch.Tensor,

@@ -20,6 +20,7 @@ from .attention import AttentionRouter
 from .codecs import AudioCodec
 from .config import SAMAudioConfig
 from .dit import DiT
+from .invariant import Conv1d, Linear
 from .text import TextEncoder
 
 
@@ -42,7 +43,7 @@ class AlignModalities(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.conv = nn.Conv1d(in_dim, dim, kernel_size=1)
+        self.conv = Conv1d(in_dim, dim, kernel_size=1)
         self.layer_norm = nn.LayerNorm(dim)
         self.gate = nn.Parameter(torch.zeros(1))
 
@@ -57,7 +58,7 @@ class EmbedAnchors(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(num_anchors + 1, embedding_dim, padding_idx=num_anchors)
         self.gate = nn.Parameter(torch.zeros(1))
-        self.proj = nn.Linear(embedding_dim, dim, bias=False)
+        self.proj = Linear(embedding_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, anchor_ids: torch.Tensor, anchor_alignment: torch.Tensor) -> torch.Tensor:
         return x + self.gate.tanh() * self.proj(self.embed(anchor_ids.gather(1, anchor_alignment)))
@@ -96,8 +97,8 @@ class SAMAudio(nn.Module):
             raise TypeError(f"config must be a SAMAudioConfig, got {type(config).__name__}")
         self.config = config
         D = config.dim
-        self.proj = nn.Linear(config.in_channels, D)
-        self.memory_proj = nn.Linear(config.text_dim, D)
+        self.proj = Linear(config.in_channels, D)
+        self.memory_proj = Linear(config.text_dim, D)
         self.timestep_emb = SinusoidalEmbedding(D)
         self.transformer = DiT(config)
         self.align_masked_video = AlignModalities(config.vision_dim, D) if config.vision_dim else None
@@ -109,6 +110,10 @@ class SAMAudio(nn.Module):
     @property
     def attention_router(self) -> AttentionRouter:
         return self.transformer.attention_router
+
+    def network_modules(self) -> list:
+        """The modules `forward` runs (not the codec or the text encoder, which run in `prepare` / `decode`)."""
+        return [m for name, m in self.named_children() if name not in ("audio_codec", "text_encoder")]
 
     # ------------------------------------------------------------------ network
     def embed_inputs(self, noisy: torch.Tensor, mixture: torch.Tensor,

@@ -2,7 +2,7 @@
 
 Outputs are allocated here with torch (out contiguous [B, H, Nq, Dv] in q's dtype, captures float32);
 the kernel gets raw pointers, shapes and strides and runs with the GIL released on
-`torch.get_num_threads()` threads.
+`torch.get_num_threads()` threads, fewer for small calls (`kernel_threads`; results do not depend on it).
 
 `LATENTFLOW_CPU_ISA` = "auto" (default) | "avx512" | "avx2" | "generic" picks the micro-kernels, read at
 every call. "auto" takes the best path this CPU has (AVX-512, else AVX2 + FMA, else the portable one);
@@ -123,6 +123,19 @@ def _dense(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tens
     return None if t is None else t.to(dtype).contiguous()
 
 
+# Multiply-adds one extra kernel thread must get to pay off. The kernel starts its threads per call, and
+# they compete with torch's OpenMP workers, which spin for a while after every torch op: measured on the
+# 2-core test machine (2026-11-29), a second thread made a batch-1 call of the small model ([1, 4, 200, 64],
+# 20M multiply-adds) 10-20% slower, broke even at 40M and gave 1.75x at 1300M.
+MIN_WORK_PER_THREAD = 32 << 20
+
+
+def kernel_threads(plan: AttentionPlan) -> int:
+    """Threads for one call: torch's intra-op count, fewer for small calls. Results do not depend on it."""
+    work = plan.batch * plan.heads * plan.num_queries * plan.num_keys * (plan.head_dim + plan.value_dim)
+    return max(1, min(torch.get_num_threads(), work // MIN_WORK_PER_THREAD))
+
+
 def run(plan: AttentionPlan):
     q, k, v = plan.q, plan.k, plan.v
     if q.device.type != "cpu":
@@ -170,7 +183,7 @@ def run(plan: AttentionPlan):
         attn_mask_head_stride=am_strides[1],
         out=out.data_ptr(),
         **{name: t.data_ptr() for name, t in captures.items()},
-        num_threads=torch.get_num_threads(),
+        num_threads=kernel_threads(plan),
         isa=_isa(),
     )
     return out, captures

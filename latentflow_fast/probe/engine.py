@@ -45,7 +45,7 @@ from ..numerics import NonFiniteError, check_finite, first_nonfinite_module
 from ..sampler import METHODS, evaluation_schedule, sample_ode
 from . import distributed
 from .batching import BatchSizer, is_out_of_memory
-from .invariance import batch_invariant, single_threaded
+from .invariance import batch_invariant, intra_op_threads, layers_switch_themselves, single_threaded
 from .interventions import logit_scale
 from .probes import MapRequest, Probe, Reduction, Reuse, expand_sites
 from .store import ResultStore
@@ -92,6 +92,9 @@ class Trajectory:
     kernel_sites: frozenset = frozenset()
     # reduction name -> site -> [E, ...] per-evaluation reductions of exact maps (Reduction)
     reductions: dict = field(default_factory=dict)
+    # intra-op threads the sampling ran on after its first evaluation (exact mode: > 1 only where a check
+    # found them bitwise equal to one thread, see ProbeEngine.trajectory); None: torch's count, not pinned
+    threads: Optional[int] = None
 
     @property
     def num_evaluations(self) -> int:
@@ -118,6 +121,29 @@ def time_bins(num_frames: int, bins: int) -> list[int]:
     """Boundaries of `bins` near-equal contiguous time bins over `num_frames` frames (fewer if short)."""
     bins = max(1, min(bins, num_frames))
     return [round(i * num_frames / bins) for i in range(bins + 1)]
+
+
+def _same_evaluation(a, b) -> bool:
+    """Two clean evaluations (context, recorded layer inputs, velocity) hold the same bits everywhere."""
+    (ca, ra, va), (cb, rb, vb) = a, b
+
+    def same(x, y):  # NaN never equals itself: such a run keeps one thread (the safe answer)
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        return x.dtype == y.dtype and torch.equal(x, y)
+
+    if not same(va, vb) or len(ra) != len(rb) or not all(same(x, y) for x, y in zip(ra, rb)):
+        return False
+    for mine, theirs in ((ca.captured, cb.captured), (ca.head_outputs, cb.head_outputs)):
+        if mine.keys() != theirs.keys():
+            return False
+        for key in mine:
+            x, y = mine[key], theirs[key]
+            if isinstance(x, dict):  # captures: name -> tensor
+                if x.keys() != y.keys() or not all(same(x[n], y[n]) for n in x):
+                    return False
+            elif not same(x, y):
+                return False
+    return True
 
 
 @dataclass
@@ -158,10 +184,16 @@ class ProbeEngine:
     workers: sweeps run in this many single-threaded worker processes (CPU models; see `workers.py`):
         exact mode on every core, same table bitwise as workers=1 (in-process). Call `close()` (or use the
         engine as a context manager) to stop them early; they also stop with the process.
+    trajectory_threads: intra-op threads of the clean trajectory in exact mode on CPU (default None: torch's
+        count when `trajectory` is called). It runs at batch 1, always the same way, so it may use several
+        threads when they give one thread's bits: the first trajectory of each configuration compares its
+        first evaluation on one thread and on these threads, and falls back to one thread if any bit differs.
+        Set 1 where other processes already use the other cores (clip-sharded protocol runs).
     """
 
     def __init__(self, model, backend: str = "auto", time_bins: int = 16, exact: bool = True,
-                 prefix_reuse: bool = True, prefix_cache_bytes: int = 2 << 30, workers: int = 1):
+                 prefix_reuse: bool = True, prefix_cache_bytes: int = 2 << 30, workers: int = 1,
+                 trajectory_threads: Optional[int] = None):
         if not hasattr(model, "attention_router"):
             raise TypeError("model must expose an `attention_router` (a SAM-Audio-architecture model); "
                             "for other modules use latentflow_fast.probe.trace")
@@ -185,10 +217,19 @@ class ProbeEngine:
         from .workers import check_workers
 
         self.workers = check_workers(workers)
+        if trajectory_threads is not None and (isinstance(trajectory_threads, bool)
+                                               or not isinstance(trajectory_threads, int) or trajectory_threads < 1):
+            raise ValueError(f"trajectory_threads must be None or a positive int, got {trajectory_threads!r}")
+        self.trajectory_threads = trajectory_threads
+        # (threads, shapes, what the run records) -> bool: does a clean evaluation on that many threads give
+        # one thread's bits? Decided once per configuration by ProbeEngine._clean_threads.
+        self._thread_verdicts: dict = {}
         if self.workers > 1 and next(model.parameters()).device.type != "cpu":
             raise ValueError(f"workers={workers}: worker processes are for CPU models (on a GPU exact mode keeps "
                              "the device busy in one process); use workers=1")
         self._pool = None
+        # the model's layers are batch invariant by themselves: no TorchFunctionMode around every torch call
+        self._native_invariance = layers_switch_themselves(model)
         self.sites = model_sites(model)
         self.site_layers = {s: site_layer(s) for s in self.sites}
         self.num_heads = model.config.n_heads
@@ -417,11 +458,17 @@ class ProbeEngine:
     # ------------------------------------------------------------------ forward helpers
     def _forward(self, ctx: _Context, inputs, state: torch.Tensor, evaluation: int, t: float,
                  start_layer: int = 0, hidden: Optional[torch.Tensor] = None,
-                 layer_inputs: Optional[list] = None) -> torch.Tensor:
-        """One evaluation of the rows of `state`; `inputs` (batch 1) are shared by every row."""
+                 layer_inputs: Optional[list] = None, threads: Optional[int] = None) -> torch.Tensor:
+        """One evaluation of the rows of `state`; `inputs` (batch 1) are shared by every row.
+        `threads`: intra-op threads (CPU); default one in exact mode, torch's count otherwise."""
         ctx.evaluation = evaluation
-        threads = single_threaded() if self.exact and state.device.type == "cpu" else contextlib.nullcontext()
-        with self._installed(ctx), batch_invariant(), threads, nvtx_range(f"latentflow.evaluation.{evaluation}"):
+        if threads is not None and state.device.type == "cpu":
+            threads = intra_op_threads(threads)
+        elif self.exact and state.device.type == "cpu":
+            threads = single_threaded()
+        else:
+            threads = contextlib.nullcontext()
+        with self._installed(ctx), batch_invariant(self._native_invariance), threads, nvtx_range(f"latentflow.evaluation.{evaluation}"):
             time_ = torch.full((1,), t, dtype=torch.float32, device=state.device)
             return self.model(state, time_, inputs.mixture, inputs.text, inputs.text_mask,
                               start_layer=start_layer, hidden=hidden, layer_inputs=layer_inputs)
@@ -463,21 +510,37 @@ class ProbeEngine:
         reduce_at = {s: rs for s, rs in reduce_at.items() if rs}
         reduced: dict = {(r.name, s): [] for s, rs in reduce_at.items() for r in rs}
         cache_left = self.prefix_cache_bytes if self.prefix_reuse else 0
+        # threads: None = the engine's default (one in exact mode); an int once the check has run
+        threads, verdict_key = self._clean_threads(inputs, capture, capture_at, heads_at, maps, reduce_at)
 
-        def evaluate(state, t, evaluation):
-            nonlocal cache_left
+        def run(state, t, evaluation, threads):
             ctx = _Context(rows=[None], capture={s: tuple(capture) for s in capture_at}, cache_heads=heads_at,
                            kernel_sites=frozenset(capture_at))
             ctx.maps = {m.site: m for m in maps if m.evaluations is None or evaluation in m.evaluations}
             ctx.reductions = reduce_at
             recorded: list = []
             try:
-                v = self._forward(ctx, inputs, state, evaluation, t, layer_inputs=recorded)
+                v = self._forward(ctx, inputs, state, evaluation, t, layer_inputs=recorded, threads=threads)
             except NonFiniteError as exc:
                 raise NonFiniteError(f"clean run of clip {clip.clip_id!r}: {exc}") from None
             check_finite(v, f"clean velocity of clip {clip.clip_id!r} at evaluation {evaluation} (t={t:.4f})",
                          where=lambda: first_nonfinite_module(model, lambda: self._forward(
                              _Context(rows=[None]), inputs, state, evaluation, t)))
+            return ctx, recorded, v
+
+        def evaluate(state, t, evaluation):
+            nonlocal cache_left, threads
+            if verdict_key is not None and verdict_key not in self._thread_verdicts:
+                # First run of this configuration: the evaluation on one thread is the result; the same
+                # evaluation on `threads` threads decides whether the rest of the run (and later runs) may
+                # use them. Which path each op takes (kernel choice, how a tensor is split between threads)
+                # depends on shapes and the thread count only, the same at every evaluation.
+                ctx, recorded, v = run(state, t, evaluation, 1)
+                same = _same_evaluation((ctx, recorded, v), run(state, t, evaluation, verdict_key[0]))
+                self._thread_verdicts[verdict_key] = same
+                threads = verdict_key[0] if same else None
+            else:
+                ctx, recorded, v = run(state, t, evaluation, threads)
             size = sum(x.numel() * x.element_size() for x in recorded)
             if recorded and size <= cache_left:
                 layer_cache[evaluation] = recorded
@@ -513,12 +576,28 @@ class ProbeEngine:
             sampling_seconds=sampling_seconds,
             layer_inputs=layer_cache,
             kernel_sites=frozenset(capture_at),
+            threads=threads if threads is not None else (1 if self.exact and x.device.type == "cpu" else None),
         )
         for (rname, s), values in reduced.items():
             traj.reductions.setdefault(rname, {})[s] = torch.stack(values)
         if name is not None:
             self.runs[name] = traj
         return traj
+
+    def _clean_threads(self, inputs, capture, capture_at, heads_at, maps, reduce_at):
+        """-> (threads for the clean run, or None for the default; the key of a thread check still to run, or
+        None). Only exact mode on CPU pins one thread, so only there can more threads be worth a check.
+        Runs with map requests or reductions keep the default: the check would call the reduction callbacks
+        twice, and materialising maps dominates their cost anyway."""
+        threads = self.trajectory_threads or torch.get_num_threads()
+        if not self.exact or inputs.noise.device.type != "cpu" or threads == 1 or maps or reduce_at:
+            return None, None
+        key = (threads, tuple(inputs.noise.shape), tuple(inputs.text.shape), str(inputs.noise.dtype),
+               tuple(capture), tuple(sorted(capture_at)), tuple(sorted(heads_at)))
+        verdict = self._thread_verdicts.get(key)
+        if verdict is None:
+            return None, key
+        return (threads if verdict else None), None
 
     def add_vector(self, name: str, vector) -> None:
         """Register a steering vector for `output_bias` probes (`Probe.source` = `name`): one [hd] vector

@@ -1,12 +1,13 @@
-"""Batch-invariant execution of a model's linear layers.
+"""Batch-invariant execution of a model's linear layers, and the intra-op thread count.
 
 CPU (and GPU) GEMM libraries pick kernels by problem size, so row r of `x @ W.T` can change in its last
 bits with the number of rows in the batch, and even with its position among them. Probing compares
 branches with the clean run bit for bit (a probe that changes nothing must have an effect of exactly
 zero, and a sweep must give the same numbers however its probes were batched or sharded). Inside
-`batch_invariant()`, F.linear runs as a batched matmul with one [T, K] x [K, N] product per batch row,
+`batch_invariant()`, linear layers run as a batched matmul with one [T, K] x [K, N] product per batch row,
 and convolutions run one row at a time: every row sees the same problem shape whatever the batch size,
-hence the same bits.
+hence the same bits. The model's own layers do it themselves (`models/invariant.py`); for modules with
+other layers a TorchFunctionMode rewrites every F.linear / convolution call.
 The attention itself goes through the probed operator, whose kernels are batch invariant by design.
 """
 
@@ -18,24 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..models.invariant import batch_invariant_conv, batch_invariant_linear, covers, set_batch_invariant
 
-def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-    """F.linear whose result for x[b] does not depend on the other rows of x."""
-    if x.dim() < 2:
-        return F.linear(x, weight, bias)
-    rows, k = x.shape[0], x.shape[-1]
-    out = torch.bmm(x.reshape(rows, -1, k), weight.t().expand(rows, k, weight.shape[0]))
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def batch_invariant_conv(conv, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A convolution run one batch row at a time: every call has the same shape whatever the batch."""
-    if x.dim() < 3 or x.shape[0] == 1:
-        return conv(x, *args, **kwargs)
-    return torch.cat([conv(x[i : i + 1], *args, **kwargs) for i in range(x.shape[0])])
-
+__all__ = ["batch_invariant", "layers_switch_themselves", "batch_invariant_conv", "batch_invariant_linear", "intra_op_threads", "single_threaded"]
 
 _CONVOLUTIONS = (F.conv1d, F.conv2d)
 
@@ -50,12 +36,31 @@ class _BatchInvariantMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def batch_invariant():
-    """Context manager: linear layers computed per batch row (see module docstring)."""
-    return _BatchInvariantMode()
+def layers_switch_themselves(model) -> bool:
+    """True when every linear layer and convolution that `model`'s forward runs is one of
+    `models.invariant`'s (SAMAudio: `network_modules()`), so `batch_invariant(native=True)` covers it."""
+    return hasattr(model, "network_modules") and covers(model.network_modules())
 
 
 @contextlib.contextmanager
+def batch_invariant(native: bool = False):
+    """Context manager: linear layers and convolutions computed per batch row (see module docstring).
+
+    native=True: only switch the model's own layers (a thread-local flag), for code whose every linear layer
+    and convolution is one of them (`layers_switch_themselves`). Default: also rewrite every F.linear /
+    convolution call with a TorchFunctionMode (Python for every torch call).
+    """
+    previous = set_batch_invariant(True)
+    try:
+        if native:
+            yield
+        else:
+            with _BatchInvariantMode():
+                yield
+    finally:
+        set_batch_invariant(previous)
+
+
 def single_threaded():
     """Run torch CPU ops on one intra-op thread in the calling Python thread, restoring its previous count.
 
@@ -67,11 +72,18 @@ def single_threaded():
     torch's intra-op thread count is an OpenMP setting of the calling thread, so each Python thread sets
     and restores its own (tested): two threads in such blocks at once do not undo each other's setting.
     """
+    return intra_op_threads(1)
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    """Run torch CPU ops on `count` intra-op threads in the calling Python thread, restoring its previous
+    count (a per-thread setting, see `single_threaded`)."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == count:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:

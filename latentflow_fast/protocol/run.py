@@ -318,7 +318,8 @@ def _clip_shard_main(rank: int, phase: list, config, model, clips: list, out_dir
     die_with_parent()  # a killed run leaves no process writing shards behind the rerun
     torch.set_num_threads(threads)
     try:
-        engine = ProbeEngine(model.eval(), backend=config.backend, time_bins=config.time_bins)
+        # trajectory_threads=1: the other processes hold the other cores (the bits are the same either way)
+        engine = ProbeEngine(model.eval(), backend=config.backend, time_bins=config.time_bins, trajectory_threads=1)
         ctx = ProtocolContext(config=config, model=model, engine=engine, clips=clips, out_dir=Path(out_dir),
                               progress=progress, store_rank=rank)
         ctx.summaries.update(summaries)
