@@ -16,8 +16,13 @@ using latentflow::ProbedAttentionCpuArgs;
 namespace {
 
 template <typename T>
+T* from_address(uint64_t address) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(address));
+}
+
+template <typename T>
 T* as_pointer(const py::handle& value) {
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(value.cast<uint64_t>()));
+  return from_address<T>(value.cast<uint64_t>());
 }
 
 std::array<int64_t, 4> as_strides(const py::handle& value, const char* name) {
@@ -91,18 +96,18 @@ void head_norm_rope_cpu_py(uint64_t x, int64_t x_batch_stride, int64_t x_frame_s
                            int64_t frames, int64_t heads, int64_t head_dim, uint64_t weight, float eps,
                            uint64_t cos, uint64_t sin, uint64_t out, int num_threads) {
   latentflow::HeadNormRopeArgs a;
-  a.x = reinterpret_cast<const float*>(static_cast<uintptr_t>(x));
+  a.x = from_address<const float>(x);
   a.x_batch_stride = x_batch_stride;
   a.x_frame_stride = x_frame_stride;
   a.batch = batch;
   a.frames = frames;
   a.heads = heads;
   a.head_dim = head_dim;
-  a.weight = reinterpret_cast<const float*>(static_cast<uintptr_t>(weight));
+  a.weight = from_address<const float>(weight);
   a.eps = eps;
-  a.cos = reinterpret_cast<const float*>(static_cast<uintptr_t>(cos));
-  a.sin = reinterpret_cast<const float*>(static_cast<uintptr_t>(sin));
-  a.out = reinterpret_cast<float*>(static_cast<uintptr_t>(out));
+  a.cos = from_address<const float>(cos);
+  a.sin = from_address<const float>(sin);
+  a.out = from_address<float>(out);
   a.num_threads = num_threads;
   py::gil_scoped_release release;
   latentflow::head_norm_rope_cpu(a);
@@ -112,16 +117,16 @@ void norm_modulate_cpu_py(uint64_t x, int64_t batch, int64_t frames, int64_t dim
                           uint64_t shift, uint64_t scale, int64_t modulation_batch_stride, uint64_t out,
                           int num_threads) {
   latentflow::NormModulateArgs a;
-  a.x = reinterpret_cast<const float*>(static_cast<uintptr_t>(x));
+  a.x = from_address<const float>(x);
   a.batch = batch;
   a.frames = frames;
   a.dim = dim;
-  a.weight = reinterpret_cast<const float*>(static_cast<uintptr_t>(weight));
+  a.weight = from_address<const float>(weight);
   a.eps = eps;
-  a.shift = reinterpret_cast<const float*>(static_cast<uintptr_t>(shift));
-  a.scale = reinterpret_cast<const float*>(static_cast<uintptr_t>(scale));
+  a.shift = from_address<const float>(shift);
+  a.scale = from_address<const float>(scale);
   a.modulation_batch_stride = modulation_batch_stride;
-  a.out = reinterpret_cast<float*>(static_cast<uintptr_t>(out));
+  a.out = from_address<float>(out);
   a.num_threads = num_threads;
   py::gil_scoped_release release;
   latentflow::norm_modulate_cpu(a);

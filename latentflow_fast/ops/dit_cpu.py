@@ -29,13 +29,15 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # not FakeTensor, func
 
 
 def _native():
+    """The native module when it has the DiT passes, else False (looked up once)."""
     global _native_module
     if _native_module is None:
         try:
             from latentflow_fast import _C  # noqa: PLC0415
         except ImportError:
-            _C = False
-        _native_module = _C if _C is not False and hasattr(_C, "norm_modulate_cpu") else False
+            _native_module = False
+        else:
+            _native_module = _C if hasattr(_C, "norm_modulate_cpu") else False
     return _native_module
 
 
