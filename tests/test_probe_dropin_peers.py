@@ -302,6 +302,51 @@ def test_module_tree_changes_are_seen_by_the_next_trace():
     assert seen == ["layers.1.hook_resid_post"]
 
 
+def test_sdpa_sites_follow_the_module_tree_between_traces():
+    """The module tree is walked once per model and reused while it is unchanged; blocks swapped, replaced or
+    wrapped between traces must name their SDPA calls by their new paths (a stale cache would attribute a
+    capture to the wrong layer)."""
+    torch.manual_seed(0)
+    model = Model().double().eval()
+    x, keep = inputs()
+
+    def entropy_by_site():
+        with torch.no_grad(), trace(model, capture=("entropy",)) as tr:
+            model(x, keep)
+        return {site: tr[site].entropy for site in tr.sites}
+
+    first = entropy_by_site()
+    assert list(first) == ["blocks.0", "blocks.1"]
+    b0, b1 = model.blocks[0], model.blocks[1]
+    model.blocks[0], model.blocks[1] = b1, b0  # same modules, swapped paths
+    swapped = entropy_by_site()
+    assert list(swapped) == ["blocks.0", "blocks.1"]
+    # the first layer's entropy depends only on x and that layer: after the swap it is b1's
+    assert not torch.equal(swapped["blocks.0"], first["blocks.0"])
+    model.blocks[0], model.blocks[1] = b0, b1
+    torch.testing.assert_close(entropy_by_site()["blocks.0"], first["blocks.0"], rtol=0, atol=0)
+
+    class Skip(nn.Module):
+        def forward(self, x, keep):
+            return x
+
+    model.blocks[1] = Skip()  # a replaced module
+    model.wrapped = nn.ModuleDict({"inner": b1})  # a module under a new parent is named by that parent
+    with torch.no_grad(), trace(model, capture=("entropy",)) as tr:
+        model(x, keep)
+        model.wrapped["inner"](x, keep)
+    assert tr.sites == ["blocks.0", "wrapped.inner"]
+
+
+def test_module_cycles_do_not_hang_the_tree_walk():
+    model = Model().double().eval()
+    model.blocks[0].back = model  # a cycle through the root
+    x, keep = inputs()
+    with torch.no_grad(), trace(model, capture=("entropy",)) as tr:
+        model(x, keep)
+    assert tr.sites == ["blocks.0", "blocks.1"]
+
+
 def test_output_edit_with_many_gated_pairs_matches_the_operator():
     """Past 32 gated (row, head) pairs the edit is one indexed multiply instead of a loop over views."""
     torch.manual_seed(0)

@@ -64,7 +64,7 @@ from torch import Tensor
 
 from ..ops import CAPTURE_NAMES, probed_attention
 from . import interventions as vocabulary
-from .intercept import AttentionCall, Interceptor, UnsupportedAttentionError, intercept, static_sites
+from .intercept import AttentionCall, Interceptor, UnsupportedAttentionError, intercept, model_tree, static_sites
 
 __all__ = [
     "HOOK_KINDS",
@@ -317,9 +317,9 @@ class Trace:
         self._forwards = 0
         self.pattern_slice = (None, None)
         self._plans: dict[str, _SitePlan] = {}
-        named = list(model.named_modules())  # one walk, shared by the router lookup and the structure cache
-        self._interceptor = Interceptor(model, self, intercept_sdpa, [m for _, m in named])
-        self._points, self._out_projs = _structure(model, named)  # hook name -> (how, module); site -> out projection
+        tree = model_tree(model)  # cached per model: a trace per probe does not walk the module tree again
+        self._interceptor = Interceptor(model, self, intercept_sdpa, tree)
+        self._points, self._out_projs = _structure(model, tree)  # hook name -> (how, module); site -> out projection
         self._point_plans: dict[str, tuple] = {}
         self._point_handles: dict = {}  # name -> handle, for the points installed (see _install_wanted_points)
         self._inside = False
@@ -341,7 +341,7 @@ class Trace:
     def _install_wanted_points(self) -> None:
         """Residual-stream points get a module hook only once a hook function or the cache names them (also
         when that happens inside the context): an unhooked point costs nothing."""
-        if not self._inside:
+        if not self._inside or not (self._hooks or self._cache_filter is not None):
             return
         for name, (how, module) in self._points.items():
             if name in self._point_handles:
@@ -911,11 +911,11 @@ class Trace:
 _STRUCTURE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (fingerprint, points, projections)
 
 
-def _structure(model: nn.Module, named: list) -> tuple[dict, dict]:
-    """(activation_points, output_projections) of `model`, recomputed only when its module tree changed (the
-    fingerprint: every (path, module) pair): a trace per probe in a loop would otherwise classify every module
-    each time. Read-only: callers must not modify the dicts."""
-    fingerprint = tuple((path, id(module)) for path, module in named)  # named: model.named_modules()
+def _structure(model: nn.Module, tree) -> tuple[dict, dict]:
+    """(activation_points, output_projections) of `model`, recomputed only when its module tree changed
+    (`tree`: its ModelTree): a trace per probe in a loop would otherwise classify every module each time.
+    Read-only: callers must not modify the dicts."""
+    fingerprint = tree.key
     found = _STRUCTURE.get(model)
     if found is None or found[0] != fingerprint:
         points, projections = activation_points(model), output_projections(model)

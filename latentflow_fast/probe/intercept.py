@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
@@ -264,24 +265,82 @@ def probed_mha_forward(mha: nn.MultiheadAttention, site: str, handler: SiteHandl
     return out, weights
 
 
-# ---------------------------------------------------------------------------------- router models
-def find_router(model: nn.Module, modules=None):
-    """The model's attention router (an object with a `handlers` dict), or None. `modules`: the model's
-    modules if the caller already walked them."""
-    router = getattr(model, "attention_router", None)
+# ---------------------------------------------------------------------------------- the module tree
+@dataclass(frozen=True, eq=False)
+class ModelTree:
+    """One walk of a model's module tree, reused by every trace of that model while the tree is unchanged
+    (a trace per probe in a loop would otherwise walk it twice per probe). The root module is left out of
+    the stored lists (a cached value that held the model would keep its weak key alive forever); `named()`
+    adds it back, and SDPA call naming checks the root first.
+
+    key: every (child name, child module) edge in walk order, cheap to recompute and compare (`_tree_key`).
+    """
+
+    key: tuple
+    below: tuple  # ((path, module), ...) of every module under the root, as model.named_modules() gives them
+    paths: dict  # id(module) -> (site path, module) for the modules under the root
+    router: object  # the attention router found on a module under the root (the root's own is looked up live)
+    mha: tuple  # ((path, module), ...) of the nn.MultiheadAttention modules under the root
+
+    def named(self, model: nn.Module) -> list:
+        return [("", model), *self.below]
+
+
+_TREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _tree_key(model: nn.Module) -> tuple:
+    """Every (child name, child module) edge of the module tree, depth first. Tuples compare modules by
+    identity, and the cached tree holds them (no id can be reused), so an equal key means the same tree. A
+    plain loop over `_modules` costs about a quarter of `named_modules()` (no generators, no path strings);
+    leaves are recorded by their parent and never visited."""
+    key, stack, seen = [], [model], {id(model)}
+    pop, push, extend = stack.pop, stack.append, key.extend
+    while stack:
+        children = pop()._modules
+        if children:
+            extend(children.items())
+            for child in children.values():
+                if child is not None and child._modules and id(child) not in seen:
+                    seen.add(id(child))
+                    push(child)
+    return tuple(key)
+
+
+def model_tree(model: nn.Module) -> ModelTree:
+    """The model's `ModelTree`, rebuilt only when a module was added, removed, renamed or moved."""
+    key = _tree_key(model)
+    tree = _TREES.get(model)
+    if tree is not None and tree.key == key:
+        return tree
+    below = tuple((path, module) for path, module in model.named_modules() if module is not model)
+    router = next((r for r in map(_own_router, (m for _, m in below)) if r is not None), None)
+    mha = tuple((path, module) for path, module in below if isinstance(module, nn.MultiheadAttention))
+    tree = ModelTree(key, below, {id(module): (path, module) for path, module in below}, router, mha)
+    if all(module is not model for _, module in key):  # a module cycle through the root: do not cache
+        _TREES[model] = tree
+    return tree
+
+
+def _own_router(module: nn.Module):
+    # look where an attribute can live before getattr: nn.Module.__getattr__ raises (slowly) on a miss
+    if "attention_router" in module.__dict__ or hasattr(type(module), "attention_router"):
+        return getattr(module, "attention_router", None)
+    return None
+
+
+def find_router(model: nn.Module, tree: Optional[ModelTree] = None):
+    """The model's attention router (an object with a `handlers` dict), or None: the root's own, else the
+    first found on a module under it."""
+    router = _own_router(model)
     if router is None:
-        for module in (model.modules() if modules is None else modules):
-            # look where an attribute can live before getattr: nn.Module.__getattr__ raises (slowly) on a miss
-            if "attention_router" in module.__dict__ or hasattr(type(module), "attention_router"):
-                router = getattr(module, "attention_router", None)
-                if router is not None:
-                    break
+        router = (tree or model_tree(model)).router
     return router if router is not None and isinstance(getattr(router, "handlers", None), dict) else None
 
 
-def router_sites(model: nn.Module, router) -> list[str]:
+def router_sites(model: nn.Module, router, tree: Optional[ModelTree] = None) -> list[str]:
     """Sites of the modules that call `router` (they carry `.site` and `.router`)."""
-    names = [m.site for m in model.modules()
+    names = [m.site for _, m in (tree or model_tree(model)).named(model)
              if getattr(m, "router", None) is router and isinstance(getattr(m, "site", None), str)]
     return list(dict.fromkeys(names))
 
@@ -350,18 +409,19 @@ class Interceptor:
     path switch, is shared by count (off while any interceptor needs it, then restored).
     """
 
-    def __init__(self, model: nn.Module, handler: SiteHandler, intercept_sdpa=None, modules=None):
+    def __init__(self, model: nn.Module, handler: SiteHandler, intercept_sdpa=None,
+                 tree: Optional[ModelTree] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if intercept_sdpa not in (None, True, False, "mode"):
             raise ValueError(f"intercept_sdpa must be None, True, False or 'mode', got {intercept_sdpa!r}")
         self.model = model
         self.handler = handler
-        self.router = find_router(model, modules)  # modules: model.modules(), if the caller has them
+        self.router = find_router(model, tree)  # tree: the model's ModelTree, if the caller has it
         # "patch": wrap torch.nn.functional.scaled_dot_product_attention; "mode": a TorchFunctionMode; None: off
         via = self.router is None if intercept_sdpa is None else intercept_sdpa
         self.intercept_sdpa = "mode" if via == "mode" else ("patch" if via else None)
-        self._paths: dict[int, tuple] = {}  # id(module) -> (path, module), for naming SDPA call sites
+        self._paths: dict[int, tuple] = {}  # id(module) -> (path, module) below the root, naming SDPA call sites
         self._counted: set = set()  # ids of the modules given a call-count reset pre-hook
         self.seen: dict[str, None] = {}  # every site called while active, in first-call order
         self._local = threading.local()
@@ -403,12 +463,13 @@ class Interceptor:
         self._owner = threading.get_ident()
         self._active = True
         try:
+            tree = model_tree(self.model)  # cached: one cheap walk unless the module tree changed
             if self.router is not None:
-                self._install_router()
-            named = list(self.model.named_modules())  # one walk for everything below
-            self._install_mha(named)
+                self._install_router(tree)
+            root_mha = ((ROOT_SITE, self.model),) if isinstance(self.model, nn.MultiheadAttention) else ()
+            self._install_mha(root_mha + tree.mha)
             if self.intercept_sdpa:
-                self._paths = {id(m): (path or ROOT_SITE, m) for path, m in named}
+                self._paths = tree.paths
                 self._counted = set()
                 if self.intercept_sdpa == "mode":
                     self._mode = _SDPAMode(self)
@@ -433,9 +494,9 @@ class Interceptor:
         while self._undo:
             self._undo.pop()()
 
-    def _install_router(self) -> None:
+    def _install_router(self, tree: ModelTree) -> None:
         router = self.router
-        for site in router_sites(self.model, router):
+        for site in router_sites(self.model, router, tree):
             previous = router.handlers.get(site)
             handler = self._router_handler(previous)
             router.handlers[site] = handler
@@ -475,11 +536,10 @@ class Interceptor:
         self._see(site)
         return self.handler.wants(site)
 
-    def _install_mha(self, named: list) -> None:
+    def _install_mha(self, modules) -> None:
+        """modules: ((site path, nn.MultiheadAttention), ...)."""
         found = False
-        for path, module in named:
-            if not isinstance(module, nn.MultiheadAttention):
-                continue
+        for path, module in modules:
             if not found:  # the fused TransformerEncoderLayer / MHA eval path would skip the swapped forward
                 found = True
                 _fastpath_off()
@@ -541,10 +601,12 @@ class Interceptor:
         """(path, module) of the innermost module of the model with a method on this thread's Python stack (a
         frame whose `self` is that module), or None: an SDPA call made outside the model's forward."""
         frame = sys._getframe(2)
-        paths = self._paths
+        paths, root = self._paths, self.model
         while frame is not None:
             obj = frame.f_locals.get("self")
             if obj is not None:
+                if obj is root:
+                    return ROOT_SITE, obj
                 found = paths.get(id(obj))
                 if found is not None and found[1] is obj:
                     return found
