@@ -135,3 +135,23 @@ def test_native_core_checks_its_own_arguments():
         _C.probed_attention_cpu(**{**common, "q": 0})
     with pytest.raises(ValueError, match="unknown field"):
         _C.probed_attention_cpu(**common, attention_map=1)
+
+
+def test_segment_lists_are_checked_at_every_call_despite_the_cache():
+    """Boundary lists are converted once and cached per (boundaries, Nk, device); a list valid for one key
+    count must still be refused for another, and iterators and numpy integers work as lists do."""
+    import numpy as np
+
+    q, k, v = _good()
+    first, _ = probed_attention(q, k, v, segments=[0, 2, N], capture=("segment_mass",), backend="reference")
+    again, caps = probed_attention(q, k, v, segments=iter([0, 2, N]), capture=("segment_mass",),
+                                   backend="reference")
+    assert torch.equal(first, again) and caps["segment_mass"].shape == (B, H, N, 2)
+    _, caps = probed_attention(q, k, v, segments=[np.int64(0), np.int64(2), np.int64(N)],
+                               capture=("segment_mass",), backend="reference")
+    assert caps["segment_mass"].shape[-1] == 2
+    short_k, short_v = k[:, :, :N - 1], v[:, :, :N - 1]
+    with pytest.raises(ValueError, match="segments must end"):
+        probed_attention(q, short_k, short_v, segments=[0, 2, N])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        probed_attention(q, k, v, segments=(0, 2, 2, N))
