@@ -43,8 +43,12 @@ struct MicroKernels {
   void (*qk_tile)(const float* q, const float* kt, int dim, int rows, float* s);
   // In place: s <- p = 2^(s + key_bias - new_max); updates state and writes state.alpha.
   void (*softmax_tile)(float* s, int rows, const float* key_bias, RowState state, const TileOptions& opt);
-  // o[r][:] = alpha[r] * o[r][:] + sum_j p[r][j] * v[j][:], o and v rows of vdim_padded floats.
-  void (*pv_tile)(const float* p, const float* v, const float* alpha, int rows, int vdim_padded, float* o);
+  // o[r][:] = alpha[r] * o[r][:] + sum_{j < keys} p[r][j] * v[j][:], o and v rows of vdim_padded floats.
+  // `keys` = the tile's keys that exist (< kKeyTile only in the last tile): the padding keys' p and v are
+  // +0, so their terms could only add +0; skipping them changes no bit and saves most of the work when
+  // Nk is small (cross-attention over a few text tokens).
+  void (*pv_tile)(const float* p, const float* v, const float* alpha, int rows, int vdim_padded, int keys,
+                  float* o);
   // acc[j] += 2^(s[j] + key_bias[j] - lse) for one query row (key_mass second pass).
   void (*key_mass_row)(const float* s, const float* key_bias, float lse, float* acc);
 };

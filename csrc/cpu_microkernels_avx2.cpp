@@ -180,6 +180,10 @@ LF_AVX2 void softmax_tile(float* s, int rows, const float* key_bias, RowState st
         seg[opt.pieces[0].g] += psum;
       } else {
         for (int n = 0; n < opt.num_pieces; ++n) {
+          if (opt.pieces[n].hi - opt.pieces[n].lo == 1) {  // one key: the masked sum would give p exactly
+            seg[opt.pieces[n].g] += sr[opt.pieces[n].lo];
+            continue;
+          }
           const __m256i lo = _mm256_set1_epi32(opt.pieces[n].lo), hi = _mm256_set1_epi32(opt.pieces[n].hi);
           __m256 acc = _mm256_setzero_ps();
           for (int c = 0; c < kVecs; ++c) {
@@ -200,14 +204,14 @@ LF_AVX2 void softmax_tile(float* s, int rows, const float* key_bias, RowState st
 
 // o[r0..r0+3][c0 .. c0 + 8*NV) = alpha * o + p v, over the 64 keys of the tile.
 template <int NV>
-LF_AVX2 inline void pv_block(const float* p, const float* v, const float* alpha, int vdp, float* o) {
+LF_AVX2 inline void pv_block(const float* p, const float* v, const float* alpha, int vdp, int keys, float* o) {
   __m256 acc[kRowBlock][NV];
   for (int rr = 0; rr < kRowBlock; ++rr) {
     const __m256 a = _mm256_set1_ps(alpha[rr]);
     for (int c = 0; c < NV; ++c) acc[rr][c] = _mm256_mul_ps(a, _mm256_load_ps(o + rr * vdp + c * kW));
   }
   const float* vj = v;
-  for (int j = 0; j < kKeyTile; ++j, vj += vdp) {
+  for (int j = 0; j < keys; ++j, vj += vdp) {
     __m256 vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = _mm256_load_ps(vj + c * kW);
     for (int rr = 0; rr < kRowBlock; ++rr) {
@@ -219,15 +223,16 @@ LF_AVX2 inline void pv_block(const float* p, const float* v, const float* alpha,
     for (int c = 0; c < NV; ++c) _mm256_store_ps(o + rr * vdp + c * kW, acc[rr][c]);
 }
 
-LF_AVX2 void pv_tile(const float* p, const float* v, const float* alpha, int rows, int vdim_padded, float* o) {
+LF_AVX2 void pv_tile(const float* p, const float* v, const float* alpha, int rows, int vdim_padded, int keys,
+                     float* o) {
   for (int r = 0; r < rows; r += kRowBlock) {
     const float* pr = p + r * kKeyTile;
     float* orow = o + static_cast<int64_t>(r) * vdim_padded;
     int c0 = 0;
-    for (; c0 + 3 * kW <= vdim_padded; c0 += 3 * kW) pv_block<3>(pr, v + c0, alpha + r, vdim_padded, orow + c0);
+    for (; c0 + 3 * kW <= vdim_padded; c0 += 3 * kW) pv_block<3>(pr, v + c0, alpha + r, vdim_padded, keys, orow + c0);
     switch ((vdim_padded - c0) / kW) {  // vdim_padded is a multiple of 16: 0 or 2 vectors remain
-      case 2: pv_block<2>(pr, v + c0, alpha + r, vdim_padded, orow + c0); break;
-      case 1: pv_block<1>(pr, v + c0, alpha + r, vdim_padded, orow + c0); break;
+      case 2: pv_block<2>(pr, v + c0, alpha + r, vdim_padded, keys, orow + c0); break;
+      case 1: pv_block<1>(pr, v + c0, alpha + r, vdim_padded, keys, orow + c0); break;
       default: break;
     }
   }

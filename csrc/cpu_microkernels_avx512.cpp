@@ -141,6 +141,10 @@ LF_AVX512 void softmax_tile(float* s, int rows, const float* key_bias, RowState 
       } else {
         for (int n = 0; n < opt.num_pieces; ++n) {
           const int lo = opt.pieces[n].lo, hi = opt.pieces[n].hi;
+          if (hi - lo == 1) {  // one key (a segment per text token): the sum below would give p[lo] exactly
+            seg[opt.pieces[n].g] += sr[lo];
+            continue;
+          }
           __m512 acc = _mm512_maskz_mov_ps(lane_range(0, lo, hi), p0);
           acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(lane_range(1, lo, hi), p1));
           acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(lane_range(2, lo, hi), p2));
@@ -156,14 +160,14 @@ LF_AVX512 void softmax_tile(float* s, int rows, const float* key_bias, RowState 
 
 // o[r0..r0+3][c0 .. c0 + 16*NV) = alpha * o + p v, over the 64 keys of the tile.
 template <int NV>
-LF_AVX512 inline void pv_block(const float* p, const float* v, const float* alpha, int vdp, float* o) {
+LF_AVX512 inline void pv_block(const float* p, const float* v, const float* alpha, int vdp, int keys, float* o) {
   __m512 acc[kRowBlock][NV];
   for (int rr = 0; rr < kRowBlock; ++rr) {
     const __m512 a = _mm512_set1_ps(alpha[rr]);
     for (int c = 0; c < NV; ++c) acc[rr][c] = _mm512_mul_ps(a, _mm512_load_ps(o + rr * vdp + c * kLanes));
   }
   const float* vj = v;
-  for (int j = 0; j < kKeyTile; ++j, vj += vdp) {
+  for (int j = 0; j < keys; ++j, vj += vdp) {
     __m512 vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = _mm512_load_ps(vj + c * kLanes);
     for (int rr = 0; rr < kRowBlock; ++rr) {
@@ -175,16 +179,18 @@ LF_AVX512 inline void pv_block(const float* p, const float* v, const float* alph
     for (int c = 0; c < NV; ++c) _mm512_store_ps(o + rr * vdp + c * kLanes, acc[rr][c]);
 }
 
-LF_AVX512 void pv_tile(const float* p, const float* v, const float* alpha, int rows, int vdim_padded, float* o) {
+LF_AVX512 void pv_tile(const float* p, const float* v, const float* alpha, int rows, int vdim_padded, int keys,
+                       float* o) {
   for (int r = 0; r < rows; r += kRowBlock) {
     const float* pr = p + r * kKeyTile;
     float* orow = o + static_cast<int64_t>(r) * vdim_padded;
     int c0 = 0;
-    for (; c0 + 4 * kLanes <= vdim_padded; c0 += 4 * kLanes) pv_block<4>(pr, v + c0, alpha + r, vdim_padded, orow + c0);
+    for (; c0 + 4 * kLanes <= vdim_padded; c0 += 4 * kLanes)
+      pv_block<4>(pr, v + c0, alpha + r, vdim_padded, keys, orow + c0);
     switch ((vdim_padded - c0) / kLanes) {
-      case 3: pv_block<3>(pr, v + c0, alpha + r, vdim_padded, orow + c0); break;
-      case 2: pv_block<2>(pr, v + c0, alpha + r, vdim_padded, orow + c0); break;
-      case 1: pv_block<1>(pr, v + c0, alpha + r, vdim_padded, orow + c0); break;
+      case 3: pv_block<3>(pr, v + c0, alpha + r, vdim_padded, keys, orow + c0); break;
+      case 2: pv_block<2>(pr, v + c0, alpha + r, vdim_padded, keys, orow + c0); break;
+      case 1: pv_block<1>(pr, v + c0, alpha + r, vdim_padded, keys, orow + c0); break;
       default: break;
     }
   }

@@ -180,14 +180,14 @@ void softmax_tile(float* s, int rows, const float* key_bias, RowState st, const 
 }
 
 // o[r0..r0+3][chunk] = alpha * o + p v over the 64 keys of the tile.
-inline void pv_block(const float* p, const float* v, const float* alpha, int vdp, float* o) {
+inline void pv_block(const float* p, const float* v, const float* alpha, int vdp, int keys, float* o) {
   vf acc[kRowBlock][kBlockVecs];
   for (int rr = 0; rr < kRowBlock; ++rr) {
     const vf a = splat(alpha[rr]);
     for (int c = 0; c < kBlockVecs; ++c) acc[rr][c] = a * load(o + rr * vdp + c * kW);
   }
   const float* vj = v;
-  for (int j = 0; j < kKeyTile; ++j, vj += vdp) {
+  for (int j = 0; j < keys; ++j, vj += vdp) {
     vf vv[kBlockVecs];
     for (int c = 0; c < kBlockVecs; ++c) vv[c] = load(vj + c * kW);
     for (int rr = 0; rr < kRowBlock; ++rr) {
@@ -199,11 +199,11 @@ inline void pv_block(const float* p, const float* v, const float* alpha, int vdp
     for (int c = 0; c < kBlockVecs; ++c) store(o + rr * vdp + c * kW, acc[rr][c]);
 }
 
-void pv_tile(const float* p, const float* v, const float* alpha, int rows, int vdim_padded, float* o) {
+void pv_tile(const float* p, const float* v, const float* alpha, int rows, int vdim_padded, int keys, float* o) {
   for (int r = 0; r < rows; r += kRowBlock) {
     float* orow = o + static_cast<int64_t>(r) * vdim_padded;
     for (int c0 = 0; c0 < vdim_padded; c0 += kChunk)
-      pv_block(p + r * kKeyTile, v + c0, alpha + r, vdim_padded, orow + c0);
+      pv_block(p + r * kKeyTile, v + c0, alpha + r, vdim_padded, keys, orow + c0);
   }
 }
 

@@ -346,7 +346,8 @@ class Runner {
         mk_.qk_tile(qtile, kt_tile(slot, kt), static_cast<int>(L_.D), rows4, sc.s.get());
         if (qmask == kPartial) apply_query_mask(b, h, q0, rows, kt, sc.s.get());
         mk_.softmax_tile(sc.s.get(), rows4, sc.key_bias.get(), st, opt);
-        mk_.pv_tile(sc.s.get(), v_tile(slot, kt), st.alpha, rows4, static_cast<int>(L_.dv_padded), o);
+        mk_.pv_tile(sc.s.get(), v_tile(slot, kt), st.alpha, rows4, static_cast<int>(L_.dv_padded),
+                    static_cast<int>(std::min<int64_t>(kKeyTile, L_.Nk - kt * kKeyTile)), o);
       }
     }
     finish_rows(sc, st, b, h, bh, qs, q0, rows, patched, gate, attend);
