@@ -7,6 +7,7 @@
 #include <map>
 #include <string>
 
+#include "cpu_parallel.h"
 #include "dit_fused_cpu.h"
 #include "probed_attention_cpu.h"
 
@@ -141,6 +142,8 @@ void register_cpu_bindings(py::module_& m) {
         "DiT q/k pass: strided head split + RMSNorm + RoPE (see latentflow_fast/ops/dit_cpu.py).");
   m.def("norm_modulate_cpu", &norm_modulate_cpu_py,
         "DiT adaLN pass: RMSNorm + modulate (see latentflow_fast/ops/dit_cpu.py).");
+  m.def("cpu_parallel_runtime", &latentflow::parallel_runtime,
+        "Where the kernels' threads come from in this process: 'openmp' (torch's pool) or 'threads'.");
   m.def("cpu_has_avx512", &latentflow::cpu_has_avx512, "True when the AVX-512 micro-kernels can run here.");
   m.def("cpu_has_avx2", &latentflow::cpu_has_avx2, "True when the AVX2 + FMA micro-kernels can run here.");
   m.def(

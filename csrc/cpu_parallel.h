@@ -1,6 +1,12 @@
-// A minimal deterministic-friendly parallel-for on std::thread (no OpenMP: torch ships its own libgomp
-// and a second OpenMP runtime in the same process causes trouble). Tasks are handed out dynamically, but
-// every task writes only its own outputs, so results never depend on which thread ran what.
+// A deterministic-friendly parallel-for. Tasks are handed out dynamically, but every task writes only its
+// own outputs, so results never depend on which thread ran what.
+//
+// Threads: torch's own OpenMP pool when the build has OpenMP. The module links libgomp.so.1, the soname
+// of the copy torch ships, so the loader gives both the one runtime torch loaded first (one pool, no second
+// runtime). Torch's pool threads keep spinning for a while after every torch op; threads of our own would
+// fight them for the cores (a 2-thread call at batch 1 ran slower than one thread), while the pool's
+// spinning threads pick our tasks up at once. Without OpenMP, or in a process forked from one that used
+// the pool (libgomp's pool does not survive fork), threads are started per call instead.
 #pragma once
 
 #include <algorithm>
@@ -9,11 +15,31 @@
 #include <thread>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#include <unistd.h>
+#endif
+
 namespace latentflow {
 
-// Runs body(worker, task) for task in [0, num_tasks) on up to num_threads threads (the caller is worker 0).
-// Threads are started per call: simple, fork-safe and re-entrant; the cost (~tens of microseconds) is
-// negligible next to the work of one call.
+#ifdef _OPENMP
+// The process that may use the OpenMP pool: the first one to call parallel_for (a forked child differs).
+inline bool openmp_usable() {
+  static const pid_t owner = getpid();
+  return getpid() == owner;
+}
+#endif
+
+// "openmp": parallel_for borrows the OpenMP pool; "threads": it starts threads per call.
+inline const char* parallel_runtime() {
+#ifdef _OPENMP
+  if (openmp_usable()) return "openmp";
+#endif
+  return "threads";
+}
+
+// Runs body(worker, task) for task in [0, num_tasks) on up to num_threads threads, worker < num_threads.
+// body must not throw.
 template <typename Body>
 void parallel_for(int64_t num_tasks, int num_threads, Body&& body) {
   const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, num_tasks)));
@@ -21,6 +47,13 @@ void parallel_for(int64_t num_tasks, int num_threads, Body&& body) {
     for (int64_t t = 0; t < num_tasks; ++t) body(0, t);
     return;
   }
+#ifdef _OPENMP
+  if (openmp_usable()) {
+#pragma omp parallel for num_threads(workers) schedule(dynamic, 1)
+    for (int64_t t = 0; t < num_tasks; ++t) body(omp_get_thread_num(), t);
+    return;
+  }
+#endif
   std::atomic<int64_t> next{0};
   auto run = [&](int worker) {
     for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) body(worker, t);

@@ -41,8 +41,8 @@ inline float inverse_rms(const float* x, int64_t n, int64_t stride, float eps) {
   return 1.0f / std::sqrt(static_cast<float>(sum / static_cast<double>(n)) + eps);
 }
 
-// Rows per task: parallel_for starts its threads per call (tens of microseconds), which costs more than
-// one thread spends on a whole [200, 256] or [1000, 128] activation; only much larger inputs split.
+// Rows per task: sized for threads started per call (tens of microseconds, more than one thread spends on
+// a whole [200, 256] or [1000, 128] activation), so only much larger inputs split.
 constexpr int64_t kElementsPerTask = 1 << 20;
 
 template <typename RowFn>

@@ -9,6 +9,8 @@ the custom op's registration (opcheck, torch.compile).
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import platform
 import shutil
 import sys
@@ -42,15 +44,23 @@ def isa(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _two_threads(monkeypatch):
     # every call of these small cases runs on two kernel threads (kernel_threads would give small calls one)
-    monkeypatch.setattr(backend_cpu, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(backend_cpu, "MIN_WORK_PER_THREAD", {"openmp": 1, "threads": 1})
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
 
 
-def test_small_calls_run_on_fewer_kernel_threads(monkeypatch):
-    monkeypatch.setattr(backend_cpu, "MIN_WORK_PER_THREAD", 32 << 20)
+def test_kernel_threads_follow_the_parallel_runtime(monkeypatch):
+    """The kernels share torch's OpenMP pool in the process that loaded it (one libgomp: the soname torch
+    ships); only threads started per call (a forked child, a build without OpenMP) wait for big calls."""
+    assert backend_cpu.parallel_runtime() in ("openmp", "threads")
+    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+    if backend_cpu.parallel_runtime() == "openmp" and maps:
+        gomp = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+        assert len(gomp) == 1, f"more than one OpenMP runtime loaded: {gomp}"
+    monkeypatch.setattr(backend_cpu, "MIN_WORK_PER_THREAD", {"openmp": 256 << 10, "threads": 32 << 20})
+    monkeypatch.setattr(backend_cpu, "parallel_runtime", lambda: "threads")
     g = torch.Generator().manual_seed(0)
     small = build_plan(*(torch.randn(1, 4, 200, 64, generator=g) for _ in range(3)))  # 20M multiply-adds
     large = build_plan(*(torch.randn(4, 4, 200, 64, generator=g).expand(4, 4, 200, 64) for _ in range(3)))
@@ -58,6 +68,32 @@ def test_small_calls_run_on_fewer_kernel_threads(monkeypatch):
     assert backend_cpu.kernel_threads(large) == 2  # 82M: two threads, capped by torch's count
     torch.set_num_threads(1)
     assert backend_cpu.kernel_threads(large) == 1
+
+
+def _forked_child(queue, q, k, v, expected):
+    torch.set_num_threads(1)  # torch's own ops would wait on the dead pool too (as in any forked torch child)
+    backend_cpu.kernel_threads = lambda plan: 2  # the kernel still asks for two threads
+    out, _ = backend_cpu.run(build_plan(q, k, v))
+    queue.put((backend_cpu.parallel_runtime(), bool(torch.equal(out, expected))))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_runs_the_kernel_on_threads_of_its_own():
+    """libgomp's pool does not survive fork: a child of a process that used it must not wait on it (a hang)
+    but start its own threads, with the same bits."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 200, 64, generator=g) for _ in range(3))
+    expected, _ = backend_cpu.run(build_plan(q, k, v))  # two threads: the parent's pool is in use
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_forked_child, args=(queue, q, k, v, expected))
+    child.start()
+    child.join(120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in the CPU kernel")
+    assert child.exitcode == 0
+    assert queue.get(timeout=10) == ("threads", True)
 
 
 # ---------------------------------------------------------------------------------------------- sweeps

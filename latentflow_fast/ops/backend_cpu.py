@@ -123,17 +123,25 @@ def _dense(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tens
     return None if t is None else t.to(dtype).contiguous()
 
 
-# Multiply-adds one extra kernel thread must get to pay off. The kernel starts its threads per call, and
-# they compete with torch's OpenMP workers, which spin for a while after every torch op: measured on the
-# 2-core test machine (2026-11-29), a second thread made a batch-1 call of the small model ([1, 4, 200, 64],
-# 20M multiply-adds) 10-20% slower, broke even at 40M and gave 1.75x at 1300M.
-MIN_WORK_PER_THREAD = 32 << 20
+# Multiply-adds one extra kernel thread must get to pay off. With torch's OpenMP pool (the native build
+# links the libgomp torch loads, see csrc/cpu_parallel.h) a second thread is worth it from very small calls
+# on: measured on the 2-core test machine (2026-11-29), a batch-1 call of the small model ([1, 4, 200, 64]
+# self-attention with entropy and segment mass, 20M multiply-adds) went from 0.62 to 0.36 ms and its
+# cross-attention over 6 tokens (0.6M) from 0.22 to 0.15 ms. Threads started per call (builds without
+# OpenMP, forked children) compete with the pool's spinning workers instead: a second thread then made the
+# 20M call 10-20% slower, broke even at 40M and gave 1.75x at 1300M.
+MIN_WORK_PER_THREAD = {"openmp": 256 << 10, "threads": 32 << 20}
+
+
+def parallel_runtime() -> str:
+    """Where the kernel's threads come from in this process: "openmp" (torch's pool) or "threads"."""
+    return str(_native().cpu_parallel_runtime())
 
 
 def kernel_threads(plan: AttentionPlan) -> int:
     """Threads for one call: torch's intra-op count, fewer for small calls. Results do not depend on it."""
     work = plan.batch * plan.heads * plan.num_queries * plan.num_keys * (plan.head_dim + plan.value_dim)
-    return max(1, min(torch.get_num_threads(), work // MIN_WORK_PER_THREAD))
+    return max(1, min(torch.get_num_threads(), work // MIN_WORK_PER_THREAD[parallel_runtime()]))
 
 
 def run(plan: AttentionPlan):
