@@ -49,6 +49,7 @@ through the operator (ops/autograd.py); `bwd_hooks` reach hook_q/k/v, hook_z and
 
 from __future__ import annotations
 
+import array
 import difflib
 import fnmatch
 import math
@@ -114,7 +115,12 @@ def _patterns(name: str, value: SiteSpec) -> tuple:
 
 
 def _matches(site: str, patterns: tuple) -> bool:
-    return any(fnmatch.fnmatchcase(site, p) for p in patterns)
+    # a plain name (no glob character) is compared directly: fnmatch's regex costs ~1 us a pattern, and a
+    # trace per probe matches every site against every intervention
+    return any(site == p if not _GLOB_CHARS.intersection(p) else fnmatch.fnmatchcase(site, p) for p in patterns)
+
+
+_GLOB_CHARS = frozenset("*?[")
 
 
 def select_mask(selector: Selector, n: int, name: str, device=None) -> Tensor:
@@ -162,15 +168,22 @@ def select_indices(selector: Selector, n: int, name: str) -> list:
     return select_mask(selector, n, name).nonzero().flatten().tolist()
 
 
-def _gate_of(interventions, B: int, H: int, device) -> Tensor:
-    """head_gate [B, H] of gate interventions (ablate_heads / scale_heads), as `_operator_args` builds it."""
+def _gate_factors(interventions, B: int, H: int) -> list:
+    """head_gate [B, H] of gate interventions (ablate_heads / scale_heads) as B float32 arrays: the products
+    taken in Python floats, then rounded to float32 as the operator's head_gate tensor is."""
     gate = [[1.0] * H for _ in range(B)]
     for iv in interventions:
         heads = select_indices(iv.heads, H, "heads")
         for r in select_indices(iv.rows, B, "rows"):
             for h in heads:
                 gate[r][h] *= iv.value
-    return torch.tensor(gate, dtype=torch.float32, device=device)
+    return [array.array("f", row) for row in gate]
+
+
+def _gate_of(interventions, B: int, H: int, device) -> Tensor:
+    """head_gate [B, H] of gate interventions, as `_operator_args` builds it."""
+    return torch.tensor([list(row) for row in _gate_factors(interventions, B, H)], dtype=torch.float32,
+                        device=device)
 
 
 def _name_filter(names_filter) -> Callable[[str], bool]:
@@ -614,31 +627,35 @@ class Trace:
             found = plan.output_edit.get(key)
             if found is None:  # per shape, once per configuration (plans are dropped when it changes)
                 if all(iv.kind == "gate" for iv in plan.interventions):
-                    gate, bias = _gate_of(plan.interventions, B, H, out.device), None  # no tensor op per iv
+                    # no tensor work: a trace per probe builds this for every probe
+                    factors = _gate_factors(plan.interventions, B, H)
+                    pairs = [(r, h, g) for r, row in enumerate(factors) for h, g in enumerate(row) if g != 1.0]
+                    found = (factors, pairs, None)
                 else:
                     args = self._operator_args(plan, site, None, B, H, Nq, 0, Dv, out)
                     gate, bias = args.get("head_gate"), args.get("out_bias")
-                pairs = None
-                if gate is not None:
-                    rows, heads = (gate != 1).nonzero(as_tuple=True)  # the (row, head) pairs the gate changes
-                    pairs = list(zip(rows.tolist(), heads.tolist(), gate[rows, heads].tolist()))
-                    if len(pairs) > 32:  # many pairs: one indexed multiply instead of a Python loop
-                        pairs = (rows, heads, gate[rows, heads].to(out.dtype)[:, None, None])
-                    gate = gate.to(out.dtype)[:, :, None, None]
-                found = plan.output_edit[key] = (gate, pairs, None if bias is None else bias.to(out.dtype)[:, :, None, :])
+                    pairs = None
+                    if gate is not None:
+                        rows, heads = (gate != 1).nonzero(as_tuple=True)  # the (row, head) pairs the gate changes
+                        pairs = list(zip(rows.tolist(), heads.tolist(), gate[rows, heads].tolist()))
+                    found = (gate, pairs, None if bias is None else bias.to(out.dtype)[:, :, None, :])
+                plan.output_edit[key] = found
             gate, pairs, bias = found
-            if gate is not None:
+            if pairs:
                 if out.requires_grad:
-                    out = out * gate
-                else:
+                    if not isinstance(gate, Tensor):
+                        gate = torch.tensor([list(row) for row in gate], dtype=torch.float32, device=out.device)
+                    out = out * gate.to(out.dtype)[:, :, None, None]
+                elif len(pairs) <= 32:
                     # the interceptor hands over a fresh output nobody else holds: edit in place, and only the
                     # gated (row, head) slices (a sweep ablates one head per row: 1/H of the output or less)
-                    if isinstance(pairs, list):
-                        for r, h, value in pairs:  # views: each touches only its [Nq, Dv] slice
-                            out[r, h].mul_(value)
-                    else:
-                        rows, heads, values = pairs
-                        out[rows, heads] = out[rows, heads] * values
+                    for r, h, value in pairs:  # views: each touches only its [Nq, Dv] slice
+                        out[r, h].mul_(value)
+                else:  # many pairs: one indexed multiply instead of a Python loop
+                    rows = torch.tensor([r for r, _, _ in pairs], device=out.device)
+                    heads = torch.tensor([h for _, h, _ in pairs], device=out.device)
+                    values = torch.tensor([g for _, _, g in pairs], dtype=out.dtype, device=out.device)
+                    out[rows, heads] = out[rows, heads] * values[:, None, None]
             if bias is not None:
                 out = out + bias if out.requires_grad else out.add_(bias)
             return out
