@@ -15,6 +15,9 @@
 #include <thread>
 #include <vector>
 
+#include <cstdlib>
+#include <cstring>
+
 #ifdef _OPENMP
 #include <omp.h>
 #include <unistd.h>
@@ -24,9 +27,11 @@ namespace latentflow {
 
 #ifdef _OPENMP
 // The process that may use the OpenMP pool: the first one to call parallel_for (a forked child differs).
+// LATENTFLOW_CPU_POOL=threads opts out (threads started per call), e.g. to compare the two.
 inline bool openmp_usable() {
   static const pid_t owner = getpid();
-  return getpid() == owner;
+  const char* pool = std::getenv("LATENTFLOW_CPU_POOL");
+  return getpid() == owner && !(pool && std::strcmp(pool, "threads") == 0);
 }
 #endif
 
