@@ -54,6 +54,9 @@ def parse_args(argv=None):
                    help="start from the model weights of this training checkpoint (a second training stage)")
     p.add_argument("--save-dtype", default="float16", choices=["float32", "float16"],
                    help="storage dtype of model.safetensors (float16 halves the file)")
+    p.add_argument("--previous-log", default=None,
+                   help="training_log.json of the stage that --init-from continues: embedded whole (with its own "
+                        "earlier stages) so the log and total wall time cover every stage")
     return p.parse_args(argv)
 
 
@@ -79,8 +82,17 @@ def main(argv=None) -> int:
     t0 = time.time()
     record = train(model, cfg, args.work_dir, log=lambda s: print(s, flush=True))
     if previous is not None:
+        if args.previous_log:
+            # The checkpoint knows only its own stage; the previous stage's log knows the stages before it.
+            with open(args.previous_log) as f:
+                previous_log = json.load(f)
+            if previous_log.get("train_config", {}).get("steps") != previous["step"]:
+                raise ValueError(f"--previous-log {args.previous_log} ends at step "
+                                 f"{previous_log.get('train_config', {}).get('steps')}, but --init-from "
+                                 f"{args.init_from} is at step {previous['step']}")
+            previous = dict(previous_log, init_from=str(args.init_from), step=previous["step"])
         record["previous_stage"] = previous
-        record["total_wall_seconds"] = previous["wall_seconds"] + record["wall_seconds"]
+        record["total_wall_seconds"] = previous.get("total_wall_seconds", previous["wall_seconds"]) + record["wall_seconds"]
     record.update(parameters=n_params, model_config=model_config,
                   finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     save_model(model, model_config, args.out_dir, record, dtype=getattr(torch, args.save_dtype))

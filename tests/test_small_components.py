@@ -2,6 +2,7 @@
 
 import collections
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,35 @@ def test_flops_count_by_hand():
     macs = T * 12 * D + 2 * T * 3 * D * D + L * (4 * D + 3 * D * D) + 256 * D * 2 + D * D + 6 * D * D
     macs += 4 * T * D * D + 2 * T * T * D + 2 * T * D * D + 2 * L * D * D + 2 * T * L * D + 3 * T * D * F + T * D * 4
     assert cfg.flops_per_evaluation(T, L) == 2 * macs
+
+
+def test_train_small_stages_chain_their_logs(tmp_path):
+    """A later stage started with --init-from and --previous-log embeds the whole earlier log (with its own
+    earlier stages) and sums every stage's wall time; a log of another stage is refused."""
+    import importlib.util
+    import json
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("train_small_script", repo / "scripts" / "train_small.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = ["--phases", "1:0.2:2", "--warmup", "1", "--eval-every", "0", "--checkpoint-every", "1",
+              "--log-every", "1", "--threads", "1", "--save-dtype", "float32"]
+
+    def stage(name, steps, *extra):
+        script.main(common + ["--steps", str(steps), "--out-dir", str(tmp_path / name),
+                              "--work-dir", str(tmp_path / f"{name}_work"), *extra])
+        return json.loads((tmp_path / name / "training_log.json").read_text())
+
+    a = stage("a", 2)
+    b = stage("b", 3, "--seed", "1", "--init-from", str(tmp_path / "a_work" / "checkpoint.pt"))
+    c = stage("c", 2, "--seed", "2", "--init-from", str(tmp_path / "b_work" / "checkpoint.pt"),
+              "--previous-log", str(tmp_path / "b" / "training_log.json"))
+    # stage b's whole log (which holds a's record from its checkpoint) is embedded in c's
+    assert {k: v for k, v in c["previous_stage"].items() if k not in ("init_from", "step")} == b
+    assert c["previous_stage"]["previous_stage"]["step"] == a["train_config"]["steps"] == 2
+    assert c["total_wall_seconds"] == pytest.approx(b["total_wall_seconds"] + c["wall_seconds"])
+    assert b["total_wall_seconds"] == pytest.approx(b["previous_stage"]["wall_seconds"] + b["wall_seconds"])
+    with pytest.raises(ValueError, match="previous-log"):
+        stage("d", 2, "--seed", "3", "--init-from", str(tmp_path / "b_work" / "checkpoint.pt"),
+              "--previous-log", str(tmp_path / "a" / "training_log.json"))
