@@ -324,7 +324,8 @@ def model_tree(model: nn.Module) -> ModelTree:
 
 def _own_router(module: nn.Module):
     # look where an attribute can live before getattr: nn.Module.__getattr__ raises (slowly) on a miss
-    if "attention_router" in module.__dict__ or hasattr(type(module), "attention_router"):
+    if ("attention_router" in module.__dict__ or "attention_router" in module._modules
+            or hasattr(type(module), "attention_router")):
         return getattr(module, "attention_router", None)
     return None
 
