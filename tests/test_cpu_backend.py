@@ -70,6 +70,19 @@ def test_kernel_threads_follow_the_parallel_runtime(monkeypatch):
     assert backend_cpu.kernel_threads(large) == 1
 
 
+def test_pool_setting_is_checked_and_switches_the_thread_source(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    plan = build_plan(*(torch.randn(1, 4, 70, 16, generator=g) for _ in range(3)), capture=("entropy",))
+    pooled, caps = backend_cpu.run(plan)
+    monkeypatch.setenv(backend_cpu.POOL_ENV, "threads")
+    assert backend_cpu.parallel_runtime() == "threads"
+    started, caps_started = backend_cpu.run(plan)
+    assert torch.equal(pooled, started) and torch.equal(caps["entropy"], caps_started["entropy"])
+    monkeypatch.setenv(backend_cpu.POOL_ENV, "Thread")
+    with pytest.raises(ValueError, match="LATENTFLOW_CPU_POOL"):
+        backend_cpu.run(plan)
+
+
 def _forked_child(queue, q, k, v, expected):
     torch.set_num_threads(1)  # torch's own ops would wait on the dead pool too (as in any forked torch child)
     backend_cpu.kernel_threads = lambda plan: 2  # the kernel still asks for two threads

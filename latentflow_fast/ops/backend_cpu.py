@@ -133,8 +133,15 @@ def _dense(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tens
 MIN_WORK_PER_THREAD = {"openmp": 256 << 10, "threads": 32 << 20}
 
 
+POOL_ENV = "LATENTFLOW_CPU_POOL"  # "threads": threads started per call instead of torch's OpenMP pool
+
+
 def parallel_runtime() -> str:
     """Where the kernel's threads come from in this process: "openmp" (torch's pool) or "threads"."""
+    request = os.environ.get(POOL_ENV)
+    if request not in (None, "", "openmp", "threads"):
+        raise ValueError(f"{POOL_ENV}={request!r}; expected 'openmp' (the default: torch's OpenMP pool) or "
+                         "'threads' (threads started per call)")
     return str(_native().cpu_parallel_runtime())
 
 
