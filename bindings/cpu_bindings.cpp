@@ -136,6 +136,7 @@ void norm_modulate_cpu_py(uint64_t x, int64_t batch, int64_t frames, int64_t dim
 }  // namespace
 
 void register_cpu_bindings(py::module_& m) {
+  latentflow::watch_for_fork();
   m.def("probed_attention_cpu", &probed_attention_cpu_py,
         "Fused CPU probed attention on raw pointers (see latentflow_fast/ops/backend_cpu.py).");
   m.def("head_norm_rope_cpu", &head_norm_rope_cpu_py,

@@ -5,8 +5,8 @@
 // of the copy torch ships, so the loader gives both the one runtime torch loaded first (one pool, no second
 // runtime). Torch's pool threads keep spinning for a while after every torch op; threads of our own would
 // fight them for the cores (a 2-thread call at batch 1 ran slower than one thread), while the pool's
-// spinning threads pick our tasks up at once. Without OpenMP, or in a process forked from one that used
-// the pool (libgomp's pool does not survive fork), threads are started per call instead.
+// spinning threads pick our tasks up at once. Without OpenMP, or in a forked child (libgomp's pool does
+// not survive fork), threads are started per call instead.
 #pragma once
 
 #include <algorithm>
@@ -20,19 +20,32 @@
 
 #ifdef _OPENMP
 #include <omp.h>
-#include <unistd.h>
+#include <pthread.h>
 #endif
 
 namespace latentflow {
 
 #ifdef _OPENMP
-// The process that may use the OpenMP pool: the first one to call parallel_for (a forked child differs).
+// Set in every process forked from one that loaded the module: libgomp's pool does not survive fork, so
+// a child -- whether or not its parent used the pool (torch's own ops use it too) -- starts its own threads.
+inline bool& forked_child() {
+  static bool flag = false;
+  return flag;
+}
+
+// Called once when the module loads (bindings), before any fork the flag must see.
+inline void watch_for_fork() {
+  static const int registered = pthread_atfork(nullptr, nullptr, [] { forked_child() = true; });
+  (void)registered;
+}
+
 // LATENTFLOW_CPU_POOL=threads opts out (threads started per call), e.g. to compare the two.
 inline bool openmp_usable() {
-  static const pid_t owner = getpid();
   const char* pool = std::getenv("LATENTFLOW_CPU_POOL");
-  return getpid() == owner && !(pool && std::strcmp(pool, "threads") == 0);
+  return !forked_child() && !(pool && std::strcmp(pool, "threads") == 0);
 }
+#else
+inline void watch_for_fork() {}
 #endif
 
 // "openmp": parallel_for borrows the OpenMP pool; "threads": it starts threads per call.
