@@ -170,7 +170,7 @@ def select_indices(selector: Selector, n: int, name: str) -> list:
 
 def _gate_factors(interventions, B: int, H: int) -> list:
     """head_gate [B, H] of gate interventions (ablate_heads / scale_heads) as B float32 arrays: the products
-    taken in Python floats, then rounded to float32 as the operator's head_gate tensor is."""
+    taken in Python floats, then rounded to float32 as `_operator_args`' head_gate tensor is."""
     gate = [[1.0] * H for _ in range(B)]
     for iv in interventions:
         heads = select_indices(iv.heads, H, "heads")
@@ -178,12 +178,6 @@ def _gate_factors(interventions, B: int, H: int) -> list:
             for h in heads:
                 gate[r][h] *= iv.value
     return [array.array("f", row) for row in gate]
-
-
-def _gate_of(interventions, B: int, H: int, device) -> Tensor:
-    """head_gate [B, H] of gate interventions, as `_operator_args` builds it."""
-    return torch.tensor([list(row) for row in _gate_factors(interventions, B, H)], dtype=torch.float32,
-                        device=device)
 
 
 def _name_filter(names_filter) -> Callable[[str], bool]:
