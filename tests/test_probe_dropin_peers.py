@@ -338,6 +338,45 @@ def test_sdpa_sites_follow_the_module_tree_between_traces():
     assert tr.sites == ["blocks.0", "wrapped.inner"]
 
 
+def test_the_cached_module_tree_is_checked_against_every_module():
+    """model_tree is reused while every module's children are the same objects under the same names (a
+    `_modules` dict rebuilt with the same content included), and rebuilt when any changes: a leaf that gains
+    a child, a child removed or replaced at any depth."""
+    from latentflow_fast.probe.intercept import model_tree
+
+    model = Model().double().eval()
+    tree = model_tree(model)
+    assert model_tree(model) is tree
+    model.blocks._modules = dict(model.blocks._modules)  # same children, new dict
+    assert model_tree(model) is tree
+    leaf = next(m for m in model.modules() if not m._modules)
+    leaf.extra = nn.Identity()  # a leaf becomes a parent
+    grown = model_tree(model)
+    assert grown is not tree and any(m is leaf.extra for _, m in grown.below)
+    del leaf.extra
+    assert model_tree(model) is not grown
+    model.blocks[1] = copy.deepcopy(model.blocks[1])
+    replaced = model_tree(model)
+    assert replaced.paths[id(model.blocks[1])][0] == "blocks.1"
+
+
+def test_site_patterns_match_like_fnmatch():
+    """Site / hook patterns are compiled once per pattern tuple (plain names: a set lookup; globs: one regex);
+    they must match exactly as fnmatch.fnmatchcase on each pattern would."""
+    import fnmatch
+    import itertools
+
+    from latentflow_fast.probe.hooks import _matches
+
+    patterns = ["a.*", "a.?", "[ab].1", "x", "layers.1*.attn", "*#1", "a.[!b]", "a.[", "**", "a.b", "[]]", "é.*"]
+    sites = ["a.1", "a.b", "b.1", "x", "layers.10.attn", "layers.1.attn", "blocks.0#1", "a.c", "a.[", "", "a\nb",
+             "]", "é.1", "a.12", "X"]
+    for r in (1, 2, 3):
+        for combo in itertools.permutations(patterns, r):
+            for site in sites:
+                assert _matches(site, combo) == any(fnmatch.fnmatchcase(site, p) for p in combo), (site, combo)
+
+
 def test_module_cycles_do_not_hang_the_tree_walk():
     model = Model().double().eval()
     model.blocks[0].back = model  # a cycle through the root

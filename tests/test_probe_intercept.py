@@ -89,6 +89,7 @@ def test_everything_is_removed_on_exit_even_after_an_error():
             net(*qkv(Nk=5))
             raise RuntimeError("boom")
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
+    assert all("forward" not in m.__dict__ for m in net.modules())  # the call-count restart wrappers are gone
     n = len(rec.calls)
     net(*qkv(Nk=5))
     assert len(rec.calls) == n  # the torch-function mode is gone
@@ -457,3 +458,45 @@ def test_a_trace_acts_only_in_its_thread_and_chains_unwind_in_any_order():
     for got in (first_b, second_b):  # second_b ran after A had left, through A's inactive handler
         torch.testing.assert_close(got, expect_b)
     assert model.attention_router.handlers == {}
+
+
+def test_call_numbering_restarts_per_forward_and_leaves_the_module_as_it_was():
+    """The `#k` count restarts at each forward through a wrapper of the module's forward, installed while
+    active only: it chains to a forward someone else put on the instance (as nnsight and accelerate do), keeps
+    the signature visible to inspect, and every trace (and a re-entered interceptor) starts from zero."""
+    import inspect
+
+    net = Net()
+    calls = []
+
+    def outer_forward(q, k, v):  # another tool's instance-level forward on blocks.0
+        calls.append("outer")
+        return TwoCalls.forward(net.blocks[0], q, k, v)
+
+    net.blocks[0].forward = outer_forward
+    rec = Recorder()
+    icpt = Interceptor(net, rec)
+    for _ in range(2):  # the same interceptor entered twice: counts start again
+        with icpt:
+            net(*qkv(Nk=5))
+            assert inspect.signature(net.blocks[1].forward) == inspect.signature(TwoCalls.forward.__get__(net.blocks[1]))
+            net(*qkv(Nk=5))
+    assert [c.site for c in rec.calls] == ["blocks.0", "blocks.0#1", "blocks.1", "blocks.1#1", "root"] * 4
+    assert calls == ["outer"] * 4
+    assert net.blocks[0].__dict__["forward"] is outer_forward and "forward" not in net.blocks[1].__dict__
+
+
+def test_call_numbering_of_nested_interceptors_unwinds_in_any_order():
+    net = Net()
+    outer, inner = Recorder(), Recorder()
+    a = Interceptor(net, outer)
+    b = Interceptor(net, inner)
+    a.__enter__()
+    b.__enter__()
+    net(*qkv(Nk=5))
+    a.__exit__(None, None, None)  # the outer one leaves first: the inner one keeps numbering per forward
+    net(*qkv(Nk=5))
+    b.__exit__(None, None, None)
+    names = ["blocks.0", "blocks.0#1", "blocks.1", "blocks.1#1", "root"]
+    assert [c.site for c in inner.calls] == names * 2 and outer.calls == []
+    assert all("forward" not in m.__dict__ for m in net.modules())

@@ -65,7 +65,8 @@ from torch import Tensor
 
 from ..ops import CAPTURE_NAMES, probed_attention
 from . import interventions as vocabulary
-from .intercept import AttentionCall, Interceptor, UnsupportedAttentionError, intercept, model_tree, static_sites
+from .intercept import (AttentionCall, Interceptor, UnsupportedAttentionError, intercept, is_cached_tree, model_tree,
+                        static_sites)
 
 __all__ = [
     "HOOK_KINDS",
@@ -115,12 +116,32 @@ def _patterns(name: str, value: SiteSpec) -> tuple:
 
 
 def _matches(site: str, patterns: tuple) -> bool:
-    # a plain name (no glob character) is compared directly: fnmatch's regex costs ~1 us a pattern, and a
-    # trace per probe matches every site against every intervention
-    return any(site == p if not _GLOB_CHARS.intersection(p) else fnmatch.fnmatchcase(site, p) for p in patterns)
+    """Whether `site` matches one of the glob `patterns` (fnmatch's case-sensitive rules)."""
+    test = _MATCHERS.get(patterns)
+    if test is None:
+        test = _matcher(patterns)
+    return test(site)
+
+
+def _matcher(patterns: tuple) -> Callable[[str], bool]:
+    """One test per pattern tuple, kept: a trace per probe matches every site against every intervention.
+    Plain names (no glob character) become a set lookup; globs, one compiled regex for the tuple."""
+    plain = frozenset(p for p in patterns if not _GLOB_CHARS.intersection(p))
+    globs = [p for p in patterns if p not in plain]
+    if not globs:
+        test = plain.__contains__
+    else:
+        regex = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in globs)).match  # translate anchors at \Z
+        test = (lambda site: site in plain or regex(site) is not None) if plain else \
+            (lambda site: regex(site) is not None)
+    if len(_MATCHERS) > 4096:  # patterns made per probe (f-strings) would otherwise pile up
+        _MATCHERS.clear()
+    _MATCHERS[patterns] = test
+    return test
 
 
 _GLOB_CHARS = frozenset("*?[")
+_MATCHERS: dict = {}  # patterns tuple -> test(site)
 
 
 def select_mask(selector: Selector, n: int, name: str, device=None) -> Tensor:
@@ -265,6 +286,10 @@ class _SitePlan:
         return bool(self.record or self.interventions or self.hooks or self.bwd_hooks or self.cache)
 
 
+_IDLE_PLAN = _SitePlan()  # shared by every site with nothing configured: never modified (output_transform and
+# attend are only reached for active plans)
+
+
 # ---------------------------------------------------------------------------------------------- Trace
 class Trace:
     """Probe the attention sites of a model while the context is active.
@@ -324,22 +349,38 @@ class Trace:
         self._forwards = 0
         self.pattern_slice = (None, None)
         self._plans: dict[str, _SitePlan] = {}
-        tree = model_tree(model)  # cached per model: a trace per probe does not walk the module tree again
-        self._interceptor = Interceptor(model, self, intercept_sdpa, tree)
-        self._points, self._out_projs = _structure(model, tree)  # hook name -> (how, module); site -> out projection
+        self._interceptor = Interceptor(model, self, intercept_sdpa)
+        # hook name -> (how, module) and site -> out projection, from the module tree: looked up on entering (or
+        # when first asked for before that), through caches kept per model, so a trace per probe costs one
+        # check of the tree (`model_tree`) and no walk
+        self._tree_info: Optional[tuple] = None
         self._point_plans: dict[str, tuple] = {}
         self._point_handles: dict = {}  # name -> handle, for the points installed (see _install_wanted_points)
         self._inside = False
 
+    @property
+    def _points(self) -> dict:
+        if self._tree_info is None:
+            self._tree_info = _structure(self.model, model_tree(self.model))
+        return self._tree_info[0]
+
+    @property
+    def _out_projs(self) -> dict:
+        if self._tree_info is None:
+            self._tree_info = _structure(self.model, model_tree(self.model))
+        return self._tree_info[1]
+
     # -- context
     def __enter__(self) -> "Trace":
+        tree = model_tree(self.model)  # cached per model: unless the tree changed, one cheap check and no walk
+        self._tree_info = _structure(self.model, tree)
         self._forwards = 0
         self._count_handle = self.model.register_forward_pre_hook(self._count_forward)
         self._point_handles = {}
         self._inside = True
         try:
             self._install_wanted_points()
-            self._interceptor.__enter__()
+            self._interceptor.enter(tree)
         except BaseException:
             self._remove_points()
             raise
@@ -449,7 +490,8 @@ class Trace:
         for iv in self._interventions:
             if not any(_matches(site, iv.sites) for site in seen):
                 problems.append(f"intervention {_IV_NAMES.get(iv.kind, iv.kind)} on {list(iv.sites)}")
-        names = [f"{site}.{kind}" for site in seen for kind in self._site_kinds(site)] + list(self._points)
+        names = ([f"{site}.{kind}" for site in seen for kind in self._site_kinds(site)] + list(self._points)
+                 if self._hook_specs or self._cache_filter is not None else [])
         for spec, _ in self._hook_specs:
             if not any(_name_filter(spec)(n) for n in names):
                 close = difflib.get_close_matches(spec, names, n=1, cutoff=0.6) if isinstance(spec, str) else []
@@ -580,10 +622,12 @@ class Trace:
     def _plan(self, site: str) -> _SitePlan:
         plan = self._plans.get(site)
         if plan is None:
-            plan = _SitePlan()
-            if self.capture and _matches(site, self.site_patterns):
-                plan.record = self.capture
-            plan.interventions = [iv for iv in self._interventions if _matches(site, iv.sites)]
+            record = self.capture if self.capture and _matches(site, self.site_patterns) else ()
+            interventions = [iv for iv in self._interventions if _matches(site, iv.sites)]
+            if not (record or interventions or self._hooks or self._cache_filter is not None):
+                self._plans[site] = _IDLE_PLAN  # nothing here (most sites of a trace per probe): no new object
+                return _IDLE_PLAN
+            plan = _SitePlan(record, interventions)
             for kind in self._site_kinds(site) if self._hooks else ():
                 name = f"{site}.{kind}"
                 for direction, hooks in (("fwd", plan.hooks), ("bwd", plan.bwd_hooks)):
@@ -919,20 +963,20 @@ class Trace:
 
 
 # ---------------------------------------------------------------------------------- hook points
-_STRUCTURE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (fingerprint, points, projections)
+_STRUCTURE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (tree, points, projections)
 
 
 def _structure(model: nn.Module, tree) -> tuple[dict, dict]:
     """(activation_points, output_projections) of `model`, recomputed only when its module tree changed
     (`tree`: its ModelTree): a trace per probe in a loop would otherwise classify every module each time.
     Read-only: callers must not modify the dicts."""
-    fingerprint = tree.key
     found = _STRUCTURE.get(model)
-    if found is None or found[0] != fingerprint:
+    if found is None or found[0] is not tree:  # model_tree returns the same object while the tree is unchanged
         points, projections = activation_points(model), output_projections(model)
-        found = (fingerprint, points, projections)
-        # a value holding the model itself (a root-level block) would keep the weak key alive forever
-        if all(module is not model for _, module in points.values()):
+        found = (tree, points, projections)
+        # a value holding the model itself (a root-level block, or a tree with a cycle through the root, which
+        # model_tree does not cache either) would keep the weak key alive forever
+        if all(module is not model for _, module in points.values()) and is_cached_tree(model, tree):
             _STRUCTURE[model] = found
     return found[1], found[2]
 

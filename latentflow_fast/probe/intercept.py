@@ -15,8 +15,8 @@ An `Interceptor` routes every attention call of a model to one `SiteHandler`, na
   site is the innermost module of the model whose method is on the Python stack at the call (found by walking
   the frames, only at SDPA calls); site = the calling module's path, with
   "#1", "#2", ... for the second, third, ... call inside one forward of that module. A call made directly in
-  the root module's forward is named "root". (The count restarts at each forward of that module: a
-pre-hook goes on the modules that called SDPA, and on them only.)
+  the root module's forward is named "root". (The count restarts at each forward of that module: while the
+  interceptor is active, the modules that called SDPA, and they only, get their `forward` wrapped.)
 
 The handler says per site whether it wants the call (`wants(site)`); a call nobody wants runs the original
 code (plain SDPA / the native MultiheadAttention forward), so an unprobed site costs a dict lookup and a
@@ -38,6 +38,7 @@ sites everything runs unchanged.
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 import threading
 import weakref
@@ -53,6 +54,7 @@ from torch.overrides import TorchFunctionMode
 from ..models.attention import live
 
 _SDPA = torch._C._nn.scaled_dot_product_attention
+_HAS_SELF: dict = {}  # code object -> whether it has a local named self (bounded: cleared past 4096 entries)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 ROOT_SITE = "root"
 
@@ -167,7 +169,8 @@ def sdpa_to_call(site: str, query: Tensor, key: Tensor, value: Tensor, attn_mask
 # ---------------------------------------------------------------------------------- per-thread state
 @dataclass
 class _State:
-    """Per-interceptor, per-thread bookkeeping."""
+    """Per-interceptor bookkeeping, touched only in the thread that entered it (calls from other threads pass
+    through before reaching it)."""
 
     calls: dict = field(default_factory=dict)  # id(module) -> SDPA calls so far in its current forward
     suspended: int = 0
@@ -273,11 +276,14 @@ class ModelTree:
     the stored lists (a cached value that held the model would keep its weak key alive forever); `named()`
     adds it back, and SDPA call naming checks the root first.
 
-    key: every (child name, child module) edge in walk order, cheap to recompute and compare (`_tree_key`).
+    children: a copy of every module's `_modules` dict, the root's first, then those of `below` in order;
+    `current(model)` compares them with the live dicts (C-level dict equality: modules compare by identity),
+    so a module added, removed, replaced or moved anywhere in the tree invalidates the walk.
     """
 
-    key: tuple
+    children: tuple
     below: tuple  # ((path, module), ...) of every module under the root, as model.named_modules() gives them
+    modules: tuple  # the modules of `below`, for the validity check
     paths: dict  # id(module) -> (site path, module) for the modules under the root
     router: object  # the attention router found on a module under the root (the root's own is looked up live)
     mha: tuple  # ((path, module), ...) of the nn.MultiheadAttention modules under the root
@@ -285,41 +291,40 @@ class ModelTree:
     def named(self, model: nn.Module) -> list:
         return [("", model), *self.below]
 
+    def current(self, model: nn.Module) -> bool:
+        """Whether the model's module tree is still the one walked. (A reordering of children that keeps
+        every name and module is not seen: it changes no path.)"""
+        try:
+            return (model._modules == self.children[0]
+                    and tuple(map(_CHILDREN, self.modules)) == self.children[1:])
+        except Exception:  # a module class with an __eq__ that cannot compare: treat the tree as changed
+            return False
 
+
+_CHILDREN = operator.attrgetter("_modules")
 _TREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _tree_key(model: nn.Module) -> tuple:
-    """Every (child name, child module) edge of the module tree, depth first. Tuples compare modules by
-    identity, and the cached tree holds them (no id can be reused), so an equal key means the same tree. A
-    plain loop over `_modules` costs about a quarter of `named_modules()` (no generators, no path strings);
-    leaves are recorded by their parent and never visited."""
-    key, stack, seen = [], [model], {id(model)}
-    pop, push, extend = stack.pop, stack.append, key.extend
-    while stack:
-        children = pop()._modules
-        if children:
-            extend(children.items())
-            for child in children.values():
-                if child is not None and child._modules and id(child) not in seen:
-                    seen.add(id(child))
-                    push(child)
-    return tuple(key)
 
 
 def model_tree(model: nn.Module) -> ModelTree:
     """The model's `ModelTree`, rebuilt only when a module was added, removed, renamed or moved."""
-    key = _tree_key(model)
     tree = _TREES.get(model)
-    if tree is not None and tree.key == key:
+    if tree is not None and tree.current(model):
         return tree
     below = tuple((path, module) for path, module in model.named_modules() if module is not model)
-    router = next((r for r in map(_own_router, (m for _, m in below)) if r is not None), None)
+    modules = tuple(module for _, module in below)
+    children = (dict(model._modules),) + tuple(dict(module._modules) for module in modules)
+    router = next((r for r in map(_own_router, modules) if r is not None), None)
     mha = tuple((path, module) for path, module in below if isinstance(module, nn.MultiheadAttention))
-    tree = ModelTree(key, below, {id(module): (path, module) for path, module in below}, router, mha)
-    if all(module is not model for _, module in key):  # a module cycle through the root: do not cache
-        _TREES[model] = tree
+    tree = ModelTree(children, below, modules, {id(module): (path, module) for path, module in below}, router, mha)
+    if all(child is not model for found in children for child in found.values()):
+        _TREES[model] = tree  # (a module cycle through the root would keep the weak key alive: not cached)
     return tree
+
+
+def is_cached_tree(model: nn.Module, tree: ModelTree) -> bool:
+    """Whether `tree` is the one cached for `model` (values derived from an uncached tree must not be cached
+    under the model's weak key either: the tree holds the model)."""
+    return _TREES.get(model) is tree
 
 
 def _own_router(module: nn.Module):
@@ -410,22 +415,21 @@ class Interceptor:
     path switch, is shared by count (off while any interceptor needs it, then restored).
     """
 
-    def __init__(self, model: nn.Module, handler: SiteHandler, intercept_sdpa=None,
-                 tree: Optional[ModelTree] = None):
+    def __init__(self, model: nn.Module, handler: SiteHandler, intercept_sdpa=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if intercept_sdpa not in (None, True, False, "mode"):
             raise ValueError(f"intercept_sdpa must be None, True, False or 'mode', got {intercept_sdpa!r}")
         self.model = model
         self.handler = handler
-        self.router = find_router(model, tree)  # tree: the model's ModelTree, if the caller has it
-        # "patch": wrap torch.nn.functional.scaled_dot_product_attention; "mode": a TorchFunctionMode; None: off
-        via = self.router is None if intercept_sdpa is None else intercept_sdpa
-        self.intercept_sdpa = "mode" if via == "mode" else ("patch" if via else None)
+        self._intercept_sdpa = intercept_sdpa
+        # set on entering, from the module tree as it is then:
+        self.router = None  # the model's attention router, if any
+        self.intercept_sdpa = None  # "patch": wrap F.scaled_dot_product_attention; "mode": a TorchFunctionMode
         self._paths: dict[int, tuple] = {}  # id(module) -> (path, module) below the root, naming SDPA call sites
         self._counted: set = set()  # ids of the modules given a call-count reset pre-hook
         self.seen: dict[str, None] = {}  # every site called while active, in first-call order
-        self._local = threading.local()
+        self._state = _State()
         self._undo: list[Callable[[], None]] = []
         self._mode: Optional[_SDPAMode] = None
         self._owner: Optional[int] = None  # the thread that entered
@@ -436,20 +440,17 @@ class Interceptor:
         return self._active and threading.get_ident() == self._owner
 
     # -- bookkeeping
-    @property
-    def _state(self) -> _State:
-        state = getattr(self._local, "state", None)
-        if state is None:
-            state = self._local.state = _State()
-        return state
-
     def _see(self, site: str) -> None:
         if site not in self.seen:
             self.seen[site] = None
 
     @contextlib.contextmanager
     def _suspended(self):
-        """SDPA calls made here (e.g. a router's plain path) are not intercepted again."""
+        """SDPA calls made here (e.g. a router's plain path) are not intercepted again. (Another thread's calls
+        never reach this interceptor's SDPA path: nothing to suspend there.)"""
+        if not self._mine():
+            yield
+            return
         state = self._state
         state.suspended += 1
         try:
@@ -459,12 +460,19 @@ class Interceptor:
 
     # -- install / remove
     def __enter__(self) -> "Interceptor":
+        return self.enter(model_tree(self.model))  # cached: one cheap check unless the module tree changed
+
+    def enter(self, tree: ModelTree) -> "Interceptor":
+        """`__enter__` with the model's current ModelTree (for a caller that has just obtained it)."""
         if self._undo or self._mode is not None or self._active:
             raise RuntimeError("this Interceptor is already active; create a new one to nest")
+        self.router = find_router(self.model, tree)
+        via = self.router is None if self._intercept_sdpa is None else self._intercept_sdpa
+        self.intercept_sdpa = "mode" if via == "mode" else ("patch" if via else None)
         self._owner = threading.get_ident()
+        self._state = _State()
         self._active = True
         try:
-            tree = model_tree(self.model)  # cached: one cheap walk unless the module tree changed
             if self.router is not None:
                 self._install_router(tree)
             root_mha = ((ROOT_SITE, self.model),) if isinstance(self.model, nn.MultiheadAttention) else ()
@@ -601,10 +609,18 @@ class Interceptor:
     def _caller(self):
         """(path, module) of the innermost module of the model with a method on this thread's Python stack (a
         frame whose `self` is that module), or None: an SDPA call made outside the model's forward."""
-        frame = sys._getframe(2)
+        frame = sys._getframe(2)  # above _caller and _on_sdpa: our SDPA wrapper (no self) or the mode's __torch_function__
         paths, root = self._paths, self.model
         while frame is not None:
-            obj = frame.f_locals.get("self")
+            # f_locals builds a dict of every local: only for code that has a `self` at all (cached per code)
+            code = frame.f_code
+            has_self = _HAS_SELF.get(code)
+            if has_self is None:
+                if len(_HAS_SELF) > 4096:  # code made at run time (exec) would otherwise pile up
+                    _HAS_SELF.clear()
+                has_self = _HAS_SELF[code] = "self" in code.co_varnames or "self" in code.co_cellvars \
+                    or "self" in code.co_freevars
+            obj = frame.f_locals.get("self") if has_self else None
             if obj is not None:
                 if obj is root:
                     return ROOT_SITE, obj
@@ -620,15 +636,41 @@ class Interceptor:
         key = id(module)
         if key not in self._counted:  # first call seen from this module: restart its count at each forward
             self._counted.add(key)
-
-            def restart(mod, args, key=key):
-                if self._mine():
-                    self._state.calls[key] = 0
-
-            self._undo.append(module.register_forward_pre_hook(restart).remove)
+            self._install_restart(module, key)
         n = calls.get(key, 0)
         calls[key] = n + 1
         return n
+
+    def _install_restart(self, module: nn.Module, key: int) -> None:
+        """Wrap the module's forward (an instance attribute, removed on exit) so that each forward restarts
+        its SDPA call count. Cheaper than a forward pre-hook, which sends every call of the module through
+        torch's hook path and costs a handle to register and remove: a trace per probe pays this per
+        SDPA-calling module. Chains like the MultiheadAttention swap: a forward someone else put there (e.g.
+        nnsight's) is called through, and an inactive one of ours is skipped."""
+        had_own = "forward" in module.__dict__
+        own = module.__dict__.get("forward")
+        original = own if had_own else type(module).forward.__get__(module)
+
+        def forward(*args, **kwargs):
+            if self._mine():
+                self._state.calls[key] = 0
+            return (_live(original) if had_own else original)(*args, **kwargs)
+
+        forward._latentflow_interceptor = self
+        forward._latentflow_previous = original
+        forward.__wrapped__ = original  # inspect.signature(module.forward) still shows the model's signature
+        module.__dict__["forward"] = forward
+
+        def undo():
+            if module.__dict__.get("forward") is not forward:
+                return  # a later, still active installation's forward passes through ours (inactive)
+            live = _live(own) if had_own else None
+            if live is not None:
+                module.__dict__["forward"] = live
+            else:
+                module.__dict__.pop("forward", None)
+
+        self._undo.append(undo)
 
     # -- the SDPA path
     def _on_sdpa(self, func, args, kwargs):
@@ -654,6 +696,8 @@ class Interceptor:
             # untraced run), then the edit on a [B, H, Nq, Dv] view of its output
             with torch._C.DisableTorchFunction():  # outer traces' wrappers / modes: the innermost that wants a
                 out = _SDPA(*args, **kwargs)           # site handles it
+            if out.dim() == 4:
+                return post(out)
             return post(out.reshape((-1,) + tuple(out.shape[-3:]))).reshape(out.shape)
         call, batch_shape = sdpa_to_call(site, **bound)
         out, _ = self.handler.attend(call)
