@@ -427,7 +427,7 @@ class Interceptor:
         self.router = None  # the model's attention router, if any
         self.intercept_sdpa = None  # "patch": wrap F.scaled_dot_product_attention; "mode": a TorchFunctionMode
         self._paths: dict[int, tuple] = {}  # id(module) -> (path, module) below the root, naming SDPA call sites
-        self._counted: set = set()  # ids of the modules given a call-count reset pre-hook
+        self._counted: set = set()  # ids of the modules given a call-count restart wrapper
         self.seen: dict[str, None] = {}  # every site called while active, in first-call order
         self._state = _State()
         self._undo: list[Callable[[], None]] = []
