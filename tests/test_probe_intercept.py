@@ -500,3 +500,32 @@ def test_call_numbering_of_nested_interceptors_unwinds_in_any_order():
     names = ["blocks.0", "blocks.0#1", "blocks.1", "blocks.1#1", "root"]
     assert [c.site for c in inner.calls] == names * 2 and outer.calls == []
     assert all("forward" not in m.__dict__ for m in net.modules())
+
+
+def test_a_trace_leaves_no_forward_behind_on_any_root():
+    """trace() counts the model's forwards and restarts `#k` counts through forward wrappers stacked on the
+    same modules (the root too when it calls SDPA itself, or is a MultiheadAttention); leaving must unwind
+    them to exactly what was there before, and a trace cannot be entered twice."""
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    net = Net()
+
+    def own_forward(q, k, v):  # an instance forward another tool installed on the root
+        return Net.forward(net, q, k, v)
+
+    for model, run in ((mha, lambda: mha(x, x, x)), (net, lambda: net(*qkv(Nk=5)))):
+        for own in (None, own_forward if model is net else None):
+            if own is not None:
+                model.forward = own
+            with torch.no_grad(), trace(model, capture=("entropy",)) as tr:
+                run()
+                run()
+                with pytest.raises(RuntimeError, match="already active"):
+                    tr.__enter__()
+            assert tr.sites
+            if own is None:
+                assert all("forward" not in m.__dict__ for m in model.modules())
+            else:
+                assert model.__dict__["forward"] is own
+                assert all("forward" not in m.__dict__ for m in model.modules() if m is not model)
+                del model.forward

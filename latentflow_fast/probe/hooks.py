@@ -66,7 +66,7 @@ from torch import Tensor
 from ..ops import CAPTURE_NAMES, probed_attention
 from . import interventions as vocabulary
 from .intercept import (AttentionCall, Interceptor, UnsupportedAttentionError, intercept, is_cached_tree, model_tree,
-                        static_sites)
+                        static_sites, wrap_forward)
 
 __all__ = [
     "HOOK_KINDS",
@@ -372,10 +372,14 @@ class Trace:
 
     # -- context
     def __enter__(self) -> "Trace":
+        if self._inside:
+            raise RuntimeError("this trace is already active; create a new one to nest")
         tree = model_tree(self.model)  # cached per model: unless the tree changed, one cheap check and no walk
         self._tree_info = _structure(self.model, tree)
         self._forwards = 0
-        self._count_handle = self.model.register_forward_pre_hook(self._count_forward)
+        # forwards of the model (for the never-silent check): a forward wrapper, cheaper than a pre-hook, which
+        # would send the model's call through torch's hook path
+        self._uncount = wrap_forward(self.model, self._interceptor, self._count_forward)
         self._point_handles = {}
         self._inside = True
         try:
@@ -400,7 +404,7 @@ class Trace:
 
     def _remove_points(self) -> None:
         self._inside = False
-        self._count_handle.remove()
+        self._uncount()
         while self._point_handles:
             self._point_handles.popitem()[1].remove()
 
@@ -461,7 +465,7 @@ class Trace:
             value.register_hook(call)
         return value
 
-    def _count_forward(self, module, args) -> None:
+    def _count_forward(self) -> None:
         self._forwards += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:

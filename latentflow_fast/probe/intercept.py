@@ -561,13 +561,8 @@ class Interceptor:
             module.forward = forward
 
             def undo(m=module, mine=forward, h=had_own, o=own):
-                if m.__dict__.get("forward") is not mine:
-                    return  # a later, still active interceptor's forward passes through ours (inactive)
-                live = _live(o) if h else None
-                if live is not None:
-                    m.forward = live
-                else:
-                    m.__dict__.pop("forward", None)
+                if m.__dict__.get("forward") is mine:  # else a later, still active one passes through ours
+                    _restore_forward(m, o if h else None)
 
             self._undo.append(undo)
 
@@ -642,35 +637,15 @@ class Interceptor:
         return n
 
     def _install_restart(self, module: nn.Module, key: int) -> None:
-        """Wrap the module's forward (an instance attribute, removed on exit) so that each forward restarts
-        its SDPA call count. Cheaper than a forward pre-hook, which sends every call of the module through
-        torch's hook path and costs a handle to register and remove: a trace per probe pays this per
-        SDPA-calling module. Chains like the MultiheadAttention swap: a forward someone else put there (e.g.
-        nnsight's) is called through, and an inactive one of ours is skipped."""
-        had_own = "forward" in module.__dict__
-        own = module.__dict__.get("forward")
-        original = own if had_own else type(module).forward.__get__(module)
+        """Each forward of the module restarts its SDPA call count (`wrap_forward`: cheaper than a forward
+        pre-hook, which sends every call of the module through torch's hook path and costs a handle to
+        register and remove; a trace per probe pays this per SDPA-calling module)."""
+        calls = self._state.calls
 
-        def forward(*args, **kwargs):
-            if self._mine():
-                self._state.calls[key] = 0
-            return (_live(original) if had_own else original)(*args, **kwargs)
+        def restart():
+            calls[key] = 0
 
-        forward._latentflow_interceptor = self
-        forward._latentflow_previous = original
-        forward.__wrapped__ = original  # inspect.signature(module.forward) still shows the model's signature
-        module.__dict__["forward"] = forward
-
-        def undo():
-            if module.__dict__.get("forward") is not forward:
-                return  # a later, still active installation's forward passes through ours (inactive)
-            live = _live(own) if had_own else None
-            if live is not None:
-                module.__dict__["forward"] = live
-            else:
-                module.__dict__.pop("forward", None)
-
-        self._undo.append(undo)
+        self._undo.append(wrap_forward(module, self, restart))
 
     # -- the SDPA path
     def _on_sdpa(self, func, args, kwargs):
@@ -702,6 +677,43 @@ class Interceptor:
         call, batch_shape = sdpa_to_call(site, **bound)
         out, _ = self.handler.attend(call)
         return out.reshape(batch_shape + tuple(out.shape[1:]))
+
+
+def wrap_forward(module: nn.Module, owner: Interceptor, before: Callable[[], None]) -> Callable[[], None]:
+    """Make `module.forward` (an instance attribute) call `before()` -- for calls that are `owner`'s to handle
+    (active, entering thread) -- and then the forward it replaced; return the undo. Chains like the
+    MultiheadAttention swap: a forward someone else put on the instance (nnsight's, accelerate's) is called
+    through and put back, an ended one of ours is skipped, and inspect.signature still sees the model's."""
+    had_own = "forward" in module.__dict__
+    own = module.__dict__.get("forward")
+    original = own if had_own else type(module).forward.__get__(module)
+
+    def forward(*args, **kwargs):
+        if owner._mine():
+            before()
+        return (_live(original) if had_own else original)(*args, **kwargs)
+
+    forward._latentflow_interceptor = owner
+    forward._latentflow_previous = original
+    forward.__wrapped__ = original
+    module.__dict__["forward"] = forward
+
+    def undo():
+        if module.__dict__.get("forward") is forward:  # else a later, still active one passes through ours
+            _restore_forward(module, own if had_own else None)
+
+    return undo
+
+
+def _restore_forward(module: nn.Module, own) -> None:
+    """Put back the instance forward `own` (None: there was none), skipping ended installations of ours in its
+    chain; a chain that ends at the class's own forward means no instance attribute at all."""
+    live = _live(own) if own is not None else None
+    if live is None or (getattr(live, "__func__", None) is getattr(type(module), "forward", None)
+                        and getattr(live, "__self__", None) is module):
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__["forward"] = live
 
 
 def intercept(model: nn.Module, handler: SiteHandler, intercept_sdpa: Optional[bool] = None) -> Interceptor:
