@@ -36,6 +36,7 @@ shows the allocator's caching).
     python benchmarks/dropin_peers.py                       # 64..512 tokens, every model available
     python benchmarks/dropin_peers.py --tokens 64 --rounds 1 --layers 2 --threads 1   # quick
     python benchmarks/dropin_peers.py --models hf-gpt2,hf-bert --memory              # + CPU peak memory
+    python benchmarks/dropin_peers.py --overhead 2000 --dim 16 --tokens 4 --threads 1   # per-probe cost of each loop
 """
 
 from __future__ import annotations
@@ -278,10 +279,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op CPU threads (0 = torch's default; 1 on a shared, loaded machine)")
     parser.add_argument("--memory", action="store_true", help="CPU: peak live tensor bytes per variant (profiler)")
+    parser.add_argument("--overhead", type=int, default=0, metavar="PAIRS",
+                        help="instead of the table: each loop variant's cost per probe over a plain forward, as the "
+                             "median of PAIRS paired differences (use with small --dim / --tokens)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.overhead:
+        return per_probe_overhead(args, device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, d={args.dim}, "
           f"H={args.heads}, layers={args.layers}, rounds={args.rounds} (median, variants interleaved)")
     print("peers: " + ", ".join(f"{k} {_version(k)}" for k in PEERS))
@@ -329,6 +335,58 @@ def main() -> None:
                 mem = f"{peaks[label] / 2**20:9.2f}" if label in peaks else f"{'n/a':>9}"
                 print(f"{name:8} {n:4d} {label:16} {len(probes) / seconds:9.1f} {base / seconds:8.2f} "
                       f"{cpu_ratio:8.2f} {mem} {agree:10.1e}", flush=True)
+
+
+def per_probe_overhead(args, device) -> None:
+    """What one probe of each loop form costs on top of the plain forward it runs, in microseconds: the median,
+    over PAIRS rounds, of (one probe) - (one plain forward at batch 1) measured back to back, with the variants'
+    order shuffled each round. On a tiny model the forward is short, so the difference is the library's
+    per-probe work (building, entering and leaving a trace / an nnsight trace / a hook, the interception and
+    the edit) with little noise from the forward itself; compare it with the forward's own time at real sizes."""
+    import random
+
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, d={args.dim}, "
+          f"H={args.heads}, layers={args.layers}, {args.overhead} pairs (median of paired differences)")
+    print("peers: " + ", ".join(f"{k} {_version(k)}" for k in PEERS))
+    print(f"{'model':8} {'N':>4} {'variant':16} {'forward us':>10} {'+ us/probe':>11}")
+    rng = random.Random(0)
+    for name in args.models.split(","):
+        if name.startswith("hf-") and not PEERS["transformers"]:
+            print(f"{name}: skipped (transformers is not installed; pip install -e .[peers])")
+            continue
+        for n in (int(t) for t in args.tokens.split(",")):
+            case = build_case(name, n, args, device)
+            probe = [(min(1, case.layers - 1), min(1, case.heads - 1))]
+            loops = {label: fn for label, fn in variants_for(case, args.backend).items() if "loop" in label}
+            if args.variants:
+                loops = {k: v for k, v in loops.items() if k in args.variants.split(",")}
+
+            def plain():
+                with torch.no_grad():
+                    case.run(1)
+
+            for fn in loops.values():
+                fn(case, probe)
+            plain()
+            extra = {label: [] for label in loops}
+            forward = []
+            for _ in range(args.overhead):
+                order = list(loops)
+                rng.shuffle(order)
+                for label in order:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    plain()
+                    _sync(device)
+                    t1 = time.perf_counter()
+                    loops[label](case, probe)
+                    _sync(device)
+                    t2 = time.perf_counter()
+                    forward.append(t1 - t0)
+                    extra[label].append((t2 - t1) - (t1 - t0))
+            for label in loops:
+                print(f"{name:8} {n:4d} {label:16} {statistics.median(forward) * 1e6:10.0f} "
+                      f"{statistics.median(extra[label]) * 1e6:11.0f}", flush=True)
 
 
 def _version(module: str) -> str:
