@@ -479,7 +479,8 @@ def test_call_numbering_restarts_per_forward_and_leaves_the_module_as_it_was():
     for _ in range(2):  # the same interceptor entered twice: counts start again
         with icpt:
             net(*qkv(Nk=5))
-            assert inspect.signature(net.blocks[1].forward) == inspect.signature(TwoCalls.forward.__get__(net.blocks[1]))
+            wrapped = inspect.signature(net.blocks[1].forward)
+            assert wrapped == inspect.signature(TwoCalls.forward.__get__(net.blocks[1]))
             net(*qkv(Nk=5))
     assert [c.site for c in rec.calls] == ["blocks.0", "blocks.0#1", "blocks.1", "blocks.1#1", "root"] * 4
     assert calls == ["outer"] * 4

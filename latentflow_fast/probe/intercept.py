@@ -166,7 +166,7 @@ def sdpa_to_call(site: str, query: Tensor, key: Tensor, value: Tensor, attn_mask
     return AttentionCall(site, q, k, v, kpm, scale, attn_bias=bias, causal=bool(is_causal)), batch_shape
 
 
-# ---------------------------------------------------------------------------------- per-thread state
+# ---------------------------------------------------------------------------------- per-interceptor state
 @dataclass
 class _State:
     """Per-interceptor bookkeeping, touched only in the thread that entered it (calls from other threads pass
@@ -604,7 +604,8 @@ class Interceptor:
     def _caller(self):
         """(path, module) of the innermost module of the model with a method on this thread's Python stack (a
         frame whose `self` is that module), or None: an SDPA call made outside the model's forward."""
-        frame = sys._getframe(2)  # above _caller and _on_sdpa: our SDPA wrapper (no self) or the mode's __torch_function__
+        # above _caller and _on_sdpa: our SDPA wrapper (no self) or the mode's __torch_function__
+        frame = sys._getframe(2)
         paths, root = self._paths, self.model
         while frame is not None:
             # f_locals builds a dict of every local: only for code that has a `self` at all (cached per code)
