@@ -283,6 +283,8 @@ def main() -> None:
                         help="instead of the table: each loop variant's cost per probe over a plain forward, as the "
                              "median of PAIRS paired differences (use with small --dim / --tokens)")
     args = parser.parse_args()
+    if args.overhead < 0:
+        parser.error(f"--overhead must be a number of pairs >= 1 (0 = print the table), got {args.overhead}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

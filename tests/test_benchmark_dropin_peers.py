@@ -50,3 +50,9 @@ def test_overhead_mode_prints_each_loop_form(bench, monkeypatch, capsys):
     rows = [line.split() for line in out.splitlines() if line.startswith("gpt ")]
     assert {f"{r[2]} {r[3]}" for r in rows} >= {"trace loop", "hooks loop"}
     assert all(float(r[4]) > 0 for r in rows)  # the forward's own time
+
+
+def test_a_negative_pair_count_is_refused_by_name(bench, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        run(bench, monkeypatch, capsys, "--overhead", "-2")
+    assert "--overhead must be" in capsys.readouterr().err
