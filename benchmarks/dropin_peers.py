@@ -296,47 +296,53 @@ def main() -> None:
     mem_label = "peak MiB" if device.type == "cuda" or args.memory else "mem"
     print(f"{'model':8} {'N':>4} {'variant':16} {'probes/s':>9} {'x hooks':>8} {'x cpu':>8} {mem_label:>9} "
           f"{'agreement':>10}")
+    for name, n, case in cases(args, device):
+        probes = case.probes()
+        variants = variants_for(case, args.backend)
+        if args.variants:
+            variants = {k: v for k, v in variants.items() if k in args.variants.split(",") or k == "hooks batched"}
+        with torch.no_grad():
+            clean = case.run(1)
+        outs, times, peaks = {}, {label: [] for label in variants}, {}
+        cpu = {label: [] for label in variants}  # process CPU time: less sensitive to other load
+        for label, fn in variants.items():  # warm-up (wrappers built, allocator primed); its output is compared
+            outs[label] = fn(case, probes)
+        for _ in range(args.rounds):
+            for label, fn in variants.items():
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                _sync(device)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn(case, probes)
+                _sync(device)
+                times[label].append(time.perf_counter() - start)
+                cpu[label].append(time.process_time() - start_cpu)
+                if device.type == "cuda":
+                    peaks[label] = torch.cuda.max_memory_allocated(device)
+        if device.type == "cpu" and args.memory:
+            peaks = {label: cpu_peak_bytes(lambda: fn(case, probes)) for label, fn in variants.items()}
+        reference = outs["hooks batched"]
+        effect = (reference - clean).abs().max().item()
+        base = statistics.median(times["hooks batched"])
+        base_cpu = statistics.median(cpu["hooks batched"])
+        for label in variants:
+            seconds = statistics.median(times[label])
+            cpu_ratio = base_cpu / statistics.median(cpu[label])
+            agree = (outs[label] - reference).abs().max().item() / max(effect, 1e-30)
+            mem = f"{peaks[label] / 2**20:9.2f}" if label in peaks else f"{'n/a':>9}"
+            print(f"{name:8} {n:4d} {label:16} {len(probes) / seconds:9.1f} {base / seconds:8.2f} "
+                  f"{cpu_ratio:8.2f} {mem} {agree:10.1e}", flush=True)
+
+
+def cases(args, device):
+    """(model name, tokens, Case) for every --models x --tokens pair; HF models are skipped, with a line saying
+    so, when transformers is not installed."""
     for name in args.models.split(","):
         if name.startswith("hf-") and not PEERS["transformers"]:
             print(f"{name}: skipped (transformers is not installed; pip install -e .[peers])")
             continue
         for n in (int(t) for t in args.tokens.split(",")):
-            case = build_case(name, n, args, device)
-            probes = case.probes()
-            variants = variants_for(case, args.backend)
-            if args.variants:
-                variants = {k: v for k, v in variants.items() if k in args.variants.split(",") or k == "hooks batched"}
-            with torch.no_grad():
-                clean = case.run(1)
-            outs, times, peaks = {}, {label: [] for label in variants}, {}
-            cpu = {label: [] for label in variants}  # process CPU time: less sensitive to other load
-            for label, fn in variants.items():  # warm-up (wrappers built, allocator primed); its output is compared
-                outs[label] = fn(case, probes)
-            for _ in range(args.rounds):
-                for label, fn in variants.items():
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    _sync(device)
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    fn(case, probes)
-                    _sync(device)
-                    times[label].append(time.perf_counter() - start)
-                    cpu[label].append(time.process_time() - start_cpu)
-                    if device.type == "cuda":
-                        peaks[label] = torch.cuda.max_memory_allocated(device)
-            if device.type == "cpu" and args.memory:
-                peaks = {label: cpu_peak_bytes(lambda: fn(case, probes)) for label, fn in variants.items()}
-            reference = outs["hooks batched"]
-            effect = (reference - clean).abs().max().item()
-            base = statistics.median(times["hooks batched"])
-            base_cpu = statistics.median(cpu["hooks batched"])
-            for label in variants:
-                seconds = statistics.median(times[label])
-                cpu_ratio = base_cpu / statistics.median(cpu[label])
-                agree = (outs[label] - reference).abs().max().item() / max(effect, 1e-30)
-                mem = f"{peaks[label] / 2**20:9.2f}" if label in peaks else f"{'n/a':>9}"
-                print(f"{name:8} {n:4d} {label:16} {len(probes) / seconds:9.1f} {base / seconds:8.2f} "
-                      f"{cpu_ratio:8.2f} {mem} {agree:10.1e}", flush=True)
+            yield name, n, build_case(name, n, args, device)
 
 
 def per_probe_overhead(args, device) -> None:
@@ -352,43 +358,38 @@ def per_probe_overhead(args, device) -> None:
     print("peers: " + ", ".join(f"{k} {_version(k)}" for k in PEERS))
     print(f"{'model':8} {'N':>4} {'variant':16} {'forward us':>10} {'+ us/probe':>11}")
     rng = random.Random(0)
-    for name in args.models.split(","):
-        if name.startswith("hf-") and not PEERS["transformers"]:
-            print(f"{name}: skipped (transformers is not installed; pip install -e .[peers])")
-            continue
-        for n in (int(t) for t in args.tokens.split(",")):
-            case = build_case(name, n, args, device)
-            probe = [(min(1, case.layers - 1), min(1, case.heads - 1))]
-            loops = {label: fn for label, fn in variants_for(case, args.backend).items() if "loop" in label}
-            if args.variants:
-                loops = {k: v for k, v in loops.items() if k in args.variants.split(",")}
+    for name, n, case in cases(args, device):
+        probe = [(min(1, case.layers - 1), min(1, case.heads - 1))]
+        loops = {label: fn for label, fn in variants_for(case, args.backend).items() if "loop" in label}
+        if args.variants:
+            loops = {k: v for k, v in loops.items() if k in args.variants.split(",")}
 
-            def plain():
-                with torch.no_grad():
-                    case.run(1)
+        def plain():
+            with torch.no_grad():
+                case.run(1)
 
-            for fn in loops.values():
-                fn(case, probe)
-            plain()
-            extra = {label: [] for label in loops}
-            forward = []
-            for _ in range(args.overhead):
-                order = list(loops)
-                rng.shuffle(order)
-                for label in order:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    plain()
-                    _sync(device)
-                    t1 = time.perf_counter()
-                    loops[label](case, probe)
-                    _sync(device)
-                    t2 = time.perf_counter()
-                    forward.append(t1 - t0)
-                    extra[label].append((t2 - t1) - (t1 - t0))
-            for label in loops:
-                print(f"{name:8} {n:4d} {label:16} {statistics.median(forward) * 1e6:10.0f} "
-                      f"{statistics.median(extra[label]) * 1e6:11.0f}", flush=True)
+        for fn in loops.values():
+            fn(case, probe)
+        plain()
+        extra = {label: [] for label in loops}
+        forward = []
+        for _ in range(args.overhead):
+            order = list(loops)
+            rng.shuffle(order)
+            for label in order:
+                _sync(device)
+                t0 = time.perf_counter()
+                plain()
+                _sync(device)
+                t1 = time.perf_counter()
+                loops[label](case, probe)
+                _sync(device)
+                t2 = time.perf_counter()
+                forward.append(t1 - t0)
+                extra[label].append((t2 - t1) - (t1 - t0))
+        for label in loops:
+            print(f"{name:8} {n:4d} {label:16} {statistics.median(forward) * 1e6:10.0f} "
+                  f"{statistics.median(extra[label]) * 1e6:11.0f}", flush=True)
 
 
 def _version(module: str) -> str:
