@@ -358,17 +358,18 @@ class Trace:
         self._point_handles: dict = {}  # name -> handle, for the points installed (see _install_wanted_points)
         self._inside = False
 
+    def _structure_now(self) -> tuple:
+        if self._tree_info is None:  # asked before entering: from the tree as it is now
+            self._tree_info = _structure(self.model, model_tree(self.model))
+        return self._tree_info
+
     @property
     def _points(self) -> dict:
-        if self._tree_info is None:
-            self._tree_info = _structure(self.model, model_tree(self.model))
-        return self._tree_info[0]
+        return self._structure_now()[0]
 
     @property
     def _out_projs(self) -> dict:
-        if self._tree_info is None:
-            self._tree_info = _structure(self.model, model_tree(self.model))
-        return self._tree_info[1]
+        return self._structure_now()[1]
 
     # -- context
     def __enter__(self) -> "Trace":
